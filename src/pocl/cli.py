@@ -1,0 +1,180 @@
+"""The ``pocl`` command line. Flags are generated from the config dataclasses (their field docs are
+the help texts), so the CLI, the YAML keys and the Python API cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pocl import __version__
+from pocl.configuration import ConfigSection, _allows_none, _strip_optional, coerce, literal_choices
+from pocl.errors import ConfigError, PoclError
+
+log = logging.getLogger("pocl")
+
+
+# ---------------------------------------------------------------------------------------- flags
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: type[ConfigSection], title: str,
+                      exclude: Sequence[str] = ()) -> None:
+    """Add one flag per field of ``section``; values land in ``args.<section>__<field>``."""
+    group = parser.add_argument_group(title, (section.__doc__ or "").strip().splitlines()[0])
+    hints = typing.get_type_hints(section)
+    for f in dataclasses.fields(section):
+        if not f.metadata.get("cli", True) or f.name in exclude:
+            continue
+        hint = hints[f.name]
+        base = _strip_optional(hint)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        help_text = help_text.replace("%", "%%") + f" (default: {default})"
+        dest = f"{section.section_name}__{f.name}"
+        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
+        choices = literal_choices(hint)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices is not None:
+            kwargs["choices"] = list(choices)
+        else:
+            kwargs["type"] = _parser_for(hint, f.name)
+            kwargs["metavar"] = f.metadata.get("metavar") or _metavar(base)
+        group.add_argument(flag_name(f), **kwargs)
+
+
+def _metavar(base: Any) -> str:
+    return {int: "N", float: "X", str: "STR"}.get(base, "VALUE")
+
+
+def _parser_for(hint: Any, name: str):
+    def parse(text: str) -> Any:
+        if _allows_none(hint) and text.lower() in ("none", "null"):
+            return None
+        try:
+            return coerce(text, hint, name)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = getattr(_strip_optional(hint), "__name__", "value")
+    return parse
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``{section: {field: value}}`` of the flags the user actually gave."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "__" in key:
+            section, name = key.split("__", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------- commands
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="[%(name)s] %(message)s", stream=sys.stderr, force=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build_config(args: argparse.Namespace, sections: dict[str, type[ConfigSection]]):
+    from pocl.config import DistillConfig
+
+    overrides = collect_overrides(args)
+    if getattr(args, "config", None):
+        return DistillConfig.from_yaml(args.config, overrides)
+    return DistillConfig.from_dict(overrides)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pocl.config import SECTIONS
+
+    config = build_config(args, SECTIONS)
+    if config.model.teacher is None and config.data.train_file is None:
+        from pocl.recipes.builtin_default import run_builtin_default
+
+        run_builtin_default(config, user_overrides=collect_overrides(args))
+        return 0
+    if config.model.teacher is None:
+        raise ConfigError("give --teacher and --student with --train-file (or none of them for the built-in default)")
+    if config.data.train_file is None:
+        raise ConfigError("data.train_file: give --train-file for these models")
+    from pocl.pipeline import distill
+
+    result = distill(config)
+    _print_result(result)
+    return 0 if result.status == "completed" else 130
+
+
+def _print_result(result) -> None:
+    s = result.summary
+    print(f"\nstatus: {result.status}; {s['global_steps']} optimizer steps in {s['train_seconds']:.1f} s "
+          f"({s['skipped_steps']} skipped)")
+    if result.final_dir:
+        print(f"final model: {result.final_dir}")
+    if result.best_dir:
+        print(f"best model (dev CE {s['best_dev_ce']:.4f} at step {s['best_step']}): {result.best_dir}")
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir "
+          f"{result.output_dir / 'tensorboard'}")
+    if result.status != "completed":
+        print("interrupted: run the same command again to resume from the last checkpoint")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from pocl.config import SECTIONS
+
+    parser = argparse.ArgumentParser(
+        prog="pocl",
+        description="White-box knowledge distillation of causal LMs with the POCL curriculum.",
+        epilog="Run `pocl distill` with no model or data arguments to train and distil the built-in default "
+               "on the built-in task suite. Docs: README.md and docs/.")
+    parser.add_argument("--version", action="version", version=f"pocl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("distill", help="Distil a teacher into a student (plain KD).",
+                       description="Distil a teacher into a student. Every option can also be set in a YAML file "
+                                   "(--config); flags override the file. Without --teacher/--student/--train-file, "
+                                   "runs the built-in default: a task suite generated by code, a small teacher "
+                                   "trained on it first, and a smaller student distilled from it.")
+    p.add_argument("--config", metavar="FILE", help="YAML config file with sections model, data, loss, optim, train.")
+    p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    for name, section in SECTIONS.items():
+        add_section_flags(p, section, f"{name} options")
+    p.set_defaults(func=cmd_distill)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except PoclError as exc:
+        print(f"pocl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pocl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

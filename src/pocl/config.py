@@ -1,0 +1,272 @@
+"""The configuration of a distillation run: one dataclass per concern.
+
+YAML files use the section names as top-level keys::
+
+    model: {teacher: path/to/teacher, student: path/to/student}
+    data: {train_file: train.jsonl, dev_file: dev.jsonl}
+    loss: {divergence: jsd, alpha: 0.9}
+    optim: {lr: 1.0e-4}
+    train: {batch_size: 64, epochs: 20, output_dir: runs/jsd}
+
+Every field below is also a flag of ``pocl distill`` (``--train-file``, ``--divergence`` ...).
+Run ``pocl distill --help`` for the whole list with these descriptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from pocl.configuration import ConfigSection, coerce, load_yaml, option, stable_hash
+from pocl.errors import ConfigError, suggest
+
+
+@dataclasses.dataclass
+class ModelConfig(ConfigSection):
+    """Teacher and student models."""
+
+    section_name = "model"
+
+    teacher: str | None = option(None, "Teacher: a Hugging Face model folder, a hub name (from the local "
+                                 "cache when offline) or a .gguf file. Empty with no student: the built-in "
+                                 "default models.")
+    student: str | None = option(None, "Student: a model folder, hub name or .gguf file (see --teacher).")
+    tokenizer: str | None = option(None, "Tokenizer to use for both models (default: the student's).")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Teacher weight dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it, else float16.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", "Student compute precision (weights stay float32). auto: no on CPU, bf16 on a GPU that "
+        "supports it, else fp16.")
+    local_files_only: bool = option(False, "Never contact the hub (also on when HF_HUB_OFFLINE=1).")
+    trust_remote_code: bool = option(False, "Allow model code from the model folder (only for models you trust).")
+    attn_implementation: str | None = option(None, "Attention implementation passed to transformers "
+                                             "(eager, sdpa, flash_attention_2); default: transformers' choice.")
+    gradient_checkpointing: bool = option(False, "Recompute student activations in the backward pass to save memory.")
+    cpu: bool = option(False, "Run on the CPU even when a GPU is present.")
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_dtype", "mixed_precision"):
+            self._check_literal(name)
+        if (self.teacher is None) != (self.student is None):
+            missing = "student" if self.student is None else "teacher"
+            self._fail(missing, "give both --teacher and --student, or neither (built-in default models)")
+
+
+@dataclasses.dataclass
+class DataConfig(ConfigSection):
+    """Training and dev data, prompt template and tokenisation limits."""
+
+    section_name = "data"
+
+    train_file: str | None = option(None, "Training data: a .jsonl or .json file, a dataset folder (save_to_disk "
+                                    "or {split}.jsonl files) or a hub dataset name. Empty: the built-in task suite.")
+    dev_file: str | None = option(None, "Dev data for periodic evaluation (same formats). Empty: no dev evaluation "
+                                  "(with the built-in suite: its dev split).")
+    train_split: str = option("train", "Split to read when --train-file is a dataset with several splits.")
+    dev_split: str = option("validation", "Split to read when --dev-file is a dataset with several splits.")
+    template: str = option("alpaca", "Prompt template: alpaca, chat (the tokenizer's chat template), plain, a "
+                           "string with {instruction} and {input}, or a .txt/.yaml file.")
+    use_prompt_field: bool | None = option(None, "Use a row's ready-made 'prompt' field when it has one "
+                                           "(default: yes with the alpaca template, no with the others).")
+    max_length: int = option(512, "Maximum tokens of prompt + response; longer responses are cut (and get no EOS).")
+    max_prompt_length: int = option(256, "Maximum prompt tokens; longer prompts are cut on --truncation-side.")
+    truncation_side: Literal["left", "right", "error"] = option(
+        "left", "Where to cut a too-long prompt: left keeps its end (the response cue), right keeps its start, "
+        "error refuses.")
+    skip_invalid_rows: bool = option(False, "Skip invalid rows (their count and ids are reported) instead of stopping.")
+    max_train_samples: int | None = option(None, "Use only the first N training rows (after validation).")
+    max_dev_samples: int | None = option(None, "Use only the first N dev rows.")
+
+    def __post_init__(self) -> None:
+        self._check_literal("truncation_side")
+        self._check(self.max_length > 1, "max_length", "must be > 1")
+        self._check(0 < self.max_prompt_length < self.max_length, "max_prompt_length",
+                    f"must be > 0 and < max_length ({self.max_length}) so every response keeps some tokens")
+        for name in ("max_train_samples", "max_dev_samples"):
+            value = getattr(self, name)
+            self._check(value is None or value > 0, name, "must be a positive number of rows")
+
+
+@dataclasses.dataclass
+class LossConfig(ConfigSection):
+    """The distillation objective (1 - alpha) * CE + alpha * s(T) * D_T(teacher, student)."""
+
+    section_name = "loss"
+
+    divergence: str = option("fkl", "Divergence D: fkl, rkl, jsd, tvd, skl, srkl (exact names; see docs/losses.md).")
+    alpha: float = option(1.0, "KD weight alpha in (1 - alpha) * CE + alpha * D; 0 = plain SFT, 1 = pure KD.")
+    temperature: float = option(1.0, "Distillation temperature T applied to both teacher and student logits.")
+    temperature_scaling: Literal["t2", "none"] = option(
+        "t2", "How the divergence is scaled by temperature: t2 multiplies every divergence by T^2 (keeps gradient "
+        "size comparable across temperatures); none leaves it unscaled.")
+    jsd_lambda: float = option(0.9, "lambda of JSD: m = (1 - lambda) p + lambda q.")
+    skew: float = option(0.1, "Skew coefficient a of skl and srkl.")
+    chunk_size: int = option(512, "Tokens per chunk of the loss computation; peak loss memory grows with "
+                             "chunk_size x vocabulary, not with batch x length x vocabulary.")
+    loss_path: Literal["auto", "fused", "logits"] = option(
+        "auto", "fused: logits are computed chunk by chunk from hidden states (bounded memory); logits: the "
+        "model's own full logits are used (for heads pocl cannot reproduce); auto: fused when a check at start "
+        "shows it reproduces the model's logits.")
+
+    def __post_init__(self) -> None:
+        from pocl.losses import DIVERGENCES  # late import: the registry imports torch
+
+        self._check_literal("temperature_scaling")
+        self._check_literal("loss_path")
+        if self.divergence not in DIVERGENCES:
+            DIVERGENCES.canonical(self.divergence)  # raises UnknownNameError with a suggestion
+        self._check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        self._check(self.temperature > 0, "temperature", "must be > 0")
+        self._check(0.0 <= self.jsd_lambda <= 1.0, "jsd_lambda", "must be in [0, 1]")
+        self._check(0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]")
+        self._check(self.chunk_size > 0, "chunk_size", "must be > 0")
+
+    def divergence_params(self, *, skew: float | None = None) -> dict[str, float]:
+        """The parameters of the chosen divergence (only those it accepts)."""
+        from pocl.losses import DIVERGENCES
+
+        spec = DIVERGENCES.get(self.divergence)
+        values = {"lam": self.jsd_lambda, "skew": self.skew if skew is None else skew}
+        return {k: v for k, v in values.items() if k in spec.defaults}
+
+
+@dataclasses.dataclass
+class OptimConfig(ConfigSection):
+    """AdamW and the learning-rate schedule (a fresh optimizer and schedule start in every stage)."""
+
+    section_name = "optim"
+
+    lr: float = option(1e-4, "Peak learning rate.")
+    min_lr: float = option(1e-7, "Learning rate at the end of the cosine schedule.")
+    weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and normalisation weights).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warm-up.")
+    warmup_steps: int = option(0, "Linear warm-up steps at the start of each stage.")
+    warmup_ratio: float = option(0.0, "Warm-up as a fraction of the stage's steps (used when warmup_steps is 0).")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0 disables clipping).")
+
+    def __post_init__(self) -> None:
+        self._check_literal("lr_schedule")
+        self._check(self.lr > 0, "lr", "must be > 0")
+        self._check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        self._check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._check(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        self._check(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+        self._check(self.adam_eps > 0, "adam_eps", "must be > 0")
+        self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self._check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigSection):
+    """Batching, duration, evaluation, checkpoints and logging."""
+
+    section_name = "train"
+
+    output_dir: str = option("runs/pocl", "Folder of the run: checkpoints, final model, metrics, TensorBoard logs.")
+    batch_size: int = option(64, "Global batch size (samples per optimizer step, over all processes).")
+    micro_batch_size: int = option(8, "Samples per forward/backward pass on one process; gradient accumulation "
+                                   "makes up the global batch.")
+    epochs: float = option(20, "Passes over the training data (fractions allowed).")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps (overrides epochs for the schedule).")
+    seed: int = option(10, "Seed of initialisation, shuffling and sampling.")
+    eval_every: int = option(0, "Evaluate on the dev set every N optimizer steps (0: at the end of every epoch).")
+    eval_batch_size: int = option(16, "Samples per forward pass during dev evaluation.")
+    save_every: int = option(0, "Write a checkpoint every N optimizer steps (0: at the end of every epoch).")
+    save_total_limit: int = option(2, "Keep at most this many step checkpoints (older ones are deleted).")
+    resume: Literal["auto", "never"] = option(
+        "auto", "auto: continue from the last complete checkpoint in output_dir when there is one; never: "
+        "start over (refused if output_dir already has checkpoints, unless --overwrite).")
+    overwrite: bool = option(False, "Delete an existing run in output_dir before starting.")
+    allow_config_change: bool = option(False, "Resume even though the config, models or data differ from the "
+                                       "checkpoint's (the differences are printed).")
+    log_every: int = option(10, "Log training metrics every N optimizer steps.")
+    tensorboard: bool = option(True, "Write TensorBoard logs to output_dir/tensorboard.")
+    progress: bool = option(True, "Show a progress bar.")
+    max_nonfinite_steps: int = option(5, "Skip optimizer steps whose loss or gradient is NaN/inf; stop the run "
+                                      "after this many in a row.")
+    sort_micro_batches: bool = option(True, "Within a step, group samples of similar length into micro-batches "
+                                      "(less padding; the step's gradient is unchanged).")
+
+    def __post_init__(self) -> None:
+        self._check_literal("resume")
+        self._check(self.batch_size > 0, "batch_size", "must be > 0")
+        self._check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        self._check(self.batch_size % self.micro_batch_size == 0, "batch_size",
+                    f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        self._check(self.epochs > 0, "epochs", "must be > 0")
+        self._check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
+        for name in ("eval_every", "save_every", "log_every", "eval_batch_size"):
+            self._check(getattr(self, name) >= 0, name, "must be >= 0")
+        self._check(self.eval_batch_size > 0, "eval_batch_size", "must be > 0")
+        self._check(self.log_every > 0, "log_every", "must be > 0")
+        self._check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        self._check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+
+
+SECTIONS: dict[str, type[ConfigSection]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """The whole run: one instance of each section."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
+        kwargs = {}
+        for key, section_values in values.items():
+            if key not in SECTIONS:
+                raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; sections: "
+                                  f"{', '.join(SECTIONS)}")
+            kwargs[key] = coerce(section_values or {}, SECTIONS[key], key)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> "DistillConfig":
+        values = load_yaml(path)
+        for section, items in (overrides or {}).items():
+            merged = dict(values.get(section) or {})
+            merged.update(items)
+            values[section] = merged
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: dict[str, Any]) -> "DistillConfig":
+        """A copy with some fields changed, validated: ``cfg.replace(train={"epochs": 2})``."""
+        values = self.to_dict()
+        for section, items in sections.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section '{section}'{suggest(section, SECTIONS)}")
+            values[section].update(items)
+        return DistillConfig.from_dict(values)
+
+    def training_hash(self) -> str:
+        """Hash of the settings that change the trained weights (not logging or output options)."""
+        values = self.to_dict()
+        for key in ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
+                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size"):
+            values["train"].pop(key, None)
+        return stable_hash(values)

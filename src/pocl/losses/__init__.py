@@ -1,0 +1,40 @@
+"""KD losses: divergences (a registry of pure functions) and the chunked loss engine.
+
+See ``docs/losses.md`` for the formulas, the T² rule, normalisation and memory behaviour.
+"""
+
+from pocl.losses.divergences import (
+    DIVERGENCES,
+    LOG_PROB_FLOOR,
+    Divergence,
+    DivergenceSpec,
+    make_divergence,
+    register_divergence,
+)
+from pocl.losses.engine import (
+    TEMPERATURE_SCALINGS,
+    KDLossOutput,
+    chunked_kd_loss_from_logits,
+    count_target_tokens,
+    dense_kd_loss,
+    fused_kd_loss,
+    select_response_tokens,
+    temperature_scale,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "LOG_PROB_FLOOR",
+    "TEMPERATURE_SCALINGS",
+    "Divergence",
+    "DivergenceSpec",
+    "KDLossOutput",
+    "chunked_kd_loss_from_logits",
+    "count_target_tokens",
+    "dense_kd_loss",
+    "fused_kd_loss",
+    "make_divergence",
+    "register_divergence",
+    "select_response_tokens",
+    "temperature_scale",
+]

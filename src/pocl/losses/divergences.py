@@ -1,0 +1,297 @@
+"""Divergences between the teacher's and the student's next-token distributions.
+
+Every divergence is a small pure function of log-probabilities::
+
+    fn(student_logp: Tensor[N, V], teacher_logp: Tensor[N, V], **params) -> Tensor[N]
+
+``student_logp`` is ``log q`` and ``teacher_logp`` is ``log p`` at one temperature (the engine
+in :mod:`pocl.losses.engine` applies the temperature and the T² rule; the functions here know
+nothing about either). Each returns one value per row (token position), summed over the
+vocabulary. p is always the teacher and q the student.
+
+The functions are registered in :data:`DIVERGENCES` (a :class:`pocl.registry.Registry`, exact
+names, typo suggestions) as :class:`DivergenceSpec` entries; :func:`make_divergence` binds
+parameters and validates them. See ``docs/losses.md``.
+
+Numerics
+--------
+* Vocabulary entries with ``-inf`` log-probability (masked entries, probability exactly 0)
+  contribute exactly 0 and never produce NaN, in values or gradients.
+* Every log-probability that enters a difference or a mixture is first clamped at
+  :data:`LOG_PROB_FLOOR` (``-1e4``). This makes every operand finite, so that no
+  ``0 * inf`` or ``inf - inf`` can appear anywhere in the forward or backward graph (a NaN in
+  the unused branch of a ``torch.where`` would still poison the gradient; keeping all operands
+  finite avoids that class of bug altogether). Probabilities are ``exp`` of the *unclamped*
+  values, so a masked entry still has probability exactly 0 and contributes exactly 0.
+* Consequence of the floor: where the teacher has mass but the student's log-probability is
+  ``-inf`` (or below ``-1e4``), KL(p‖q) is truly infinite; here it is the large finite value
+  ``p · (log p + 1e4)`` and that entry's log q gets no gradient through the clamp. Ordinary
+  float32 logits never reach the floor (a log-probability of ``-1e4`` needs a logit gap of
+  10 000), so nothing else changes.
+* Mixtures ``log(w·a + (1-w)·b)`` are computed in log space with ``logaddexp`` (the
+  two-term logsumexp of log-weights plus log-probabilities), never by adding probabilities and
+  taking a log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from numbers import Real
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pocl.errors import ConfigError, suggest
+from pocl.registry import Registry
+
+__all__ = [
+    "DIVERGENCES",
+    "LOG_PROB_FLOOR",
+    "Divergence",
+    "DivergenceSpec",
+    "forward_kl",
+    "jensen_shannon",
+    "kl",
+    "log_mixture",
+    "make_divergence",
+    "register_divergence",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "total_variation",
+]
+
+#: Lower clamp of every log-probability used inside a divergence (see module docstring).
+LOG_PROB_FLOOR: float = -1.0e4
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+def _floor(logp: Tensor) -> Tensor:
+    """Clamp log-probabilities at :data:`LOG_PROB_FLOOR` so that every operand is finite."""
+    return logp.clamp(min=LOG_PROB_FLOOR)
+
+
+def kl(a_logp: Tensor, b_logp: Tensor) -> Tensor:
+    """KL(a‖b) = Σ_v a_v (log a_v − log b_v) per row. Shapes [N, V] -> [N].
+
+    ``exp`` of the unclamped ``a_logp`` is exactly 0 for masked entries, and the difference of
+    clamped (finite) logs is finite, so those entries give ``0 * finite = 0`` in the value and
+    in every gradient; no ``torch.where`` is needed.
+    """
+    return (a_logp.exp() * (_floor(a_logp) - _floor(b_logp))).sum(-1)
+
+
+def log_mixture(a_logp: Tensor, b_logp: Tensor, weight_a: float) -> Tensor:
+    """log(w·a + (1−w)·b) elementwise, in log space. Shapes [N, V] -> [N, V].
+
+    Computed as ``logaddexp(log w + log a, log(1−w) + log b)`` on floored operands. A weight
+    of exactly 1 returns ``a`` and of exactly 0 returns ``b`` (floored), so ``log 0`` is never
+    formed.
+    """
+    if weight_a >= 1.0:
+        return _floor(a_logp)
+    if weight_a <= 0.0:
+        return _floor(b_logp)
+    return torch.logaddexp(_floor(a_logp) + math.log(weight_a),
+                           _floor(b_logp) + math.log1p(-weight_a))
+
+
+# --------------------------------------------------------------------------------------------
+# The divergences (p = teacher, q = student)
+# --------------------------------------------------------------------------------------------
+
+def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """Forward KL(p‖q) = Σ p (log p − log q). [N, V] x [N, V] -> [N]."""
+    return kl(teacher_logp, student_logp)
+
+
+def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """Reverse KL(q‖p) = Σ q (log q − log p). [N, V] x [N, V] -> [N]."""
+    return kl(student_logp, teacher_logp)
+
+
+def jensen_shannon(student_logp: Tensor, teacher_logp: Tensor, *, lam: float = 0.9) -> Tensor:
+    """Generalised JSD: m = (1−λ)p + λq; λ·KL(q‖m) + (1−λ)·KL(p‖m). [N, V] x [N, V] -> [N].
+
+    λ = 0.5 is the symmetric Jensen–Shannon divergence; λ ∈ {0, 1} gives exactly 0.
+    """
+    log_m = log_mixture(teacher_logp, student_logp, 1.0 - lam)
+    return lam * kl(student_logp, log_m) + (1.0 - lam) * kl(teacher_logp, log_m)
+
+
+def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """Total variation distance ½ Σ |p − q|. [N, V] x [N, V] -> [N]."""
+    # exp(-inf) = 0 exactly; abs has gradient 0 at 0 in torch, so masked entries are safe.
+    return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+
+
+def skew_forward_kl(student_logp: Tensor, teacher_logp: Tensor, *, skew: float = 0.1) -> Tensor:
+    """Skew forward KL (DistiLLM): KL(p ‖ a·p + (1−a)·q). [N, V] x [N, V] -> [N].
+
+    a = 0 is the forward KL; a = 1 gives exactly 0.
+    """
+    return kl(teacher_logp, log_mixture(teacher_logp, student_logp, skew))
+
+
+def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, *, skew: float = 0.1) -> Tensor:
+    """Skew reverse KL (DistiLLM): KL(q ‖ (1−a)·p + a·q). [N, V] x [N, V] -> [N].
+
+    a = 0 is the reverse KL; a = 1 gives exactly 0.
+    """
+    return kl(student_logp, log_mixture(student_logp, teacher_logp, skew))
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """A registered divergence.
+
+    Attributes:
+        name: canonical registry key (lower case).
+        fn: ``fn(student_logp [N, V], teacher_logp [N, V], **params) -> [N]``.
+        defaults: every parameter the divergence accepts, with its default value.
+        description: one line for users (CLI listings, docs).
+        formula: the formula as text, with p = teacher and q = student.
+        bounds: inclusive ``(low, high)`` range of each parameter that has one.
+        aliases: other accepted names (exact, lower case).
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    defaults: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+    formula: str = ""
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.bounds) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"divergence '{self.name}': bounds for unknown parameters {unknown}")
+        # Read-only views: a spec is shared by every Divergence made from it.
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "bounds", MappingProxyType(dict(self.bounds)))
+
+
+#: All divergences, by exact (lower-case) name or alias.
+DIVERGENCES: Registry[DivergenceSpec] = Registry("divergence")
+
+
+def register_divergence(spec: DivergenceSpec) -> DivergenceSpec:
+    """Add ``spec`` to :data:`DIVERGENCES` under its name and aliases; returns it.
+
+    Raises ValueError, registering nothing, when the name or an alias is already taken.
+    """
+    # Check every name first: Registry.register would keep the name if a later alias clashed.
+    for key in (spec.name, *spec.aliases):
+        if key in DIVERGENCES:
+            raise ValueError(f"divergence name or alias '{key}' is already registered")
+    return DIVERGENCES.register(spec.name, spec, aliases=spec.aliases)
+
+
+class Divergence:
+    """A divergence with bound parameters: ``div(student_logp, teacher_logp) -> Tensor[N]``.
+
+    Make one with :func:`make_divergence`. Equal when name and parameters are equal.
+    """
+
+    __slots__ = ("spec", "params")
+
+    def __init__(self, spec: DivergenceSpec, params: Mapping[str, float]):
+        self.spec = spec
+        self.params: dict[str, float] = dict(params)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __call__(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+        return self.spec.fn(student_logp, teacher_logp, **self.params)
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in sorted(self.params.items()))
+        return f"Divergence({self.name!r}{args})"
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.name, tuple(sorted(self.params.items())))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Divergence):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+def make_divergence(name: str, **params: float) -> Divergence:
+    """The divergence registered as ``name`` (or an alias) with ``params`` bound.
+
+    Raises:
+        pocl.errors.UnknownNameError: ``name`` is not registered (suggests the nearest names).
+        pocl.errors.ConfigError: an unknown parameter name, a non-numeric value, or a value
+            outside the parameter's range (e.g. ``lam`` or ``skew`` outside [0, 1]).
+    """
+    spec = DIVERGENCES.get(name)
+    bound: dict[str, float] = dict(spec.defaults)
+    for key, value in params.items():
+        if key not in spec.defaults:
+            valid = ", ".join(sorted(spec.defaults)) or "none"
+            raise ConfigError(
+                f"divergence '{spec.name}' has no parameter '{key}'"
+                f"{suggest(key, spec.defaults)}; valid parameters: {valid}")
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ConfigError(
+                f"divergence '{spec.name}': parameter '{key}' must be a finite number, "
+                f"got {value!r}")
+        value = float(value)
+        if key in spec.bounds:
+            low, high = spec.bounds[key]
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"divergence '{spec.name}': parameter '{key}' must be in [{low}, {high}], "
+                    f"got {value}")
+        bound[key] = value
+    return Divergence(spec, bound)
+
+
+for _spec in (
+    DivergenceSpec(
+        name="fkl", fn=forward_kl, aliases=("forward_kl", "kl"),
+        description="forward KL (mode-covering); the classic KD objective",
+        formula="KL(p||q) = sum_v p (log p - log q)"),
+    DivergenceSpec(
+        name="rkl", fn=reverse_kl, aliases=("reverse_kl",),
+        description="reverse KL (mode-seeking)",
+        formula="KL(q||p) = sum_v q (log q - log p)"),
+    DivergenceSpec(
+        name="jsd", fn=jensen_shannon, defaults={"lam": 0.9}, bounds={"lam": (0.0, 1.0)},
+        description="generalised Jensen-Shannon divergence with mixture weight lam on q",
+        formula="m = (1-lam) p + lam q;  lam KL(q||m) + (1-lam) KL(p||m)"),
+    DivergenceSpec(
+        name="tvd", fn=total_variation,
+        description="total variation distance",
+        formula="1/2 sum_v |p - q|"),
+    DivergenceSpec(
+        name="skl", fn=skew_forward_kl, aliases=("sfkl", "skew_kl"),
+        defaults={"skew": 0.1}, bounds={"skew": (0.0, 1.0)},
+        description="skew forward KL (DistiLLM)",
+        formula="KL(p || skew p + (1-skew) q)"),
+    DivergenceSpec(
+        name="srkl", fn=skew_reverse_kl, aliases=("skew_reverse_kl",),
+        defaults={"skew": 0.1}, bounds={"skew": (0.0, 1.0)},
+        description="skew reverse KL (DistiLLM)",
+        formula="KL(q || (1-skew) p + skew q)"),
+):
+    register_divergence(_spec)
+del _spec

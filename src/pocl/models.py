@@ -1,0 +1,296 @@
+"""Loading teacher and student, checking that they can be distilled into each other.
+
+- Models load from a folder, a hub name (from the local cache when offline) or a ``.gguf`` file
+  (transformers dequantizes it; the GGUF quantization config is dropped so that the model saves as
+  a normal checkpoint).
+- The teacher is put in eval mode with gradients off.
+- Tokenizers must agree (same token -> id mapping and the same EOS). When the models' output
+  layers differ only by padded rows beyond the tokenizer's vocabulary (Qwen2.5 has 151,936 rows in
+  small models and 152,064 in large ones), both are trimmed to the shared size; any other mismatch
+  stops with an error.
+- :class:`LMHead` exposes the output layer as (weight, bias, logit transform) so the loss engine can
+  compute logits chunk by chunk from hidden states; :func:`check_fused_head` verifies at start that
+  this reproduces the model's own logits (architectures that post-process logits in a way pocl does
+  not know fall back to the model's full logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pocl.errors import ModelError
+
+log = logging.getLogger("pocl.models")
+
+
+def offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on a GPU that supports it, else float16."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub names are "name" or "org/name"; anything else is meant as a local path.
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
+def split_model_spec(spec: str) -> tuple[str, str | None]:
+    """``dir/model.gguf`` -> (``dir``, ``model.gguf``); anything else -> (spec, None).
+
+    A local path that does not exist raises ModelError (instead of a confusing hub lookup).
+    """
+    expanded = os.path.expanduser(spec)
+    if expanded.endswith(".gguf"):
+        path = Path(expanded)
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        return str(path.parent), path.name
+    if Path(expanded).exists():
+        return expanded, None
+    if _looks_like_path(spec):
+        raise ModelError(f"model path not found: {spec}")
+    return spec, None
+
+
+def load_tokenizer(spec: str, *, local_files_only: bool = False, trust_remote_code: bool = False):
+    """Load a tokenizer from a folder, hub name or .gguf file; pad token defaults to EOS."""
+    from transformers import AutoTokenizer
+
+    path, gguf_file = split_model_spec(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only or offline_mode())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from '{spec}': {exc}") from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer of '{spec}' has no EOS token; pocl appends EOS to every response")
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS is the
+        # usual choice and keeps the vocabulary unchanged.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, local_files_only: bool = False,
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
+    """Load a causal LM. GGUF files are dequantized to ``dtype`` and lose their quantization config."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = split_model_spec(spec)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code,
+                  local_files_only=local_files_only or offline_mode())
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a causal LM from '{spec}' (no local folder of that name; tried the hub "
+                         f"cache): {exc}") from None
+    if gguf_file is not None:
+        _drop_gguf_quantization(model)
+    return model
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    # transformers dequantizes GGUF weights on load but keeps a GgufConfig; without removing it
+    # save_pretrained writes a config that claims a quantization the weights no longer have.
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None)
+            except (AttributeError, TypeError):
+                pass
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except (AttributeError, TypeError):
+            pass
+
+
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_tokenizers(teacher_tok, student_tok, *, teacher_name: str = "teacher", student_name: str = "student") -> None:
+    """Raise ModelError unless both tokenizers map the same tokens to the same ids with the same EOS."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = [t for t in tv if t not in sv][:5]
+        only_s = [t for t in sv if t not in tv][:5]
+        moved = [t for t in tv if t in sv and tv[t] != sv[t]][:5]
+        detail = []
+        if only_t:
+            detail.append(f"only in the {teacher_name}'s: {only_t}")
+        if only_s:
+            detail.append(f"only in the {student_name}'s: {only_s}")
+        if moved:
+            detail.append(f"different ids for {moved}")
+        raise ModelError(
+            f"the {teacher_name} and {student_name} tokenizers differ ({len(tv)} vs {len(sv)} tokens; "
+            + "; ".join(detail) + "). White-box distillation compares distributions token by token, so both "
+            "models must share one tokenizer.")
+    if teacher_tok.eos_token_id != student_tok.eos_token_id:
+        raise ModelError(f"EOS differs: {teacher_name} {teacher_tok.eos_token!r} (id {teacher_tok.eos_token_id}) vs "
+                         f"{student_name} {student_tok.eos_token!r} (id {student_tok.eos_token_id})")
+
+
+def output_rows(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ModelError(f"{type(model).__name__} has no output embedding layer; pocl needs a causal LM head")
+    return int(head.weight.shape[0])
+
+
+def shared_vocab_size(teacher: nn.Module | None, student: nn.Module, tokenizer) -> int:
+    """The number of output rows both models share; every token of the tokenizer must be inside it."""
+    n_tok = len(tokenizer)
+    rows_s = output_rows(student)
+    if teacher is None:
+        if rows_s < n_tok:
+            raise ModelError(f"the student's output layer has {rows_s} rows but the tokenizer has {n_tok} tokens")
+        return rows_s
+    rows_t = output_rows(teacher)
+    shared = min(rows_t, rows_s)
+    if shared < n_tok:
+        raise ModelError(
+            f"vocabulary mismatch: teacher output layer {rows_t} rows, student {rows_s}, tokenizer {n_tok} tokens. "
+            "Only padded rows beyond the tokenizer's vocabulary can be trimmed; these models do not share a "
+            "vocabulary.")
+    if rows_t != rows_s:
+        log.warning("teacher has %d output rows and student %d; both are trimmed to the shared %d "
+                    "(the extra rows are padding beyond the tokenizer's %d tokens)", rows_t, rows_s, shared, n_tok)
+    return shared
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (everything but the output layer)."""
+    getter = getattr(model, "get_decoder", None)
+    body = getter() if callable(getter) else None
+    if body is None:
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if body is None or body is model:
+        raise ModelError(f"cannot find the transformer body of {type(model).__name__}")
+    return body
+
+
+@dataclasses.dataclass
+class LMHead:
+    """The output layer as data: ``logits = logit_fn(hidden @ weight.T + bias)[..., :vocab_size]``."""
+
+    weight: torch.Tensor  # [V_rows, H]
+    bias: torch.Tensor | None  # [V_rows] or None
+    vocab_size: int
+    logit_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def from_model(cls, model: nn.Module, vocab_size: int) -> "LMHead":
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ModelError(f"output layer of {type(model).__name__} is {type(head).__name__}, not nn.Linear")
+        return cls(head.weight, head.bias, vocab_size, _logit_postprocess(model.config))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(hidden, self.weight, self.bias)[..., : self.vocab_size]
+        return self.logit_fn(out) if self.logit_fn is not None else out
+
+
+def _logit_postprocess(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Known post-processing of logits after the head (checked numerically by check_fused_head)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    fns = []
+    if scale not in (None, 1, 1.0):
+        fns.append(lambda x, s=float(scale): x * s)
+    if divide not in (None, 1, 1.0):
+        fns.append(lambda x, d=float(divide): x / d)
+    if cap:
+        fns.append(lambda x, c=float(cap): torch.tanh(x / c) * c)
+    if not fns:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for fn in fns:
+            x = fn(x)
+        return x
+
+    return apply
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[B, L, H]`` of the transformer body (no logits are computed)."""
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@torch.no_grad()
+def check_fused_head(model: nn.Module, head: LMHead, *, atol: float = 1e-3) -> tuple[bool, float]:
+    """Compare ``head.logits(hidden_states(...))`` with the model's own logits on a probe input."""
+    device = head.weight.device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, head.vocab_size, (2, 8), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., : head.vocab_size].float()
+        fused = head.logits(hidden_states(model, ids, mask)).float()
+    finally:
+        model.train(was_training)
+    diff = float((ref - fused).abs().max())
+    scale = float(ref.abs().max()) or 1.0
+    return diff <= atol * max(1.0, scale), diff
+
+
+def model_fingerprint(spec: str | None, model: nn.Module | None = None) -> str:
+    """A cheap identity of a model for resume checks: its config plus, for local folders, the name,
+    size and first/last MiB of each weight file (hashing a many-GB teacher on every resume would
+    take minutes)."""
+    h = hashlib.sha256()
+    if model is not None:
+        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    if spec:
+        path = Path(os.path.expanduser(spec))
+        files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.suffix in
+                                                        (".safetensors", ".bin", ".gguf", ".pt")) if path.is_dir() else []
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 1 << 20:
+                    fh.seek(max(0, size - (1 << 20)))
+                    h.update(fh.read(1 << 20))
+        if not files:
+            h.update(spec.encode())
+    return h.hexdigest()[:16]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

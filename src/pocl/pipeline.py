@@ -1,0 +1,157 @@
+"""From a config to a trained student: load models and data, build the stages, train.
+
+This is the Python API behind ``pocl distill``::
+
+    from pocl import DistillConfig, distill
+    cfg = DistillConfig.from_dict({"model": {"teacher": "t", "student": "s"},
+                                   "data": {"train_file": "train.jsonl"}})
+    result = distill(cfg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocl.config import DistillConfig
+from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
+from pocl.errors import ConfigError, ModelError
+from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
+                         model_fingerprint, resolve_dtype, shared_vocab_size)
+from pocl.training.stages import Stage
+from pocl.training.trainer import DistillTrainer, TrainResult
+
+log = logging.getLogger("pocl")
+
+
+@dataclasses.dataclass
+class RunInputs:
+    """Everything a trainer needs, loaded and checked."""
+
+    tokenizer: Any
+    teacher: torch.nn.Module | None
+    student: torch.nn.Module
+    train_data: TokenizedDataset
+    dev_data: TokenizedDataset | None
+    vocab_size: int
+    fused: bool
+    fingerprints: dict[str, Any]
+    train_records: list
+    dev_records: list | None
+
+
+def _device(config: DistillConfig) -> torch.device:
+    if config.model.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def load_data(config: DistillConfig, tokenizer) -> tuple[TokenizedDataset, TokenizedDataset | None, list, list | None]:
+    """Load, validate and tokenise the training and dev data of ``config``."""
+    dc = config.data
+    if dc.train_file is None:
+        raise ConfigError("data.train_file: no training data given (the built-in suite is used only by "
+                          "`pocl distill` without model and data arguments)")
+    template = get_template(dc.template, tokenizer=tokenizer, use_prompt_field=dc.use_prompt_field)
+
+    def load(source: str, split: str, limit: int | None, name: str):
+        result = load_records(source, split=split, skip_invalid=dc.skip_invalid_rows)
+        if result.skipped:
+            log.warning("%s data: %s", name, result.summary())
+        records = result.records[:limit] if limit else result.records
+        data = tokenize_records(records, tokenizer, template, max_length=dc.max_length,
+                                max_prompt_length=dc.max_prompt_length, truncation_side=dc.truncation_side)
+        st = data.stats
+        log.info("%s data: %d samples from %s (%d prompts and %d responses truncated)", name, len(data), source,
+                 st.prompts_truncated, st.responses_truncated)
+        return data, records
+
+    train, train_records = load(dc.train_file, dc.train_split, dc.max_train_samples, "training")
+    dev = dev_records = None
+    if dc.dev_file:
+        dev, dev_records = load(dc.dev_file, dc.dev_split, dc.max_dev_samples, "dev")
+    return train, dev, train_records, dev_records
+
+
+def load_models(config: DistillConfig, *, need_teacher: bool = True):
+    """Tokenizer, teacher (frozen) and student, with the tokenizer and vocabulary checks."""
+    mc = config.model
+    if mc.student is None:
+        raise ConfigError("model.student: no student given")
+    device = _device(config)
+    opts = dict(local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code)
+    tokenizer = load_tokenizer(mc.tokenizer or mc.student, **opts)
+    if need_teacher and mc.teacher is not None and mc.tokenizer is None:
+        check_tokenizers(load_tokenizer(mc.teacher, **opts), tokenizer)
+    teacher = None
+    if need_teacher and mc.teacher is not None:
+        teacher = freeze_teacher(load_model(mc.teacher, dtype=resolve_dtype(mc.teacher_dtype, device),
+                                            attn_implementation=mc.attn_implementation, **opts))
+    # The student keeps float32 master weights; mixed precision is applied by autocast.
+    student = load_model(mc.student, dtype=torch.float32, attn_implementation=mc.attn_implementation, **opts)
+    vocab = shared_vocab_size(teacher, student, tokenizer)
+    return tokenizer, teacher, student, vocab
+
+
+def decide_fused(config: DistillConfig, teacher, student, vocab: int) -> bool:
+    path = config.loss.loss_path
+    if path == "logits":
+        return False
+    problems = []
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        try:
+            ok, diff = check_fused_head(model, LMHead.from_model(model, vocab))
+        except ModelError as exc:
+            ok, diff = False, str(exc)
+        if not ok:
+            problems.append(f"{name}: {diff}")
+    if problems:
+        if path == "fused":
+            raise ModelError("loss.loss_path=fused, but logits computed from hidden states do not match the model's "
+                             "own logits (" + "; ".join(problems) + "); use --loss-path logits")
+        log.warning("falling back to full logits (more memory): the output layer cannot be reproduced from "
+                    "hidden states (%s)", "; ".join(problems))
+        return False
+    return True
+
+
+def prepare_run(config: DistillConfig, *, need_teacher: bool = True) -> RunInputs:
+    tokenizer, teacher, student, vocab = load_models(config, need_teacher=need_teacher)
+    train, dev, train_records, dev_records = load_data(config, tokenizer)
+    fused = decide_fused(config, teacher, student, vocab)
+    mc = config.model
+    fingerprints = {
+        "teacher": model_fingerprint(mc.teacher, teacher) if teacher is not None else None,
+        "student_init": model_fingerprint(mc.student, student),
+    }
+    return RunInputs(tokenizer, teacher, student, train, dev, vocab, fused, fingerprints, train_records, dev_records)
+
+
+def kd_stages(config: DistillConfig) -> list[Stage]:
+    """Plain KD: one stage over the whole training set with the loss config's T and alpha."""
+    lc, tc = config.loss, config.train
+    return [Stage(name="kd", epochs=tc.epochs, max_steps=tc.max_steps, temperature=lc.temperature,
+                  alpha=lc.alpha, skew=lc.skew)]
+
+
+def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs: RunInputs | None = None,
+            accelerator=None) -> TrainResult:
+    """Train the student of ``config``; returns where the final and best models are."""
+    inputs = inputs or prepare_run(config)
+    stages = stages or kd_stages(config)
+    trainer = DistillTrainer(config=config, student=inputs.student, tokenizer=inputs.tokenizer,
+                             teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
+                             stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
+                             fingerprints=inputs.fingerprints, accelerator=accelerator)
+    result = trainer.train()
+    return result
+
+
+def output_path(config: DistillConfig, *parts: str) -> Path:
+    return Path(config.train.output_dir, *parts)

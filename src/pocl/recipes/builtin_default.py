@@ -1,0 +1,236 @@
+"""The built-in default: everything from code, nothing downloaded, minutes on a laptop CPU.
+
+1. The built-in task suite (``pocl.data.builtin``) is written as JSONL (train/dev/test) plus a
+   separate small "pretraining" set for the student, and a byte-level BPE tokenizer is trained on it.
+2. A small Llama-style teacher is trained on the suite (plain supervised fine-tuning, alpha = 0).
+3. A smaller student is pre-trained briefly on the separate set: like a pretrained base model it
+   knows the format a little but is much weaker than the teacher (a randomly initialised student
+   would make the difficulty measure of the curriculum meaningless).
+4. The student is distilled from the teacher with the chosen divergence.
+5. Teacher, initial student and distilled student are evaluated on the test split (greedy
+   decoding: exact match and ROUGE-L), and a summary is printed and written to ``results.json``.
+
+Steps 2 and 3 are skipped when their outputs already exist (re-running resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocl.config import DistillConfig
+from pocl.data import (TEMPLATE_PHRASES, build_tokenizer, generate_suite, get_template, load_records, suite_texts, tokenize_prompts,
+                       tokenize_records)
+from pocl.evaluation import exact_match, rouge_l
+from pocl.generation import DecodingConfig, generate
+from pocl.training import checkpoint as ckpt
+from pocl.training.stages import Stage
+from pocl.training.trainer import DistillTrainer
+
+log = logging.getLogger("pocl.builtin")
+
+
+@dataclasses.dataclass
+class BuiltinSettings:
+    """Sizes of the built-in default (the test suite uses a smaller copy)."""
+
+    n_train: int = 2400
+    n_dev: int = 192
+    n_test: int = 240
+    n_student_pretrain: int = 480
+    seed: int = 0
+    vocab_size: int = 512
+    teacher_arch: dict = dataclasses.field(default_factory=lambda: dict(
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6))
+    student_arch: dict = dataclasses.field(default_factory=lambda: dict(
+        hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    teacher_epochs: float = 12
+    teacher_lr: float = 2e-3
+    student_pretrain_epochs: float = 3
+    student_pretrain_lr: float = 2e-3
+    kd_epochs: float = 6
+    kd_lr: float = 1e-3
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    max_length: int = 96
+    max_prompt_length: int = 80
+    eval_max_new_tokens: int = 24
+    generation_batch_size: int = 64
+
+
+def _llama(arch: dict, vocab_size: int, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      **arch)
+    return LlamaForCausalLM(cfg)
+
+
+def prepare_suite(out: Path, s: BuiltinSettings):
+    """Write the suite's JSONL files and the tokenizer (idempotent)."""
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    suite = generate_suite(s.n_train, s.n_dev, s.n_test, seed=s.seed)
+    suite["student_pretrain"] = [dict(r, id=r["id"].replace("train", "pre")) for r in
+                                 generate_suite(s.n_student_pretrain, 0, 0, seed=s.seed + 1)["train"]]
+    paths = {}
+    for split, rows in suite.items():
+        path = data_dir / f"{split}.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        paths[split] = path
+    tok_dir = out / "tokenizer"
+    tokenizer = build_tokenizer(suite_texts(suite["train"] + suite["student_pretrain"]), vocab_size=s.vocab_size,
+                                phrases=TEMPLATE_PHRASES)
+    tokenizer.save_pretrained(tok_dir)
+    return paths, tokenizer
+
+
+def _sft(model, tokenizer, train_file: Path, dev_file: Path | None, out_dir: Path, *, epochs: float, lr: float,
+         s: BuiltinSettings, progress: bool, name: str) -> Path:
+    """Supervised fine-tuning (alpha = 0: cross-entropy only) with the same trainer as KD."""
+    final = out_dir / "final"
+    try:
+        ckpt.verify_folder(final)
+        log.info("%s: reusing %s", name, final)
+        return final
+    except Exception:
+        pass
+    config = DistillConfig.from_dict({
+        "data": {"max_length": s.max_length, "max_prompt_length": s.max_prompt_length},
+        "loss": {"alpha": 0.0},
+        "optim": {"lr": lr, "min_lr": lr * 0.05, "warmup_ratio": 0.05},
+        "train": {"output_dir": str(out_dir), "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
+                  "epochs": epochs, "seed": s.seed, "progress": progress, "eval_every": 0, "log_every": 20,
+                  "save_total_limit": 1},
+    })
+    template = get_template("alpaca")
+    train = tokenize_records(load_records(train_file).records, tokenizer, template, max_length=s.max_length,
+                             max_prompt_length=s.max_prompt_length)
+    dev = None
+    if dev_file is not None:
+        dev = tokenize_records(load_records(dev_file).records, tokenizer, template, max_length=s.max_length,
+                               max_prompt_length=s.max_prompt_length)
+    log.info("%s: training %.1fM parameters on %d samples for %g epochs", name,
+             sum(p.numel() for p in model.parameters()) / 1e6, len(train), epochs)
+    trainer = DistillTrainer(config=config, student=model, tokenizer=tokenizer, teacher=None, train_data=train,
+                             dev_data=dev, stages=[Stage(name=name, epochs=epochs, alpha=0.0)],
+                             vocab_size=len(tokenizer), fused=True)
+    result = trainer.train()
+    if result.status != "completed":
+        raise KeyboardInterrupt
+    return final
+
+
+def evaluate_models(models: dict[str, Path], test_file: Path, tokenizer, s: BuiltinSettings) -> dict[str, dict]:
+    """Greedy answers on the test split: exact match and ROUGE-L (x 100), overall and per level."""
+    from pocl.models import load_model
+
+    records = load_records(test_file).records
+    prompts = tokenize_prompts(records, tokenizer, get_template("alpaca"), max_prompt_length=s.max_prompt_length)
+    decoding = DecodingConfig.greedy(max_new_tokens=s.eval_max_new_tokens, no_repeat_ngram_size=0)
+    results = {}
+    for name, path in models.items():
+        model = load_model(str(path))
+        t0 = time.perf_counter()
+        gens = generate(model, tokenizer, prompts, decoding, batch_size=s.generation_batch_size, seed=s.seed)
+        seconds = time.perf_counter() - t0
+        em = [exact_match(g.text, r.references) for g, r in zip(gens, records)]
+        rl = [rouge_l(g.text, r.references) for g, r in zip(gens, records)]
+        by_level: dict[str, list[float]] = {}
+        for r, e in zip(records, em):
+            by_level.setdefault(str(r.meta.get("level")), []).append(e)
+        results[name] = {"exact_match": sum(em) / len(em), "rouge_l": sum(rl) / len(rl),
+                         "exact_match_by_level": {k: sum(v) / len(v) for k, v in sorted(by_level.items())},
+                         "generation_seconds": seconds, "path": str(path)}
+    return results
+
+
+def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: dict[str, dict[str, Any]] | None = None,
+                        settings: BuiltinSettings | None = None) -> dict[str, Any]:
+    """Run the whole built-in default; returns (and writes) the results."""
+    from pocl.pipeline import distill
+
+    s = settings or BuiltinSettings()
+    user_overrides = user_overrides or {}
+    out = Path(user_overrides.get("train", {}).get("output_dir", "runs/default"))
+    progress = user_overrides.get("train", {}).get("progress", True)
+    t_start = time.perf_counter()
+    print(f"pocl built-in default -> {out}/")
+    print("  1/4 writing the built-in task suite and training its tokenizer")
+    paths, tokenizer = prepare_suite(out, s)
+    timings = {}
+
+    print("  2/4 training the teacher on the suite (supervised fine-tuning)")
+    t0 = time.perf_counter()
+    teacher_dir = _sft(_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"],
+                       paths["dev"], out / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s,
+                       progress=progress, name="teacher")
+    timings["teacher_seconds"] = time.perf_counter() - t0
+
+    print("  3/4 pre-training the smaller student briefly on a separate set (the 'base model')")
+    t0 = time.perf_counter()
+    student_dir = _sft(_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer,
+                       paths["student_pretrain"], None, out / "student-base", epochs=s.student_pretrain_epochs,
+                       lr=s.student_pretrain_lr, s=s, progress=progress, name="student-base")
+    timings["student_base_seconds"] = time.perf_counter() - t0
+
+    values = {
+        "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
+        "data": {"train_file": str(paths["train"]), "dev_file": str(paths["dev"]), "max_length": s.max_length,
+                 "max_prompt_length": s.max_prompt_length},
+        "optim": {"lr": s.kd_lr, "min_lr": s.kd_lr * 0.05},
+        "train": {"output_dir": str(out / "kd"), "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
+                  "epochs": s.kd_epochs, "seed": s.seed, "log_every": 20, "save_total_limit": 1},
+    }
+    for section, items in user_overrides.items():
+        values.setdefault(section, {}).update(items)
+    values["train"]["output_dir"] = str(out / "kd")
+    kd_config = DistillConfig.from_dict(values)
+    lc = kd_config.loss
+    print(f"  4/4 distilling the student from the teacher ({lc.divergence}, alpha {lc.alpha}, T {lc.temperature})")
+    t0 = time.perf_counter()
+    result = distill(kd_config)
+    timings["kd_seconds"] = time.perf_counter() - t0
+    if result.status != "completed":
+        print("interrupted: run the same command again to resume")
+        return {"status": result.status}
+
+    print("  evaluating teacher, initial student and distilled student on the test split (greedy)")
+    t0 = time.perf_counter()
+    scores = evaluate_models({"teacher": teacher_dir, "student (initial)": student_dir,
+                              f"student ({lc.divergence} KD)": result.final_dir}, paths["test"], tokenizer, s)
+    timings["eval_seconds"] = time.perf_counter() - t0
+    timings["total_seconds"] = time.perf_counter() - t_start
+    report = {"settings": dataclasses.asdict(s), "kd_config": kd_config.to_dict(), "scores": scores,
+              "timings": timings, "kd_summary": result.summary}
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    _print_scores(scores, timings, out)
+    return report
+
+
+def _print_scores(scores: dict[str, dict], timings: dict[str, float], out: Path) -> None:
+    print(f"\nTest split of the built-in suite ({out / 'data' / 'test.jsonl'}), greedy decoding:")
+    width = max(len(k) for k in scores) + 2
+    levels = sorted(next(iter(scores.values()))["exact_match_by_level"])
+    header = f"{'model':<{width}}{'exact match':>12}{'ROUGE-L':>10}" + "".join(f"{'EM L' + l:>8}" for l in levels)
+    print(header)
+    print("-" * len(header))
+    for name, sc in scores.items():
+        row = f"{name:<{width}}{sc['exact_match']:>12.1f}{sc['rouge_l']:>10.1f}"
+        row += "".join(f"{sc['exact_match_by_level'][l]:>8.1f}" for l in levels)
+        print(row)
+    t = timings
+    print(f"\nwall time: {t['total_seconds']:.0f} s (teacher {t['teacher_seconds']:.0f} s, student base "
+          f"{t['student_base_seconds']:.0f} s, distillation {t['kd_seconds']:.0f} s, evaluation {t['eval_seconds']:.0f} s)")
+    print(f"results: {out / 'results.json'}; distilled student: {out / 'kd' / 'final'}; "
+          f"metrics: {out / 'kd' / 'metrics.jsonl'}")

@@ -1,0 +1,169 @@
+"""Atomic, verifiable checkpoints.
+
+A checkpoint is a normal Hugging Face model folder (``from_pretrained`` loads it) plus the trainer
+state::
+
+    checkpoints/step-00000120/
+        config.json, model.safetensors, generation_config.json, tokenizer files   # the student
+        trainer_state.json      # position in the run, counters, fingerprints (human readable)
+        optimizer.pt, scheduler.pt, rng.pt
+        manifest.json           # size and sha256 of every file above; written last
+
+Writing goes to a hidden temporary folder next to the target that is renamed into place only after
+every file (manifest last) has been written and flushed to disk, so a crash at any moment leaves
+either the previous checkpoints or the new complete one, never a half-written folder under a
+checkpoint name. Loading verifies the manifest and refuses any folder whose files do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pocl.errors import CheckpointError
+
+log = logging.getLogger("pocl.checkpoint")
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(folder).as_posix()
+            with open(p, "rb+") as fh:  # flush file contents before the manifest vouches for them
+                os.fsync(fh.fileno())
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format": "pocl-checkpoint-v1", "files": files, **(extra or {})}
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync_dir(folder)
+    return manifest
+
+
+def verify_folder(folder: Path, *, check_hashes: bool = True) -> dict[str, Any]:
+    """Return the manifest of ``folder`` or raise CheckpointError saying what is wrong."""
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete or not a pocl checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable {MANIFEST}: {exc}") from None
+    for rel, info in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"{folder}: file {rel} listed in the manifest is missing")
+        size = p.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{folder}: {rel} has {size} bytes, the manifest says {info['size']} (truncated?)")
+        if check_hashes and sha256_file(p) != info["sha256"]:
+            raise CheckpointError(f"{folder}: {rel} does not match its checksum (corrupt)")
+    return manifest
+
+
+def atomic_folder_write(target: Path, write: Callable[[Path], None], *,
+                        manifest_extra: dict[str, Any] | None = None) -> Path:
+    """Create ``target`` atomically: ``write(tmp)`` fills a temporary folder, a manifest is added,
+    then the folder is renamed to ``target`` (replacing an older folder of the same name)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        write_manifest(tmp, manifest_extra)
+        if target.exists():
+            trash = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, trash)
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def clean_temporaries(folder: Path) -> None:
+    """Remove leftovers of writes that were interrupted (never a complete checkpoint)."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders under ``folder`` as (step, path), newest first (not verified)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def latest_valid_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that passes verification; corrupt ones are reported and skipped."""
+    for step, path in list_checkpoints(folder):
+        try:
+            verify_folder(path)
+            return path
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint at step %d: %s", step, exc)
+    return None
+
+
+def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None) -> None:
+    protect = {p.resolve() for p in (protect or set())}
+    for _, path in list_checkpoints(folder)[keep:]:
+        if path.resolve() not in protect:
+            shutil.rmtree(path, ignore_errors=True)

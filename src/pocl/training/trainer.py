@@ -1,0 +1,706 @@
+"""The distillation trainer: runs a list of :class:`~pocl.training.stages.Stage` s.
+
+One optimizer step consumes one *window* of ``batch_size`` samples (over all processes), split
+into micro-batches. The loss of every micro-batch is its token sum divided by the number of
+response tokens in the whole window, so the accumulated gradient equals the gradient of the token
+mean over the window, however the window is split (across micro-batches and processes).
+
+Data order is a pure function of (seed, stage, epoch): every epoch draws a fresh permutation of the
+stage's samples, and the position in the run is just (stage index, optimizer steps done in the
+stage). A checkpoint therefore resumes exactly where the run stopped without saving sampler state,
+and the resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pocl.config import DistillConfig
+from pocl.data import TokenizedDataset, TokenizedSample, collate
+from pocl.errors import CheckpointError, ConfigError, PoclError
+from pocl.losses import (KDLossOutput, chunked_kd_loss_from_logits, count_target_tokens, fused_kd_loss,
+                         make_divergence, select_response_tokens)
+from pocl.models import LMHead, hidden_states
+from pocl.training import checkpoint as ckpt
+from pocl.training.metrics import MetricsLogger
+from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
+from pocl.training.stages import Stage, check_stages
+
+log = logging.getLogger("pocl.train")
+
+
+class NonFiniteLossError(PoclError):
+    """Too many optimizer steps in a row had a NaN or infinite loss or gradient."""
+
+
+class StudentLoss(nn.Module):
+    """Wraps the student so that the whole student-side computation (body, head, loss) runs inside
+    one ``forward`` — what DDP/FSDP wrappers expect of the module they wrap."""
+
+    def __init__(self, student: nn.Module, vocab_size: int, *, fused: bool, chunk_size: int,
+                 temperature_scaling: str):
+        super().__init__()
+        self.student = student
+        self.vocab_size = vocab_size
+        self.fused = fused
+        self.chunk_size = chunk_size
+        self.temperature_scaling = temperature_scaling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                teacher: dict[str, Any] | None, divergence, temperature: float, alpha: float,
+                normalizer: float) -> KDLossOutput:
+        """``input_ids``/``attention_mask``/``labels``: [B, L]. ``teacher`` holds the teacher side of the
+        selected response positions: ``hidden`` [N, H_t] + ``head`` (fused) or ``logits`` [N, V]."""
+        opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, normalizer=normalizer,
+                    chunk_size=self.chunk_size, temperature_scaling=self.temperature_scaling)
+        if self.fused:
+            hidden, targets = select_response_tokens(hidden_states(self.student, input_ids, attention_mask), labels)
+            head = LMHead.from_model(self.student, self.vocab_size)
+            t_hidden = t_w = t_b = t_fn = None
+            if teacher is not None:
+                t_hidden, t_head = teacher["hidden"], teacher["head"]
+                t_w, t_b, t_fn = t_head.weight, t_head.bias, t_head.logit_fn
+            return fused_kd_loss(hidden, head.weight, head.bias, t_hidden, t_w, t_b, targets,
+                                 vocab_size=self.vocab_size, student_logit_fn=head.logit_fn, teacher_logit_fn=t_fn,
+                                 **opts)
+        logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        sel, targets = select_response_tokens(logits[..., : self.vocab_size], labels)
+        t_logits = None if teacher is None else teacher["logits"]
+        return chunked_kd_loss_from_logits(sel, t_logits, targets, **opts)
+
+
+@dataclasses.dataclass
+class TrainState:
+    global_step: int = 0
+    stage_index: int = 0
+    stage_step: int = 0
+    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    stage_best_metric: float | None = None
+    stage_bad_evals: int = 0
+    train_seconds: float = 0.0
+    stage_summaries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stage_started_at_seconds: float = 0.0
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str  # "completed" or "interrupted"
+    output_dir: Path
+    final_dir: Path | None
+    best_dir: Path | None
+    summary: dict[str, Any]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _stream_seed(*parts: Any) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def tokenized_fingerprint(data: TokenizedDataset | None) -> str | None:
+    if data is None:
+        return None
+    h = hashlib.sha256()
+    for s in data:
+        h.update(s.id.encode())
+        h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(s.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+class DistillTrainer:
+    """Trains ``student`` towards ``teacher`` through ``stages``.
+
+    ``teacher`` may be None only when every stage has alpha = 0 (plain supervised fine-tuning, used
+    for example to train the built-in teacher). ``fingerprints`` identify the models and data of the
+    run; a resume with different fingerprints or config is refused.
+    """
+
+    def __init__(self, *, config: DistillConfig, student: nn.Module, tokenizer, teacher: nn.Module | None,
+                 train_data: TokenizedDataset, dev_data: TokenizedDataset | None, stages: Sequence[Stage],
+                 vocab_size: int, fused: bool = True, fingerprints: dict[str, Any] | None = None,
+                 accelerator=None, stage_callback=None, step_callbacks: Sequence = ()):
+        from accelerate import Accelerator
+
+        check_stages(stages)
+        if teacher is None and any(s.alpha > 0 for s in stages):
+            raise ConfigError("a teacher is required when a stage has alpha > 0")
+        self.cfg = config
+        self.tokenizer = tokenizer
+        self.train_data = train_data
+        self.dev_data = dev_data if dev_data is not None and len(dev_data) > 0 else None
+        self.stages = list(stages)
+        self.vocab_size = vocab_size
+        self.fused = fused
+        self.output_dir = Path(config.train.output_dir)
+        self.stage_callback = stage_callback
+        self.step_callbacks = list(step_callbacks)
+        if accelerator is None:
+            accelerator = Accelerator(cpu=config.model.cpu, mixed_precision=self._mixed_precision())
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        world = accelerator.num_processes
+        tc = config.train
+        if tc.batch_size % (tc.micro_batch_size * world) != 0:
+            raise ConfigError(f"train.batch_size ({tc.batch_size}) must be a multiple of micro_batch_size x "
+                              f"processes ({tc.micro_batch_size} x {world})")
+        self._index_of = {s.id: i for i, s in enumerate(train_data)}
+        if len(self._index_of) != len(train_data):
+            raise ConfigError("training sample ids are not unique")
+        self._target_counts = [count_target_tokens(torch.tensor([s.labels])) for s in train_data]
+        self._stage_indices = [self._resolve_stage(stage) for stage in self.stages]
+
+        _seed_everything(tc.seed)
+        if config.model.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+            if hasattr(student.config, "use_cache"):
+                student.config.use_cache = False
+        student.train()
+        self.module = StudentLoss(student, vocab_size, fused=fused, chunk_size=config.loss.chunk_size,
+                                  temperature_scaling=config.loss.temperature_scaling)
+        self.module = accelerator.prepare_model(self.module)
+        self.student = accelerator.unwrap_model(self.module).student
+        self.teacher = teacher
+        self.teacher_head = None
+        if teacher is not None:
+            teacher.to(self.device)
+            teacher.eval()
+            teacher.requires_grad_(False)
+            if fused:
+                self.teacher_head = LMHead.from_model(teacher, vocab_size)
+        self.optimizer = accelerator.prepare_optimizer(build_optimizer(self.student, config.optim))
+        self.scheduler = None
+        self.state = TrainState()
+        self.fingerprints = dict(fingerprints or {})
+        self.fingerprints.setdefault("train_data", tokenized_fingerprint(train_data))
+        self.fingerprints.setdefault("dev_data", tokenized_fingerprint(self.dev_data))
+        self.fingerprints["stages"] = hashlib.sha256(json.dumps(
+            [dict(s.to_dict(), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
+             for s in self.stages], sort_keys=True).encode()).hexdigest()[:16]
+        self._stop_signal: int | None = None  # set by SIGINT/SIGTERM or request_stop()
+        self._loss_cache: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ setup helpers
+    def _mixed_precision(self) -> str:
+        mp = self.cfg.model.mixed_precision
+        if mp != "auto":
+            return mp
+        if torch.cuda.is_available() and not self.cfg.model.cpu:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+
+    def _resolve_stage(self, stage: Stage) -> list[int]:
+        if stage.sample_ids is None:
+            return list(range(len(self.train_data)))
+        missing = [i for i in stage.sample_ids if i not in self._index_of]
+        if missing:
+            raise ConfigError(f"stage '{stage.name}' names {len(missing)} sample ids that are not in the training "
+                              f"data, e.g. {missing[:3]}")
+        return [self._index_of[i] for i in stage.sample_ids]
+
+    def _divergence(self, stage: Stage):
+        if stage.alpha == 0:
+            return None
+        key = (self.cfg.loss.divergence, stage.skew)
+        if key not in self._loss_cache:
+            params = self.cfg.loss.divergence_params(skew=stage.skew)
+            self._loss_cache[key] = make_divergence(self.cfg.loss.divergence, **params)
+        return self._loss_cache[key]
+
+    def _stage_total_steps(self, i: int) -> int:
+        return self.stages[i].total_steps(len(self._stage_indices[i]), self.cfg.train.batch_size)
+
+    def _steps_per_epoch(self, i: int) -> int:
+        return self.stages[i].steps_per_epoch(len(self._stage_indices[i]), self.cfg.train.batch_size)
+
+    def window(self, stage_index: int, stage_step: int) -> list[int]:
+        """Dataset indices of the samples of one optimizer step (the whole global batch)."""
+        indices = self._stage_indices[stage_index]
+        spe = self._steps_per_epoch(stage_index)
+        epoch, pos = divmod(stage_step, spe)
+        gen = torch.Generator().manual_seed(_stream_seed(self.cfg.train.seed, stage_index,
+                                                         self.stages[stage_index].name, epoch))
+        perm = torch.randperm(len(indices), generator=gen).tolist()
+        b = self.cfg.train.batch_size
+        return [indices[i] for i in perm[pos * b:(pos + 1) * b]]
+
+    # ------------------------------------------------------------------ loss computation
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _teacher_side(self, batch: dict[str, Any]) -> dict[str, Any]:
+        assert self.teacher is not None
+        if self.fused:
+            h = hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
+            sel, _ = select_response_tokens(h, batch["labels"])
+            return {"hidden": sel, "head": self.teacher_head}
+        logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).logits
+        sel, _ = select_response_tokens(logits[..., : self.vocab_size], batch["labels"])
+        return {"logits": sel}
+
+    def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float) -> KDLossOutput:
+        teacher = self._teacher_side(batch) if stage.alpha > 0 else None
+        with self.accelerator.autocast():
+            return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
+                               divergence=self._divergence(stage), temperature=stage.temperature,
+                               alpha=stage.alpha, normalizer=normalizer)
+
+    def _micro_batches(self, samples: list[TokenizedSample], size: int) -> list[list[TokenizedSample]]:
+        if self.cfg.train.sort_micro_batches:
+            # Stable sort by length: fewer pad tokens; the step's gradient is a sum, so order is free.
+            samples = sorted(samples, key=lambda s: len(s.input_ids))
+        return [samples[i:i + size] for i in range(0, len(samples), size)]
+
+    def _train_step(self, stage: Stage, window: list[int]) -> dict[str, float]:
+        acc = self.accelerator
+        samples = [self.train_data[i] for i in window]
+        # Token count of the whole window on every process (each knows the window), so no
+        # communication is needed; DDP averages gradients over processes, hence "/ world".
+        total_tokens = sum(self._target_counts[i] for i in window)
+        world, rank = acc.num_processes, acc.process_index
+        local = samples[rank::world]
+        normalizer = max(total_tokens, 1) / world
+        micro = self._micro_batches(local, self.cfg.train.micro_batch_size)
+        loss_sum = ce_sum = div_sum = 0.0
+        tokens = 0
+        pad = self.tokenizer.pad_token_id
+        for j, mb in enumerate(micro):
+            batch = self._to_device(collate(mb, pad))
+            last = j == len(micro) - 1
+            ctx = acc.no_sync(self.module) if (world > 1 and not last) else _nullcontext()
+            with ctx:
+                out = self._micro_loss(batch, stage, normalizer)
+                acc.backward(out.loss)
+            loss_sum += float(out.loss.detach())
+            ce_sum += float(out.ce_sum)
+            div_sum += float(out.divergence_sum)
+            tokens += int(out.num_tokens)
+        stats = torch.tensor([loss_sum, ce_sum, div_sum, tokens], dtype=torch.float64, device=self.device)
+        if world > 1:
+            stats = acc.reduce(stats, reduction="sum")
+            stats[0] /= world  # each process's loss_sum is already scaled by world / total tokens
+        loss_value, ce_total, div_total, tok_total = (float(x) for x in stats.tolist())
+        lr = self.optimizer.param_groups[0]["lr"]
+        max_norm = self.cfg.optim.max_grad_norm or float("inf")
+        grad_norm = float(acc.clip_grad_norm_(self.student.parameters(), max_norm))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.state.consecutive_nonfinite = 0
+        else:
+            self.state.consecutive_nonfinite += 1
+            self.state.skipped_steps += 1
+            log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                        self.state.global_step + 1, loss_value, grad_norm, self.state.consecutive_nonfinite)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        tok = max(tok_total, 1.0)
+        return {"loss": loss_value, "ce": ce_total / tok, "kd": div_total / tok, "grad_norm": grad_norm,
+                "tokens": tok_total, "lr": lr, "skipped": 0.0 if finite else 1.0}
+
+    @torch.no_grad()
+    def evaluate(self, stage: Stage) -> dict[str, float]:
+        """Dev loss at the stage's temperature and alpha, plus the reference CE (comparable across stages)."""
+        assert self.dev_data is not None
+        self.module.eval()
+        acc = self.accelerator
+        idx = list(range(len(self.dev_data)))[acc.process_index::acc.num_processes]
+        ce_sum = div_sum = 0.0
+        tokens = 0
+        bs = self.cfg.train.eval_batch_size
+        samples = sorted((self.dev_data[i] for i in idx), key=lambda s: len(s.input_ids))
+        for k in range(0, len(samples), bs):
+            batch = self._to_device(collate(samples[k:k + bs], self.tokenizer.pad_token_id))
+            out = self._micro_loss(batch, stage, 1.0)
+            ce_sum += float(out.ce_sum)
+            div_sum += float(out.divergence_sum)
+            tokens += int(out.num_tokens)
+        stats = torch.tensor([ce_sum, div_sum, tokens], dtype=torch.float64, device=self.device)
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        ce_sum, div_sum, tokens = stats.tolist()
+        self.module.train()
+        tok = max(tokens, 1.0)
+        scale = stage.temperature ** 2 if self.cfg.loss.temperature_scaling == "t2" else 1.0
+        ce, kd = ce_sum / tok, div_sum / tok
+        return {"dev_loss": (1 - stage.alpha) * ce + stage.alpha * scale * kd, "dev_ce": ce, "dev_kd": kd,
+                "dev_tokens": tokens}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state_dict(self) -> dict[str, Any]:
+        return {
+            "state": dataclasses.asdict(self.state),
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.training_hash(),
+            "fingerprints": self.fingerprints,
+            "stages": [s.to_dict() for s in self.stages],
+            "num_processes": self.accelerator.num_processes,
+        }
+
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically (main process only) and prune old ones."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.output_dir / "checkpoints" / ckpt.step_dir_name(self.state.global_step)
+        if acc.is_main_process:
+            def write(tmp: Path) -> None:
+                self.student.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state_dict(), indent=1,
+                                                                   default=str), encoding="utf-8")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict() if self.scheduler is not None else {}, tmp / "scheduler.pt")
+                torch.save(self._rng_state(), tmp / "rng.pt")
+
+            ckpt.atomic_folder_write(folder, write, manifest_extra={"step": self.state.global_step})
+            ckpt.prune_checkpoints(folder.parent, self.cfg.train.save_total_limit)
+        acc.wait_for_everyone()
+        return folder
+
+    def _check_resume_compatible(self, saved: dict[str, Any], folder: Path) -> None:
+        problems = []
+        if saved.get("config_hash") != self.cfg.training_hash():
+            old, new = saved.get("config", {}), self.cfg.to_dict()
+            for section in new:
+                for key, value in new[section].items():
+                    before = old.get(section, {}).get(key, "<absent>")
+                    if before != value and key not in ("output_dir", "resume", "overwrite", "allow_config_change",
+                                                       "log_every", "tensorboard", "progress", "save_every",
+                                                       "save_total_limit", "eval_every", "eval_batch_size"):
+                        problems.append(f"{section}.{key}: {before!r} -> {value!r}")
+        for key, value in self.fingerprints.items():
+            before = saved.get("fingerprints", {}).get(key)
+            if before != value:
+                problems.append(f"{key} changed (fingerprint {before} -> {value})")
+        if saved.get("num_processes", 1) != self.accelerator.num_processes:
+            problems.append(f"number of processes: {saved.get('num_processes')} -> {self.accelerator.num_processes}")
+        if problems:
+            message = (f"cannot resume from {folder}: the run differs from the checkpoint's:\n  - "
+                       + "\n  - ".join(problems))
+            if self.cfg.train.allow_config_change:
+                log.warning("%s\nresuming anyway (--allow-config-change)", message)
+            else:
+                raise CheckpointError(message + "\nUse another --output-dir, --overwrite to start over, or "
+                                      "--allow-config-change to resume anyway.")
+
+    def _load_student_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        files = sorted(folder.glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no model*.safetensors")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        missing, unexpected = self.student.load_state_dict(state, strict=False)
+        # save_pretrained leaves out tied copies (e.g. lm_head.weight tied to the embeddings).
+        params = dict(self.student.named_parameters(remove_duplicate=False))
+        loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+        real_missing = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+        real_missing = [k for k in real_missing if k in params]  # buffers (rotary caches) are rebuilt
+        if unexpected or real_missing:
+            raise CheckpointError(f"{folder}: weights do not fit the student (missing {real_missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
+
+    def _resume(self) -> Path | None:
+        tc = self.cfg.train
+        folder_root = self.output_dir / "checkpoints"
+        ckpt.clean_temporaries(folder_root)
+        ckpt.clean_temporaries(self.output_dir)
+        existing = ckpt.list_checkpoints(folder_root)
+        if tc.resume == "never" or not existing:
+            return None
+        folder = ckpt.latest_valid_checkpoint(folder_root)
+        if folder is None:
+            raise CheckpointError(f"{folder_root} has checkpoints but none is complete and intact; "
+                                  "use --overwrite to start over")
+        saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        self._check_resume_compatible(saved, folder)
+        self._load_student_weights(folder)
+        self.state = TrainState(**saved["state"])
+        self._resume_optimizer_from = folder
+        rng = torch.load(folder / "rng.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        log.info("resuming from %s (stage %d '%s', step %d of the stage, global step %d)", folder,
+                 self.state.stage_index + 1, self.stages[min(self.state.stage_index, len(self.stages) - 1)].name,
+                 self.state.stage_step, self.state.global_step)
+        return folder
+
+    def _prepare_output_dir(self) -> None:
+        tc = self.cfg.train
+        if tc.overwrite and self.output_dir.exists() and self.accelerator.is_main_process:
+            for name in ("checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json",
+                         "summary.md", "config.yaml"):
+                p = self.output_dir / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        self.accelerator.wait_for_everyone()
+        if tc.resume == "never" and ckpt.list_checkpoints(self.output_dir / "checkpoints"):
+            raise CheckpointError(f"{self.output_dir} already holds checkpoints; use --resume auto to continue, "
+                                  "--overwrite to start over, or another --output-dir")
+
+    # ------------------------------------------------------------------ signals
+    def request_stop(self) -> None:
+        """Stop after the current optimizer step: save a checkpoint and return "interrupted"."""
+        self._stop_signal = int(signal.SIGTERM)
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("received %s: finishing the current step, saving a checkpoint and exiting",
+                        signal.Signals(signum).name)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> TrainResult:
+        acc = self.accelerator
+        tc = self.cfg.train
+        self._prepare_output_dir()
+        self._resume_optimizer_from = None
+        resumed = self._resume()
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+        metrics = MetricsLogger(self.output_dir, tensorboard=tc.tensorboard, enabled=acc.is_main_process,
+                                resume_step=self.state.global_step if resumed else None)
+        totals = [self._stage_total_steps(i) for i in range(len(self.stages))]
+        progress = None
+        if tc.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            done = sum(totals[:self.state.stage_index]) + self.state.stage_step
+            progress = tqdm(total=sum(totals), initial=min(done, sum(totals)), desc="distill", unit="step",
+                            dynamic_ncols=True)
+        previous_handlers = self._install_signal_handlers()
+        status = "completed"
+        try:
+            status = self._run_stages(metrics, progress, totals)
+        finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            if progress is not None:
+                progress.close()
+            metrics.close()
+        final_dir = best_dir = None
+        if status == "completed":
+            final_dir = self.output_dir / "final"
+            if acc.is_main_process:
+                ckpt.atomic_folder_write(final_dir, self._save_model_folder)
+            best = self.output_dir / "best"
+            best_dir = best if best.exists() else None
+        summary = self.summary(status)
+        if acc.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str),
+                                                           encoding="utf-8")
+        acc.wait_for_everyone()
+        return TrainResult(status, self.output_dir, final_dir, best_dir, summary)
+
+    def _save_model_folder(self, tmp: Path) -> None:
+        self.student.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+
+    def _start_stage(self, i: int, total: int) -> None:
+        stage = self.stages[i]
+        lr = stage.lr or self.cfg.optim.lr
+        if stage.restart_optimizer or i == 0:
+            reset_optimizer(self.optimizer, lr)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total, lr=lr)
+        if self._resume_optimizer_from is not None:
+            folder = self._resume_optimizer_from
+            # At a stage boundary a restarting stage begins from a fresh optimizer, exactly as the
+            # uninterrupted run does; inside a stage the saved moments and schedule continue.
+            if self.state.stage_step > 0 or not stage.restart_optimizer:
+                self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+            sched_state = torch.load(folder / "scheduler.pt", weights_only=False)
+            if sched_state and self.state.stage_step > 0:
+                self.scheduler.load_state_dict(sched_state)
+            self._resume_optimizer_from = None
+
+    def _run_stages(self, metrics: MetricsLogger, progress, totals: list[int]) -> str:
+        tc = self.cfg.train
+        while self.state.stage_index < len(self.stages):
+            i = self.state.stage_index
+            stage = self.stages[i]
+            total = totals[i]
+            spe = self._steps_per_epoch(i)
+            if self.state.stage_step == 0:
+                self.state.stage_best_metric = None
+                self.state.stage_bad_evals = 0
+                self.state.stage_started_at_seconds = self.state.train_seconds
+                log.info("stage %d/%d '%s': %d samples, %d steps, T=%.3g, alpha=%.3g", i + 1, len(self.stages),
+                         stage.name, len(self._stage_indices[i]), total, stage.temperature, stage.alpha)
+            self._start_stage(i, total)
+            window_stats: list[dict[str, float]] = []
+            t_last = time.perf_counter()
+            advance_early = False
+            while self.state.stage_step < total:
+                t0 = time.perf_counter()
+                stats = self._train_step(stage, self.window(i, self.state.stage_step))
+                self.state.stage_step += 1
+                self.state.global_step += 1
+                self.state.train_seconds += time.perf_counter() - t0
+                window_stats.append(stats)
+                for callback in self.step_callbacks:
+                    callback(self)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(stage=f"{i + 1}/{len(self.stages)}", loss=f"{stats['loss']:.4f}")
+                if self.state.consecutive_nonfinite >= tc.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{self.state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
+                        f"gradient (last at global step {self.state.global_step}); stopping without writing "
+                        f"the current weights. The last good checkpoint is in {self.output_dir / 'checkpoints'}. "
+                        "Lower the learning rate, check the data, or raise --max-nonfinite-steps.")
+                end_of_epoch = self.state.stage_step % spe == 0
+                end_of_stage = self.state.stage_step >= total
+                if self.state.global_step % tc.log_every == 0 or end_of_stage:
+                    now = time.perf_counter()
+                    rec = self._aggregate(window_stats, now - t_last)
+                    rec.update(step=self.state.global_step, stage=stage.name, stage_index=i,
+                               epoch=self.state.stage_step / spe,
+                               temperature=stage.temperature, alpha=stage.alpha, split="train")
+                    metrics.log(rec, tb_prefix="train")
+                    window_stats, t_last = [], now
+                do_eval = self.dev_data is not None and (
+                    (tc.eval_every > 0 and self.state.global_step % tc.eval_every == 0)
+                    or (tc.eval_every == 0 and end_of_epoch) or end_of_stage)
+                if do_eval:
+                    dev = self.evaluate(stage)
+                    metrics.log(dict(dev, step=self.state.global_step, stage=stage.name, split="dev"), tb_prefix="dev")
+                    advance_early = self._track_dev(dev, stage)
+                    if progress is not None:
+                        progress.write(f"step {self.state.global_step}: dev_ce {dev['dev_ce']:.4f} "
+                                       f"dev_loss {dev['dev_loss']:.4f}")
+                if advance_early:
+                    log.info("stage '%s': dev metric has not improved for %d evaluations; advancing",
+                             stage.name, stage.plateau_patience)
+                    end_of_stage = True
+                if end_of_stage:
+                    self._finish_stage(i, total, advanced_early=advance_early)
+                    if self.stage_callback is not None:
+                        self.stage_callback(self, i)
+                    self.save_checkpoint()
+                    break
+                if (tc.save_every > 0 and self.state.global_step % tc.save_every == 0) or (
+                        tc.save_every == 0 and end_of_epoch):
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    self.save_checkpoint()
+                    return "interrupted"
+            if self._stop_signal is not None:
+                return "interrupted"
+        self.state.finished = True
+        return "completed"
+
+    def _aggregate(self, stats: list[dict[str, float]], seconds: float) -> dict[str, float]:
+        if not stats:
+            return {}
+        tokens = sum(s["tokens"] for s in stats)
+        out = {k: sum(s[k] * s["tokens"] for s in stats) / max(tokens, 1.0) for k in ("ce", "kd")}
+        out["loss"] = sum(s["loss"] for s in stats) / len(stats)
+        out["grad_norm"] = sum(s["grad_norm"] for s in stats) / len(stats)
+        out["lr"] = stats[-1]["lr"]
+        out["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        out["skipped_steps"] = self.state.skipped_steps
+        return out
+
+    def _track_dev(self, dev: dict[str, float], stage: Stage) -> bool:
+        """Update best-model tracking (by dev CE, comparable across stages); True = plateau reached."""
+        metric = dev["dev_ce"]
+        if self.state.best_metric is None or metric < self.state.best_metric:
+            self.state.best_metric = metric
+            self.state.best_step = self.state.global_step
+            if self.accelerator.is_main_process:
+                ckpt.atomic_folder_write(self.output_dir / "best", self._save_model_folder,
+                                         manifest_extra={"step": self.state.global_step, "dev_ce": metric})
+        if self.state.stage_best_metric is None or metric < self.state.stage_best_metric - 1e-6:
+            self.state.stage_best_metric = metric
+            self.state.stage_bad_evals = 0
+        else:
+            self.state.stage_bad_evals += 1
+        return stage.plateau_patience is not None and self.state.stage_bad_evals >= stage.plateau_patience
+
+    def _finish_stage(self, i: int, total: int, *, advanced_early: bool) -> None:
+        stage = self.stages[i]
+        self.state.stage_summaries.append({
+            **stage.to_dict(),
+            "index": i,
+            "num_samples": len(self._stage_indices[i]),
+            "planned_steps": total,
+            "steps": self.state.stage_step,
+            "advanced_early": advanced_early,
+            "end_global_step": self.state.global_step,
+            "train_seconds": self.state.train_seconds - self.state.stage_started_at_seconds,
+            "dev_ce_best_in_stage": self.state.stage_best_metric,
+        })
+        self.state.stage_index += 1
+        self.state.stage_step = 0
+
+    def summary(self, status: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "global_steps": self.state.global_step,
+            "skipped_steps": self.state.skipped_steps,
+            "train_seconds": self.state.train_seconds,
+            "best_dev_ce": self.state.best_metric,
+            "best_step": self.state.best_step,
+            "stages": self.state.stage_summaries,
+            "fingerprints": self.fingerprints,
+            "output_dir": str(self.output_dir),
+        }
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
