@@ -36,7 +36,9 @@ def add_section_flags(parser: argparse.ArgumentParser, section: type[ConfigSecti
         base = _strip_optional(hint)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
-        help_text = help_text.replace("%", "%%") + f" (default: {default})"
+        help_text = help_text.replace("%", "%%")
+        if default is not None:
+            help_text += f" (default: {default})"
         dest = f"{section.section_name}__{f.name}"
         kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
         choices = literal_choices(hint)

@@ -30,9 +30,9 @@ class ModelConfig(ConfigSection):
 
     teacher: str | None = option(None, "Teacher: a Hugging Face model folder, a hub name (from the local "
                                  "cache when offline) or a .gguf file. Empty with no student: the built-in "
-                                 "default models.")
-    student: str | None = option(None, "Student: a model folder, hub name or .gguf file (see --teacher).")
-    tokenizer: str | None = option(None, "Tokenizer to use for both models (default: the student's).")
+                                 "default models.", metavar="PATH")
+    student: str | None = option(None, "Student: a model folder, hub name or .gguf file (see --teacher).", metavar="PATH")
+    tokenizer: str | None = option(None, "Tokenizer to use for both models (default: the student's).", metavar="PATH")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Teacher weight dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it, else float16.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
@@ -60,9 +60,9 @@ class DataConfig(ConfigSection):
     section_name = "data"
 
     train_file: str | None = option(None, "Training data: a .jsonl or .json file, a dataset folder (save_to_disk "
-                                    "or {split}.jsonl files) or a hub dataset name. Empty: the built-in task suite.")
+                                    "or {split}.jsonl files) or a hub dataset name. Empty: the built-in task suite.", metavar="PATH")
     dev_file: str | None = option(None, "Dev data for periodic evaluation (same formats). Empty: no dev evaluation "
-                                  "(with the built-in suite: its dev split).")
+                                  "(with the built-in suite: its dev split).", metavar="PATH")
     train_split: str = option("train", "Split to read when --train-file is a dataset with several splits.")
     dev_split: str = option("validation", "Split to read when --dev-file is a dataset with several splits.")
     template: str = option("alpaca", "Prompt template: alpaca, chat (the tokenizer's chat template), plain, a "
@@ -167,7 +167,7 @@ class TrainConfig(ConfigSection):
 
     section_name = "train"
 
-    output_dir: str = option("runs/pocl", "Folder of the run: checkpoints, final model, metrics, TensorBoard logs.")
+    output_dir: str = option("runs/pocl", "Folder of the run: checkpoints, final model, metrics, TensorBoard logs.", metavar="PATH")
     batch_size: int = option(64, "Global batch size (samples per optimizer step, over all processes).")
     micro_batch_size: int = option(8, "Samples per forward/backward pass on one process; gradient accumulation "
                                    "makes up the global batch.")

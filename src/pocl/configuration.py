@@ -62,8 +62,11 @@ class ConfigSection:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if _strip_optional(hints[f.name]) is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # 20 and 20.0 are the same setting (and the same config hash)
             if isinstance(value, ConfigSection):
                 value = value.to_dict()
             elif isinstance(value, tuple):
