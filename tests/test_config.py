@@ -94,9 +94,11 @@ def test_training_hash_ignores_logging_options():
     assert a.training_hash() != a.replace(train={"seed": 11}).training_hash()
 
 
-def test_teacher_and_student_come_together():
-    with pytest.raises(ConfigError, match="model.student"):
-        DistillConfig.from_dict({"model": {"teacher": "t"}})
+def test_teacher_and_student_come_together(capsys, tiny_data):
+    from pocl.cli import main
+
+    assert main(["distill", "--teacher", "t", "--train-file", str(tiny_data[0])]) == 2
+    assert "model.student: give both --teacher and --student" in capsys.readouterr().err
 
 
 def test_divergence_params_only_for_the_chosen_divergence():

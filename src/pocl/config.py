@@ -7,6 +7,7 @@ YAML files use the section names as top-level keys::
     loss: {divergence: jsd, alpha: 0.9}
     optim: {lr: 1.0e-4}
     train: {batch_size: 64, epochs: 20, output_dir: runs/jsd}
+    curriculum: {curriculum: pocl, num_stages: 4, stage_epochs: 8}
 
 Every field below is also a flag of ``pocl distill`` (``--train-file``, ``--divergence`` ...).
 Run ``pocl distill --help`` for the whole list with these descriptions.
@@ -15,6 +16,7 @@ Run ``pocl distill --help`` for the whole list with these descriptions.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,9 +50,6 @@ class ModelConfig(ConfigSection):
     def __post_init__(self) -> None:
         for name in ("teacher_dtype", "mixed_precision"):
             self._check_literal(name)
-        if (self.teacher is None) != (self.student is None):
-            missing = "student" if self.student is None else "teacher"
-            self._fail(missing, "give both --teacher and --student, or neither (built-in default models)")
 
 
 @dataclasses.dataclass
@@ -208,12 +207,100 @@ class TrainConfig(ConfigSection):
         self._check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
 
+@dataclasses.dataclass
+class CurriculumConfig(ConfigSection):
+    """The POCL curriculum: difficulty measurer and Baby Step scheduler (see docs/curriculum.md)."""
+
+    section_name = "curriculum"
+
+    curriculum: Literal["none", "pocl"] = option(
+        "none", "none: plain KD over the whole training set; pocl: rank the training samples with the initial "
+        "student, then train on growing easy-to-hard subsets with rising temperature and alpha.")
+    measurer: Literal["rrf", "rouge", "loss", "random", "reverse"] = option(
+        "rrf", "Difficulty order: rrf (reciprocal rank fusion of ROUGE-L and loss ranks, the paper's), rouge or "
+        "loss alone, random (a seeded shuffle), reverse (rrf order, hardest first). random and reverse are "
+        "ablations with the same stage sizes.")
+    rrf_k: int = option(60, "k of reciprocal rank fusion: score = 1/(k + rank_rouge) + 1/(k + rank_loss).")
+    ranking_file: str | None = option(None, "Where the ranking is written and reused (default: "
+                                      "OUTPUT_DIR/ranking.jsonl). Reused only when its stamp matches the model, "
+                                      "data and settings.", metavar="PATH")
+    num_stages: int = option(4, "Number of stages n: the ranked data is cut into n equal slices and stage s "
+                             "trains on the easiest s slices.")
+    stage_epochs: float = option(8, "Epochs per stage (over that stage's subset).")
+    t_start: float = option(1.0, "Distillation temperature of the first stage.")
+    t_max: float = option(2.0, "Distillation temperature of the last stage (linear in between).")
+    alpha_start: float = option(0.7, "KD weight alpha of the first stage.")
+    alpha_end: float = option(1.0, "KD weight alpha of the last stage (linear in between).")
+    skew_last_stage: float | None = option(0.12, "Skew coefficient of skl/srkl in the last stage (the authors' "
+                                           "scripts: 0.12; the others use --skew). Empty: --skew everywhere.")
+    plateau_patience: int | None = option(None, "Advance to the next stage when the dev CE has not improved for "
+                                          "this many evaluations (empty: fixed epochs per stage).")
+    restart_optimizer: bool = option(True, "Start every stage with a fresh AdamW state and cosine schedule "
+                                     "(only the weights carry over), as in POCL.")
+    stages: list[dict] = option(default_factory=list, help="Per-stage overrides (YAML only): a list aligned with "
+                                "the stages, each a mapping of fraction, epochs, max_steps, temperature, alpha, "
+                                "skew, lr, plateau_patience, name.", cli=False)
+    rank_temperature: float = option(0.01, "Sampling temperature of the measurer's generations (near-greedy, "
+                                     "as the authors).")
+    rank_max_new_tokens: int = option(256, "Maximum new tokens of the measurer's generations.")
+    rank_no_repeat_ngram_size: int = option(6, "no_repeat_ngram_size of the measurer's generations.")
+    rank_batch_size: int = option(32, "Prompts per generation batch of the measurer.")
+
+    STAGE_KEYS: typing.ClassVar[tuple[str, ...]] = ("fraction", "epochs", "max_steps", "temperature", "alpha",
+                                                    "skew", "lr", "plateau_patience", "name")
+
+    def __post_init__(self) -> None:
+        for name in ("curriculum", "measurer"):
+            self._check_literal(name)
+        self._check(self.rrf_k >= 0, "rrf_k", "must be >= 0")
+        self._check(self.num_stages >= 1, "num_stages", "must be >= 1")
+        self._check(self.stage_epochs > 0, "stage_epochs", "must be > 0")
+        self._check(self.t_start > 0, "t_start", "must be > 0")
+        self._check(self.t_max >= self.t_start, "t_max", f"must be >= t_start ({self.t_start})")
+        self._check(0 <= self.alpha_start <= 1, "alpha_start", "must be in [0, 1]")
+        self._check(0 <= self.alpha_end <= 1, "alpha_end", "must be in [0, 1]")
+        self._check(self.skew_last_stage is None or 0 <= self.skew_last_stage <= 1, "skew_last_stage",
+                    "must be in [0, 1]")
+        self._check(self.plateau_patience is None or self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
+        self._check(self.rank_temperature > 0, "rank_temperature", "must be > 0")
+        self._check(self.rank_max_new_tokens > 0, "rank_max_new_tokens", "must be > 0")
+        self._check(self.rank_no_repeat_ngram_size >= 0, "rank_no_repeat_ngram_size", "must be >= 0")
+        self._check(self.rank_batch_size > 0, "rank_batch_size", "must be > 0")
+        self._check(len(self.stages) <= self.num_stages, "stages",
+                    f"has {len(self.stages)} entries but there are only num_stages={self.num_stages} stages")
+        previous = 0.0
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if not isinstance(stage, dict):
+                self._fail("stages", f"{where} must be a mapping")
+            unknown = [k for k in stage if k not in self.STAGE_KEYS]
+            if unknown:
+                self._fail("stages", f"{where} has unknown keys {unknown}{suggest(unknown[0], self.STAGE_KEYS)}; "
+                           f"valid: {', '.join(self.STAGE_KEYS)}")
+            if "fraction" in stage:
+                frac = stage["fraction"]
+                if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+                    self._fail("stages", f"{where}.fraction must be in (0, 1]")
+                if frac <= previous:
+                    self._fail("stages", f"{where}.fraction must be larger than the previous stage's ({previous})")
+                previous = float(frac)
+            for key in ("epochs", "temperature", "lr"):
+                if key in stage and (isinstance(stage[key], bool) or not isinstance(stage[key], (int, float))
+                                     or stage[key] <= 0):
+                    self._fail("stages", f"{where}.{key} must be a number > 0")
+            for key in ("alpha", "skew"):
+                if key in stage and (isinstance(stage[key], bool) or not isinstance(stage[key], (int, float))
+                                     or not 0 <= stage[key] <= 1):
+                    self._fail("stages", f"{where}.{key} must be in [0, 1]")
+
+
 SECTIONS: dict[str, type[ConfigSection]] = {
     "model": ModelConfig,
     "data": DataConfig,
     "loss": LossConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "curriculum": CurriculumConfig,
 }
 
 
@@ -226,6 +313,7 @@ class DistillConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
@@ -269,4 +357,6 @@ class DistillConfig:
         for key in ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
                     "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size"):
             values["train"].pop(key, None)
+        if values["curriculum"]["curriculum"] == "none":
+            values.pop("curriculum")  # ranking settings do not matter to plain KD
         return stable_hash(values)
