@@ -82,6 +82,8 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- main
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING  # in multi-process runs only the main process reports progress
     logging.basicConfig(level=level, format="[%(name)s] %(message)s", stream=sys.stderr, force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -125,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(getattr(args, "verbose", False))
     try:
         return args.func(args)

@@ -190,6 +190,9 @@ class TrainConfig(ConfigSection):
                                       "after this many in a row.")
     sort_micro_batches: bool = option(True, "Within a step, group samples of similar length into micro-batches "
                                       "(less padding; the step's gradient is unchanged).")
+    num_processes: int = option(1, "Data-parallel processes to launch (GPUs: accelerate launch, one per GPU; "
+                                "CPU: torchrun with the gloo backend). Or start pocl yourself with "
+                                "`accelerate launch -m pocl distill ...`.")
 
     def __post_init__(self) -> None:
         self._check_literal("resume")
@@ -205,6 +208,7 @@ class TrainConfig(ConfigSection):
         self._check(self.log_every > 0, "log_every", "must be > 0")
         self._check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         self._check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        self._check(self.num_processes >= 1, "num_processes", "must be >= 1")
 
 
 @dataclasses.dataclass
@@ -355,7 +359,7 @@ class DistillConfig:
         """Hash of the settings that change the trained weights (not logging or output options)."""
         values = self.to_dict()
         for key in ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
-                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size"):
+                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes"):
             values["train"].pop(key, None)
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD

@@ -89,13 +89,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tup
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], decoding: DecodingConfig, *,
-             batch_size: int = 16, seed: int = 0, progress: Callable[[int], None] | None = None
-             ) -> list[Generation]:
+             batch_size: int = 16, seed: int = 0, progress: Callable[[int], None] | None = None,
+             batch_plan: Sequence[tuple[int, Sequence[int]]] | None = None) -> list[Generation]:
     """Generate one answer per prompt (token ids). Results come back in the order of ``prompts``.
 
-    Each batch re-seeds the RNG with ``seed`` and the batch's position, so a run with the same
+    Each batch re-seeds the RNG with ``seed`` and the batch's index, so a run with the same
     prompts, batch size and seed is reproducible. ``progress(n)`` is called after each batch with
     the number of prompts done in it.
+
+    ``batch_plan`` (``[(batch_index, prompt_indices), ...]``) replaces the default length-sorted
+    batches; prompts not in the plan get ``None``. Processes that share the work of one pass each
+    take a part of the same plan (``length_sorted_batches``), so every batch has the same
+    composition and seed as in a single-process pass and gives the same answers.
     """
     if batch_size <= 0:
         raise ConfigError(f"generation batch size must be > 0 (got {batch_size})")
@@ -107,7 +112,9 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], deco
     model.eval()
     results: list[Generation | None] = [None] * len(prompts)
     try:
-        for b, batch in enumerate(length_sorted_batches([len(p) for p in prompts], batch_size)):
+        if batch_plan is None:
+            batch_plan = list(enumerate(length_sorted_batches([len(p) for p in prompts], batch_size)))
+        for b, batch in batch_plan:
             ids, mask = left_pad([prompts[i] for i in batch], pad, device)
             torch.manual_seed(seed * 1_000_003 + b)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config)

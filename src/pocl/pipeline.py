@@ -140,17 +140,41 @@ def kd_stages(config: DistillConfig) -> list[Stage]:
                   alpha=lc.alpha, skew=lc.skew)]
 
 
+def curriculum_stages(config: DistillConfig, inputs: RunInputs) -> tuple[list[Stage], dict[str, Any]]:
+    """POCL: rank the training data with the initial student (or reuse the ranking file), then the
+    Baby Step stages. Runs before the trainer restores any checkpoint, so the measured and
+    fingerprinted student is always the initial one."""
+    from pocl.curriculum import format_schedule, prepare_curriculum
+
+    stages, _, info = prepare_curriculum(config, records=inputs.train_records, tokenizer=inputs.tokenizer,
+                                         model=inputs.student, model_fingerprint=inputs.fingerprints["student_init"],
+                                         device=_device(config))
+    log.info("POCL schedule:\n%s", format_schedule(stages))
+    info = {k: v for k, v in info.items() if k != "meta"}  # the stamp inputs stay in the ranking's meta file
+    return stages, info
+
+
 def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs: RunInputs | None = None,
             accelerator=None) -> TrainResult:
-    """Train the student of ``config``; returns where the final and best models are."""
+    """Train the student of ``config``: plain KD, or the POCL curriculum when
+    ``config.curriculum.curriculum == "pocl"`` (rank, then every stage in this process).
+    Returns where the final and best models are and the run summary."""
+    from pocl.launch import make_accelerator
+
+    # Created first: it sets up the process group that the ranking pass also uses.
+    accelerator = accelerator or make_accelerator(config)
     inputs = inputs or prepare_run(config)
+    extra: dict[str, Any] = {"curriculum": config.curriculum.curriculum}
+    if stages is None and config.curriculum.curriculum == "pocl":
+        stages, info = curriculum_stages(config, inputs)
+        extra.update(measurer=config.curriculum.measurer, ranking=info)
     stages = stages or kd_stages(config)
     trainer = DistillTrainer(config=config, student=inputs.student, tokenizer=inputs.tokenizer,
                              teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
                              stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
                              fingerprints=inputs.fingerprints, accelerator=accelerator)
-    result = trainer.train()
-    return result
+    trainer.summary_extra.update(extra)
+    return trainer.train()
 
 
 def output_path(config: DistillConfig, *parts: str) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pocl.recipes.builtin_default import BuiltinSettings, run_builtin_default
 
 
@@ -19,14 +21,25 @@ def test_builtin_default_tiny(tmp_path, capsys):
     report = run_builtin_default(None, user_overrides={"train": {"output_dir": str(out), "progress": False},
                                                        "loss": {"divergence": "jsd"}}, settings=settings)
     printed = capsys.readouterr().out
-    assert "teacher" in printed and "student (jsd KD)" in printed and "wall time" in printed
+    assert "student, jsd KD + POCL" in printed and "student, jsd KD " in printed and "wall time" in printed
+    assert "POCL: ranking" in printed
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["scores"]) == {"teacher", "student (initial)", "student (jsd KD)"}
-    assert saved["kd_config"]["loss"]["divergence"] == "jsd"
+    assert set(saved["scores"]) == {"teacher", "student (initial)", "student, jsd KD", "student, jsd KD + POCL"}
+    assert saved["kd_config"]["loss"]["divergence"] == "jsd" == saved["pocl_config"]["loss"]["divergence"]
+    assert saved["kd_config"]["curriculum"]["curriculum"] == "none"
+    assert saved["pocl_config"]["curriculum"]["curriculum"] == "pocl"
     for sc in saved["scores"].values():
         assert 0 <= sc["exact_match"] <= 100 and 0 <= sc["rouge_l"] <= 100
     assert (out / "kd" / "final" / "model.safetensors").exists()
-    assert report["kd_summary"]["global_steps"] == 6
+    assert (out / "pocl" / "final" / "model.safetensors").exists()
+    assert (out / "pocl" / "ranking.jsonl").exists() and (out / "pocl" / "summary.md").exists()
+    kd, pocl = report["kd_summary"], report["pocl_summary"]
+    assert kd["global_steps"] == 6  # 96 samples, batch 16, 1 epoch
+    # the same sample budget: POCL's stages pass over as many samples as the single KD epoch
+    seen = sum(st["num_samples"] * st["epochs"] for st in pocl["stages"])
+    assert seen == pytest.approx(96 * 1.0)
+    assert [st["temperature"] for st in pocl["stages"]] == pytest.approx([1.0, 4 / 3, 5 / 3, 2.0])
+    assert [st["alpha"] for st in pocl["stages"]] == pytest.approx([0.7, 0.8, 0.9, 1.0])
     # a second run reuses the trained teacher and student base instead of training them again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "teacher" / "final" / "manifest.json",
                                                 out / "student-base" / "final" / "manifest.json")}

@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from pocl.cli import build_config, collect_overrides
 
     config = build_config(args)
+    from pocl.launch import maybe_relaunch
+
+    code = maybe_relaunch(args.argv, config.train.num_processes, cpu=config.model.cpu)
+    if code is not None:
+        return code
     if config.model.teacher is None and config.data.train_file is None:
         from pocl.recipes.builtin_default import run_builtin_default
 
@@ -48,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_result(result) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return  # one report per run, from the main process
     s = result.summary
     print(f"\nstatus: {result.status}; {s['global_steps']} optimizer steps in {s['train_seconds']:.1f} s "
           f"({s['skipped_steps']} skipped)")

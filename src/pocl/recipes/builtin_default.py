@@ -6,9 +6,12 @@
 3. A smaller student is pre-trained briefly on the separate set: like a pretrained base model it
    knows the format a little but is much weaker than the teacher (a randomly initialised student
    would make the difficulty measure of the curriculum meaningless).
-4. The student is distilled from the teacher with the chosen divergence.
-5. Teacher, initial student and distilled student are evaluated on the test split (greedy
-   decoding: exact match and ROUGE-L), and a summary is printed and written to ``results.json``.
+4. The student is distilled from the teacher with the POCL curriculum (the initial student ranks
+   the training set; Baby Step stages), and, as a baseline, with plain KD over all the data for
+   the same sample budget (the same number of passes over samples), with the same divergence.
+5. Teacher, initial student and both distilled students are evaluated on the test split (greedy
+   decoding: exact match and ROUGE-L, also per difficulty level), and the scores are printed side
+   by side and written to ``results.json``.
 
 Steps 2 and 3 are skipped when their outputs already exist (re-running resumes where it stopped).
 """
@@ -155,29 +158,45 @@ def evaluate_models(models: dict[str, Path], test_file: Path, tokenizer, s: Buil
     return results
 
 
+def _run_config(values: dict[str, Any], user_overrides: dict[str, dict[str, Any]], output_dir: Path,
+                extra: dict[str, dict[str, Any]] | None = None) -> DistillConfig:
+    merged = {k: dict(v) for k, v in values.items()}
+    for section, items in list(user_overrides.items()) + list((extra or {}).items()):
+        merged.setdefault(section, {}).update(items)
+    merged["train"]["output_dir"] = str(output_dir)
+    return DistillConfig.from_dict(merged)
+
+
 def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: dict[str, dict[str, Any]] | None = None,
                         settings: BuiltinSettings | None = None) -> dict[str, Any]:
-    """Run the whole built-in default; returns (and writes) the results."""
+    """Run the whole built-in default (POCL and the plain KD baseline); returns and writes the results."""
     from pocl.pipeline import distill
 
+    from pocl.errors import ConfigError
+    from pocl.launch import world_size_from_env
+
+    if (world_size_from_env() or 1) > 1 or (user_overrides or {}).get("train", {}).get("num_processes", 1) > 1:
+        raise ConfigError("train.num_processes: the built-in default runs in one process; use --num-processes with "
+                          "your own --teacher/--student/--train-file")
     s = settings or BuiltinSettings()
-    user_overrides = user_overrides or {}
+    user_overrides = {k: dict(v) for k, v in (user_overrides or {}).items()}
     out = Path(user_overrides.get("train", {}).get("output_dir", "runs/default"))
     progress = user_overrides.get("train", {}).get("progress", True)
+    user_overrides.get("curriculum", {}).pop("curriculum", None)  # both runs are always made
     t_start = time.perf_counter()
     print(f"pocl built-in default -> {out}/")
-    print("  1/4 writing the built-in task suite and training its tokenizer")
+    print("  1/5 writing the built-in task suite and training its tokenizer")
     paths, tokenizer = prepare_suite(out, s)
-    timings = {}
+    timings: dict[str, float] = {}
 
-    print("  2/4 training the teacher on the suite (supervised fine-tuning)")
+    print("  2/5 training the teacher on the suite (supervised fine-tuning)")
     t0 = time.perf_counter()
     teacher_dir = _sft(_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"],
                        paths["dev"], out / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s,
                        progress=progress, name="teacher")
     timings["teacher_seconds"] = time.perf_counter() - t0
 
-    print("  3/4 pre-training the smaller student briefly on a separate set (the 'base model')")
+    print("  3/5 pre-training the smaller student briefly on a separate set (the 'base model')")
     t0 = time.perf_counter()
     student_dir = _sft(_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer,
                        paths["student_pretrain"], None, out / "student-base", epochs=s.student_pretrain_epochs,
@@ -189,30 +208,48 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
         "data": {"train_file": str(paths["train"]), "dev_file": str(paths["dev"]), "max_length": s.max_length,
                  "max_prompt_length": s.max_prompt_length},
         "optim": {"lr": s.kd_lr, "min_lr": s.kd_lr * 0.05},
-        "train": {"output_dir": str(out / "kd"), "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
-                  "epochs": s.kd_epochs, "seed": s.seed, "log_every": 20, "save_total_limit": 1},
+        "train": {"batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size, "epochs": s.kd_epochs,
+                  "seed": s.seed, "log_every": 20, "save_total_limit": 1},
+        "curriculum": {"rank_max_new_tokens": s.eval_max_new_tokens, "rank_batch_size": s.generation_batch_size},
     }
-    for section, items in user_overrides.items():
-        values.setdefault(section, {}).update(items)
-    values["train"]["output_dir"] = str(out / "kd")
-    kd_config = DistillConfig.from_dict(values)
+    kd_config = _run_config(values, user_overrides, out / "kd", {"curriculum": {"curriculum": "none"}})
+    n_stages = _run_config(values, user_overrides, out / "pocl").curriculum.num_stages
+    # Same sample budget: n equal cumulative slices cover (n + 1) / 2 passes per stage epoch.
+    stage_epochs = kd_config.train.epochs * 2.0 / (n_stages + 1)
+    pocl_config = _run_config(values, user_overrides, out / "pocl",
+                              {"curriculum": {"curriculum": "pocl", "stage_epochs": stage_epochs}})
     lc = kd_config.loss
-    print(f"  4/4 distilling the student from the teacher ({lc.divergence}, alpha {lc.alpha}, T {lc.temperature})")
+    print(f"  4/5 POCL: ranking the training set with the initial student, then {n_stages} stages "
+          f"({lc.divergence}, {stage_epochs:.3g} epochs per stage)")
     t0 = time.perf_counter()
-    result = distill(kd_config)
-    timings["kd_seconds"] = time.perf_counter() - t0
-    if result.status != "completed":
+    pocl_result = distill(pocl_config)
+    timings["pocl_seconds"] = time.perf_counter() - t0
+    if pocl_result.status != "completed":
         print("interrupted: run the same command again to resume")
-        return {"status": result.status}
+        return {"status": pocl_result.status}
+    print(f"  5/5 plain KD baseline with the same sample budget ({kd_config.train.epochs:g} epochs over all data)")
+    t0 = time.perf_counter()
+    kd_result = distill(kd_config)
+    timings["kd_seconds"] = time.perf_counter() - t0
+    if kd_result.status != "completed":
+        print("interrupted: run the same command again to resume")
+        return {"status": kd_result.status}
 
-    print("  evaluating teacher, initial student and distilled student on the test split (greedy)")
+    print("  evaluating on the test split (greedy decoding)")
     t0 = time.perf_counter()
     scores = evaluate_models({"teacher": teacher_dir, "student (initial)": student_dir,
-                              f"student ({lc.divergence} KD)": result.final_dir}, paths["test"], tokenizer, s)
+                              f"student, {lc.divergence} KD": kd_result.final_dir,
+                              f"student, {lc.divergence} KD + POCL": pocl_result.final_dir},
+                             paths["test"], tokenizer, s)
     timings["eval_seconds"] = time.perf_counter() - t0
     timings["total_seconds"] = time.perf_counter() - t_start
-    report = {"settings": dataclasses.asdict(s), "kd_config": kd_config.to_dict(), "scores": scores,
-              "timings": timings, "kd_summary": result.summary}
+    ranking = pocl_result.summary.get("ranking", {})
+    timings["pocl_ranking_seconds"] = ranking.get("seconds", 0.0)
+    timings["pocl_training_seconds"] = pocl_result.summary["train_seconds"]
+    timings["kd_training_seconds"] = kd_result.summary["train_seconds"]
+    report = {"status": "completed", "settings": dataclasses.asdict(s), "kd_config": kd_config.to_dict(),
+              "pocl_config": pocl_config.to_dict(), "scores": scores, "timings": timings,
+              "kd_summary": kd_result.summary, "pocl_summary": pocl_result.summary}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     _print_scores(scores, timings, out)
     return report
@@ -230,7 +267,11 @@ def _print_scores(scores: dict[str, dict], timings: dict[str, float], out: Path)
         row += "".join(f"{sc['exact_match_by_level'][l]:>8.1f}" for l in levels)
         print(row)
     t = timings
-    print(f"\nwall time: {t['total_seconds']:.0f} s (teacher {t['teacher_seconds']:.0f} s, student base "
-          f"{t['student_base_seconds']:.0f} s, distillation {t['kd_seconds']:.0f} s, evaluation {t['eval_seconds']:.0f} s)")
-    print(f"results: {out / 'results.json'}; distilled student: {out / 'kd' / 'final'}; "
-          f"metrics: {out / 'kd' / 'metrics.jsonl'}")
+    rank_share = 100 * t["pocl_ranking_seconds"] / max(t["pocl_ranking_seconds"] + t["pocl_training_seconds"], 1e-9)
+    print(f"\nPOCL: ranking {t['pocl_ranking_seconds']:.0f} s ({rank_share:.0f}% of ranking + training), training "
+          f"{t['pocl_training_seconds']:.0f} s; plain KD: training {t['kd_training_seconds']:.0f} s")
+    print(f"wall time: {t['total_seconds']:.0f} s (teacher {t['teacher_seconds']:.0f} s, student base "
+          f"{t['student_base_seconds']:.0f} s, POCL {t['pocl_seconds']:.0f} s, KD {t['kd_seconds']:.0f} s, "
+          f"evaluation {t['eval_seconds']:.0f} s)")
+    print(f"results: {out / 'results.json'}; students: {out / 'pocl' / 'final'}, {out / 'kd' / 'final'}; "
+          f"summaries: {out / 'pocl' / 'summary.md'}, {out / 'kd' / 'summary.md'}")

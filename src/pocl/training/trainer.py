@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -41,6 +42,7 @@ from pocl.training import checkpoint as ckpt
 from pocl.training.metrics import MetricsLogger
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
 from pocl.training.stages import Stage, check_stages
+from pocl.training.summary import write_summary
 
 log = logging.getLogger("pocl.train")
 
@@ -145,8 +147,6 @@ class DistillTrainer:
                  train_data: TokenizedDataset, dev_data: TokenizedDataset | None, stages: Sequence[Stage],
                  vocab_size: int, fused: bool = True, fingerprints: dict[str, Any] | None = None,
                  accelerator=None, stage_callback=None, step_callbacks: Sequence = ()):
-        from accelerate import Accelerator
-
         check_stages(stages)
         if teacher is None and any(s.alpha > 0 for s in stages):
             raise ConfigError("a teacher is required when a stage has alpha > 0")
@@ -161,10 +161,17 @@ class DistillTrainer:
         self.stage_callback = stage_callback
         self.step_callbacks = list(step_callbacks)
         if accelerator is None:
-            accelerator = Accelerator(cpu=config.model.cpu, mixed_precision=self._mixed_precision())
+            from pocl.launch import make_accelerator
+
+            accelerator = make_accelerator(config)
         self.accelerator = accelerator
         self.device = accelerator.device
         world = accelerator.num_processes
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if env_world != world:
+            # Each process would train alone on the whole data and they would overwrite each other's files.
+            raise ConfigError(f"launched as {env_world} processes but the accelerator sees {world}; create it "
+                              "with pocl.launch.make_accelerator (cpu=True on machines without CUDA)")
         tc = config.train
         if tc.batch_size % (tc.micro_batch_size * world) != 0:
             raise ConfigError(f"train.batch_size ({tc.batch_size}) must be a multiple of micro_batch_size x "
@@ -203,17 +210,10 @@ class DistillTrainer:
             [dict(s.to_dict(), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
              for s in self.stages], sort_keys=True).encode()).hexdigest()[:16]
         self._stop_signal: int | None = None  # set by SIGINT/SIGTERM or request_stop()
+        self.summary_extra: dict[str, Any] = {}  # added to summary.json (e.g. the ranking's timing)
         self._loss_cache: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ setup helpers
-    def _mixed_precision(self) -> str:
-        mp = self.cfg.model.mixed_precision
-        if mp != "auto":
-            return mp
-        if torch.cuda.is_available() and not self.cfg.model.cpu:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-
     def _resolve_stage(self, stage: Stage) -> list[int]:
         if stage.sample_ids is None:
             return list(range(len(self.train_data)))
@@ -375,6 +375,12 @@ class DistillTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / "checkpoints" / ckpt.step_dir_name(self.state.global_step)
+        # Every process's RNG state, so that a resumed run continues each process's random stream.
+        rng_states = [self._rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
         if acc.is_main_process:
             def write(tmp: Path) -> None:
                 self.student.save_pretrained(tmp, safe_serialization=True)
@@ -383,7 +389,7 @@ class DistillTrainer:
                                                                    default=str), encoding="utf-8")
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict() if self.scheduler is not None else {}, tmp / "scheduler.pt")
-                torch.save(self._rng_state(), tmp / "rng.pt")
+                torch.save({"per_process": rng_states}, tmp / "rng.pt")
 
             ckpt.atomic_folder_write(folder, write, manifest_extra={"step": self.state.global_step})
             ckpt.prune_checkpoints(folder.parent, self.cfg.train.save_total_limit)
@@ -399,7 +405,8 @@ class DistillTrainer:
                     before = old.get(section, {}).get(key, "<absent>")
                     if before != value and key not in ("output_dir", "resume", "overwrite", "allow_config_change",
                                                        "log_every", "tensorboard", "progress", "save_every",
-                                                       "save_total_limit", "eval_every", "eval_batch_size"):
+                                                       "save_total_limit", "eval_every", "eval_batch_size",
+                                                       "num_processes"):
                         problems.append(f"{section}.{key}: {before!r} -> {value!r}")
         for key, value in self.fingerprints.items():
             before = saved.get("fingerprints", {}).get(key)
@@ -452,7 +459,8 @@ class DistillTrainer:
         self._load_student_weights(folder)
         self.state = TrainState(**saved["state"])
         self._resume_optimizer_from = folder
-        rng = torch.load(folder / "rng.pt", weights_only=False)
+        rng_all = torch.load(folder / "rng.pt", weights_only=False)["per_process"]
+        rng = rng_all[self.accelerator.process_index]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -538,8 +546,7 @@ class DistillTrainer:
             best_dir = best if best.exists() else None
         summary = self.summary(status)
         if acc.is_main_process:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str),
-                                                           encoding="utf-8")
+            write_summary(self.output_dir, summary)
         acc.wait_for_everyone()
         return TrainResult(status, self.output_dir, final_dir, best_dir, summary)
 
@@ -686,6 +693,7 @@ class DistillTrainer:
 
     def summary(self, status: str) -> dict[str, Any]:
         return {
+            **self.summary_extra,
             "status": status,
             "global_steps": self.state.global_step,
             "skipped_steps": self.state.skipped_steps,
@@ -695,6 +703,7 @@ class DistillTrainer:
             "stages": self.state.stage_summaries,
             "fingerprints": self.fingerprints,
             "output_dir": str(self.output_dir),
+            "num_processes": self.accelerator.num_processes,
         }
 
 

@@ -1,0 +1,73 @@
+"""``pocl rank``: rank a data set by difficulty for the initial student (the POCL measurer), or reuse the ranking."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from pocl.errors import ConfigError
+
+TRAIN_FLAGS = ("output_dir", "seed", "progress")
+
+
+def register(sub) -> None:
+    from pocl.cli import add_section_flags
+    from pocl.config import CurriculumConfig, DataConfig, ModelConfig, TrainConfig
+
+    p = sub.add_parser(
+        "rank", help="Rank samples from easy to hard for the student (the POCL difficulty measurer).",
+        description="Score every sample of --train-file with the initial student (its loss on the reference and "
+                    "the ROUGE-L of its near-greedy answer), fuse the two ranks (RRF) and write the order to "
+                    "--ranking-file (default OUTPUT_DIR/ranking.jsonl). A file that still matches the student, "
+                    "data and settings is reused; a change of measurer only re-ranks the stored signals. Takes "
+                    "the same --config file and flags as `pocl distill` (the teacher is not used).")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (the model, data and curriculum sections "
+                   "are used; train.output_dir and train.seed too).")
+    p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    add_section_flags(p, ModelConfig, "model options")
+    add_section_flags(p, DataConfig, "data options")
+    add_section_flags(p, CurriculumConfig, "curriculum options")
+    add_section_flags(p, TrainConfig, "output options",
+                      exclude=[f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_FLAGS])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pocl.cli import build_config
+    from pocl.curriculum import load_or_compute_ranking, ranking_data_settings, ranking_path, summarize_quartiles
+    from pocl.models import model_fingerprint
+    import torch
+
+    from pocl.pipeline import load_data, load_models
+
+    config = build_config(args)
+    if config.model.student is None:
+        raise ConfigError("model.student: give --student (the initial student ranks the samples)")
+    if config.data.train_file is None:
+        raise ConfigError("data.train_file: give --train-file (the samples to rank)")
+    # Only the training data is ranked; the same loader as `pocl distill` keeps the stamps identical.
+    config = config.replace(data={"dev_file": None})
+    path = ranking_path(config)
+    t0 = time.perf_counter()
+    tokenizer, _, student, _ = load_models(config, need_teacher=False)
+    _, _, records, _ = load_data(config, tokenizer)
+    ranking, info = load_or_compute_ranking(
+        path, records=records, tokenizer=tokenizer, model=student,
+        model_fingerprint=model_fingerprint(config.model.student, student), curriculum=config.curriculum,
+        data_settings=ranking_data_settings(config.data), seed=config.train.seed, progress=config.train.progress,
+        device=torch.device("cpu" if config.model.cpu or not torch.cuda.is_available() else "cuda"))
+    seconds = time.perf_counter() - t0
+    print(f"ranking: {path}")
+    print(f"{len(ranking)} samples ranked by {config.curriculum.measurer} ({info['action']}: {info['reason']})")
+    timings = {k: v for k, v in info["timings"].items() if k in ("loss_seconds", "generate_seconds")}
+    spent = ", ".join(f"{k.replace('_seconds', '')} {v:.1f} s" for k, v in timings.items())
+    when = "measured earlier" if info["reused"] else "measurement"
+    print(f"time: {seconds:.1f} s in all, models and data loading included" + (f" ({when}: {spent})" if spent else ""))
+    print(f"\n{'quartile':<10} {'ranks':>13} {'ROUGE-L':>9} {'loss':>9}")
+    for row in summarize_quartiles(ranking):
+        ranks = "-" if row["ranks"] is None else f"{row['ranks'][0]}-{row['ranks'][1]}"
+        rouge = "-" if row["rouge_l"] is None else f"{row['rouge_l']:.2f}"
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        print(f"Q{row['part']:<9} {ranks:>13} {rouge:>9} {loss:>9}")
+    return 0

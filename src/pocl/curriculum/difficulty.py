@@ -1,0 +1,381 @@
+"""The difficulty measurer: the *initial* student scores every training sample (the teacher is not used).
+
+Two signals per sample (POCL spec, section 2):
+
+* **loss** -- the student's mean token cross-entropy on the reference response under teacher
+  forcing, with the tokenisation and masking of training (:func:`pocl.data.tokenize_records`:
+  prompt masked, EOS appended as a target). Samples are batched by length; logits are computed
+  from the hidden states at the response positions only, chunk by chunk through the LM head, so a
+  ``[B, L, V]`` logits tensor never exists.
+* **ROUGE-L** -- the student answers each prompt (near-greedy sampling: temperature 0.01, top-p 1,
+  no top-k, ``no_repeat_ngram_size=6``, at most 256 new tokens) and the answer is scored against
+  the reference(s) with :func:`pocl.evaluation.metrics.rouge_l` (F-measure x 100, Porter stemmer,
+  max over references).
+
+:func:`rank_samples` turns the signals into an order with one of the registered measurers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocl.data import Record, collate, get_template, group_by_length, id_sort_key, tokenize_prompts, tokenize_records
+from pocl.data.templates import PromptTemplate
+from pocl.errors import ConfigError, DataError, ModelError
+from pocl.evaluation.metrics import rouge_l
+from pocl.generation import length_sorted_batches, DecodingConfig, generate
+from pocl.losses.engine import select_response_tokens
+from pocl.models import LMHead, check_fused_head, hidden_states, output_rows
+from pocl.registry import Registry
+
+from .rrf import ordinal_ranks, rrf_order, rrf_scores
+
+log = logging.getLogger("pocl.curriculum")
+
+SIGNALS = ("rouge_l", "loss")
+
+__all__ = ["SampleDifficulty", "RankedSample", "Measurer", "MEASURERS", "SIGNALS", "measure_difficulty",
+           "measurer_needs", "rank_samples", "ranking_decoding"]
+
+
+@dataclasses.dataclass
+class SampleDifficulty:
+    """The signals of one sample (None: not measured). ``loss`` is NaN when the sample has no target token."""
+
+    id: str
+    rouge_l: float | None = None
+    loss: float | None = None
+    generation: str | None = None
+
+
+@dataclasses.dataclass
+class RankedSample:
+    """One sample of a ranking. ``rank`` 1 = easiest; ``score``: higher = easier (None for ``random``);
+    ``rouge_rank`` / ``loss_rank``: the sample's rank by that signal alone (None when not measured)."""
+
+    id: str
+    rank: int
+    score: float | None
+    rouge_l: float | None
+    loss: float | None
+    rouge_rank: int | None
+    loss_rank: int | None
+    generation: str | None = None
+
+
+def ranking_decoding(curriculum) -> DecodingConfig:
+    """The measurer's decoding settings from a :class:`pocl.config.CurriculumConfig`."""
+    return DecodingConfig(do_sample=True, temperature=curriculum.rank_temperature, top_p=1.0, top_k=0,
+                          no_repeat_ngram_size=curriculum.rank_no_repeat_ngram_size,
+                          max_new_tokens=curriculum.rank_max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------------- signals
+class _Bar:
+    """A tqdm bar with ETA, or nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled and total > 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _resolve_fused(model: nn.Module, vocab: int, fused: bool | None) -> LMHead | None:
+    """The LM head for the chunked path, or None to use the model's own logits."""
+    if fused is False:
+        return None
+    try:
+        head = LMHead.from_model(model, vocab)
+        ok, diff = check_fused_head(model, head)
+    except ModelError as exc:
+        ok, diff, head = False, str(exc), None
+    if not ok:
+        if fused:
+            raise ModelError(f"logits computed from hidden states do not match the model's own logits ({diff})")
+        log.warning("difficulty: the output layer cannot be reproduced from hidden states (%s); using the "
+                    "model's full logits (more memory)", diff)
+        return None
+    return head
+
+
+@torch.no_grad()
+def _response_losses(model: nn.Module, tokenizer, records: Sequence[Record], template: PromptTemplate, *,
+                     max_length: int, max_prompt_length: int, truncation_side: str, batch_size: int,
+                     chunk_size: int, fused: bool | None, progress: bool,
+                     shard: tuple[int, int] = (0, 1)) -> list[float | None]:
+    data = tokenize_records(records, tokenizer, template, max_length=max_length,
+                            max_prompt_length=max_prompt_length, truncation_side=truncation_side)
+    device = next(model.parameters()).device
+    vocab = output_rows(model)
+    head = _resolve_fused(model, vocab, fused)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses: list[float | None] = [None] * len(data)
+    rank, world = shard
+    plan = [batch for b, batch in enumerate(group_by_length(data.lengths, batch_size)) if b % world == rank]
+    bar = _Bar(sum(len(b) for b in plan), "difficulty: loss", progress)
+    try:
+        for batch_idx in plan:
+            batch = collate([data[i] for i in batch_idx], pad)
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            labels = batch["labels"].to(device)
+            b, length = labels.shape
+            # Row of every selected position, in the order select_response_tokens returns them.
+            rows = torch.arange(b, device=device)[:, None].expand(b, length)
+            if head is not None:
+                states, targets = select_response_tokens(hidden_states(model, ids, mask), labels)
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab]
+                states, targets = select_response_tokens(logits, labels)
+            row_of, _ = select_response_tokens(rows[..., None], labels)
+            row_of = row_of[:, 0]
+            sums = torch.zeros(b, dtype=torch.float64, device=device)
+            for start in range(0, targets.shape[0], chunk_size):
+                end = start + chunk_size
+                chunk = head.logits(states[start:end]) if head is not None else states[start:end]
+                ce = F.cross_entropy(chunk.float(), targets[start:end], reduction="none")
+                sums.index_add_(0, row_of[start:end], ce.double())
+            counts = torch.bincount(row_of, minlength=b)
+            for row, i in enumerate(batch_idx):
+                n = int(counts[row])
+                losses[i] = float(sums[row]) / n if n else math.nan
+            bar.update(len(batch_idx))
+    finally:
+        bar.close()
+    missing = [data[i].id for i, v in enumerate(losses) if v is not None and math.isnan(v)]
+    if missing:
+        log.warning("difficulty: %d samples have no response token to score (e.g. '%s'); they rank as hardest",
+                    len(missing), missing[0])
+    return losses
+
+
+def _rouge_signal(model: nn.Module, tokenizer, records: Sequence[Record], template: PromptTemplate, *,
+                  max_prompt_length: int, truncation_side: str, decoding: DecodingConfig, batch_size: int,
+                  seed: int, progress: bool, shard: tuple[int, int] = (0, 1)
+                  ) -> tuple[list[float | None], list[str | None]]:
+    prompts = tokenize_prompts(records, tokenizer, template, max_prompt_length=max_prompt_length,
+                               truncation_side=truncation_side)
+    rank, world = shard
+    plan = [(b, batch) for b, batch in enumerate(length_sorted_batches([len(p) for p in prompts], batch_size))
+            if b % world == rank]
+    bar = _Bar(sum(len(b) for _, b in plan), "difficulty: generating", progress)
+    try:
+        gens = generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seed=seed, progress=bar.update,
+                        batch_plan=plan)
+    finally:
+        bar.close()
+    texts = [g.text if g is not None else None for g in gens]
+    scores = [rouge_l(text, r.references) if text is not None else None for text, r in zip(texts, records)]
+    return scores, texts
+
+
+def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *,
+                       template: PromptTemplate | str | None = "alpaca", max_length: int, max_prompt_length: int,
+                       truncation_side: str = "left", decoding: DecodingConfig, batch_size: int,
+                       need_rouge: bool = True, need_loss: bool = True, seed: int = 0, progress: bool = True,
+                       chunk_size: int = 1024, fused: bool | None = None,
+                       timings: dict[str, float] | None = None,
+                       shard: tuple[int, int] = (0, 1)) -> list[SampleDifficulty]:
+    """Score every record with ``model`` (the initial student); results in record order.
+
+    ``need_loss``/``need_rouge`` choose the signals (the other stays None). ``decoding`` and
+    ``seed`` drive the generations; ``batch_size`` is the number of samples per forward pass for
+    both signals. The model runs on its current device, in eval mode (its mode is restored).
+    ``fused=None`` checks once that the chunked LM-head path reproduces the model's logits and
+    falls back to the model's own logits if not. ``timings``, when given, receives
+    ``loss_seconds`` and ``generate_seconds`` (generation plus ROUGE scoring).
+
+    ``shard=(rank, world)``: measure only the batches ``b`` with ``b % world == rank`` of the
+    single-process batch plan (the other samples keep None); see :func:`gather_difficulties`.
+    """
+    records = list(records)
+    if not records:
+        raise DataError("nothing to rank: no samples")
+    if batch_size <= 0:
+        raise ConfigError(f"batch size of the measurer must be > 0 (got {batch_size})")
+    no_ref = [r for r in records if not r.has_output]
+    if no_ref and (need_loss or need_rouge):
+        r = no_ref[0]
+        raise DataError(f"sample '{r.id}' has no reference output; ranking needs one for every sample "
+                        f"({len(no_ref)} without)", path=r.source, line=r.line, field="output")
+    template = template if isinstance(template, PromptTemplate) else get_template(template, tokenizer)
+    timings = {} if timings is None else timings
+    result = [SampleDifficulty(r.id) for r in records]
+    was_training = model.training
+    model.eval()
+    try:
+        if need_loss:
+            t0 = time.perf_counter()
+            losses = _response_losses(model, tokenizer, records, template, max_length=max_length,
+                                      max_prompt_length=max_prompt_length, truncation_side=truncation_side,
+                                      batch_size=batch_size, chunk_size=chunk_size, fused=fused, progress=progress,
+                                      shard=shard)
+            timings["loss_seconds"] = time.perf_counter() - t0
+            for d, v in zip(result, losses):
+                d.loss = v
+            log.info("difficulty: loss of %d samples in %.1f s", len(records), timings["loss_seconds"])
+        if need_rouge:
+            t0 = time.perf_counter()
+            scores, texts = _rouge_signal(model, tokenizer, records, template, max_prompt_length=max_prompt_length,
+                                          truncation_side=truncation_side, decoding=decoding,
+                                          batch_size=batch_size, seed=seed, progress=progress, shard=shard)
+            timings["generate_seconds"] = time.perf_counter() - t0
+            for d, s, t in zip(result, scores, texts):
+                d.rouge_l, d.generation = s, t
+            log.info("difficulty: generated and scored %d answers in %.1f s", len(records),
+                     timings["generate_seconds"])
+    finally:
+        model.train(was_training)
+    return result
+
+
+def gather_difficulties(parts: Sequence[Sequence[SampleDifficulty]]) -> list[SampleDifficulty]:
+    """Merge the per-process results of a sharded :func:`measure_difficulty` (same record order in
+    every part; each sample measured by exactly one process)."""
+    merged = [SampleDifficulty(d.id) for d in parts[0]]
+    for part in parts:
+        if [d.id for d in part] != [d.id for d in merged]:
+            raise ValueError("the processes measured different sample lists")
+        for out, d in zip(merged, part):
+            if d.loss is not None:
+                out.loss = d.loss
+            if d.rouge_l is not None:
+                out.rouge_l, out.generation = d.rouge_l, d.generation
+    return merged
+
+
+# ------------------------------------------------------------------------------------------- measurers
+@dataclasses.dataclass(frozen=True)
+class Measurer:
+    """A difficulty order: the signals it needs and ``order(difficulties, k, seed) -> (ids, scores)``."""
+
+    name: str
+    needs: frozenset[str]
+    order: Callable[[list[SampleDifficulty], int, int], tuple[list[str], list[float | None]]]
+    description: str = ""
+
+
+def _signal_ranks(difficulties: list[SampleDifficulty]) -> dict[str, list[int] | None]:
+    ids = [d.id for d in difficulties]
+    out: dict[str, list[int] | None] = {}
+    for name, descending in (("rouge_l", True), ("loss", False)):
+        values = [getattr(d, name) for d in difficulties]
+        out[name] = None if all(v is None for v in values) else ordinal_ranks(values, ids, descending=descending)
+    return out
+
+
+def _fused(signals: Sequence[str]):
+    def order(difficulties: list[SampleDifficulty], k: int, seed: int):
+        ids = [d.id for d in difficulties]
+        ranks = _signal_ranks(difficulties)
+        lists = [ranks[s] for s in signals]
+        scores = rrf_scores(lists, k)
+        by_id = dict(zip(ids, scores))
+        ordered = rrf_order(ids, lists, k)
+        return ordered, [by_id[i] for i in ordered]
+
+    return order
+
+
+def _random_order(difficulties: list[SampleDifficulty], k: int, seed: int):
+    ids = sorted((d.id for d in difficulties), key=id_sort_key)  # independent of the input order
+    random.Random(f"pocl-random-measurer/{seed}").shuffle(ids)
+    return ids, [None] * len(ids)
+
+
+def _reverse_order(difficulties: list[SampleDifficulty], k: int, seed: int):
+    ids, scores = _fused(("rouge_l", "loss"))(difficulties, k, seed)
+    return ids[::-1], scores[::-1]
+
+
+MEASURERS: Registry[Measurer] = Registry("difficulty measurer")
+for _m in (
+    Measurer("rrf", frozenset(SIGNALS), _fused(("rouge_l", "loss")),
+             "reciprocal rank fusion of the ROUGE-L and loss ranks (POCL)"),
+    Measurer("rouge", frozenset({"rouge_l"}), _fused(("rouge_l",)), "ROUGE-L rank alone"),
+    Measurer("loss", frozenset({"loss"}), _fused(("loss",)), "loss rank alone (no generation)"),
+    Measurer("random", frozenset(), _random_order,
+             "a seeded shuffle (ablation control: same stages, no difficulty order; measures nothing)"),
+    Measurer("reverse", frozenset(SIGNALS), _reverse_order,
+             "the rrf order reversed, hardest first (anti-curriculum ablation)"),
+):
+    MEASURERS.register(_m.name, _m)
+
+
+def measurer_needs(name: str) -> frozenset[str]:
+    """The signals (``"rouge_l"``, ``"loss"``) measurer ``name`` needs."""
+    return MEASURERS.get(name).needs
+
+
+def rank_samples(difficulties: Sequence[SampleDifficulty], measurer: str = "rrf", *, k: int = 60,
+                 seed: int = 0) -> list[RankedSample]:
+    """Order the samples with ``measurer``; easiest first, ``rank`` 1..N.
+
+    ``score`` is the RRF score of the signals the measurer uses (one signal: ``1/(k + rank)``;
+    ``reverse`` keeps the rrf scores, so they increase down its list; ``random`` has none).
+    ``rouge_rank``/``loss_rank`` are filled for every signal present, used or not. ``seed`` only
+    matters to ``random``.
+    """
+    spec = MEASURERS.get(measurer)
+    difficulties = list(difficulties)
+    if not difficulties:
+        raise DataError("nothing to rank: no samples")
+    for signal in spec.needs:
+        absent = [d.id for d in difficulties if getattr(d, signal) is None]
+        if absent:
+            raise ConfigError(f"measurer '{spec.name}' needs the {signal} signal, which is missing for "
+                              f"{len(absent)} samples (e.g. '{absent[0]}')")
+    ids, scores = spec.order(difficulties, k, seed)
+    ranks = _signal_ranks(difficulties)
+    pos = {d.id: i for i, d in enumerate(difficulties)}
+    out = []
+    for rank, (sid, score) in enumerate(zip(ids, scores), start=1):
+        i = pos[sid]
+        d = difficulties[i]
+        out.append(RankedSample(
+            id=sid, rank=rank, score=score, rouge_l=d.rouge_l, loss=d.loss,
+            rouge_rank=None if ranks["rouge_l"] is None else ranks["rouge_l"][i],
+            loss_rank=None if ranks["loss"] is None else ranks["loss"][i], generation=d.generation))
+    return out
+
+
+def difficulties_from_ranking(ranking: Sequence[RankedSample]) -> list[SampleDifficulty]:
+    """The stored signals of a ranking, back as :class:`SampleDifficulty` (in ranking order)."""
+    return [SampleDifficulty(r.id, r.rouge_l, r.loss, r.generation) for r in ranking]
+
+
+def summarize_quartiles(ranking: Sequence[RankedSample], parts: int = 4) -> list[dict[str, Any]]:
+    """Mean ROUGE-L and loss per quarter of the order (easiest quarter first)."""
+    n = len(ranking)
+    rows = []
+    for q in range(parts):
+        chunk = ranking[q * n // parts:(q + 1) * n // parts]
+
+        def mean(name: str) -> float | None:
+            vals = [getattr(r, name) for r in chunk]
+            vals = [v for v in vals if v is not None and not math.isnan(v)]
+            return sum(vals) / len(vals) if vals else None
+
+        rows.append({"part": q + 1, "ranks": (chunk[0].rank, chunk[-1].rank) if chunk else None,
+                     "samples": len(chunk), "rouge_l": mean("rouge_l"), "loss": mean("loss")})
+    return rows

@@ -1,0 +1,93 @@
+"""Markdown tables from ``results.json`` (the content written by ``pocl eval``).
+
+The main table has the layout of the spec's section 6 table: one row per model, one column per
+evaluation set plus ``Avg`` (the mean over sets), cells ``mean ± std`` of ROUGE-L over seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+METRIC_TITLES = {"rouge_l": "ROUGE-L", "exact_match": "Exact match"}
+
+
+def _cell(entry: Mapping[str, Any] | None, digits: int = 2, with_std: bool = True) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    if not with_std:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def results_table(data: Mapping[str, Any], metric: str = "rouge_l", *, digits: int = 2) -> str:
+    """Rows = models, columns = sets + Avg, cells ``mean ± std`` (std over seeds; one seed: mean only)."""
+    sets = list(data["sets"])
+    with_std = len(data.get("seeds", [])) > 1
+    rows = []
+    for model, entry in data["models"].items():
+        cells = [_cell(entry["sets"].get(s, {}).get(metric), digits, with_std) for s in sets]
+        avg = entry.get("avg", {}).get(metric) if len(sets) > 1 else None
+        rows.append([model, *cells] + ([_cell(avg, digits, with_std)] if len(sets) > 1 else []))
+    header = ["model", *sets] + (["Avg"] if len(sets) > 1 else [])
+    return "\n".join(_table(header, rows))
+
+
+def breakdown_tables(data: Mapping[str, Any], metric: str = "rouge_l", *, digits: int = 2) -> str:
+    """One table per ranked set: rows = models, columns = difficulty buckets."""
+    bd = data.get("breakdown") or {}
+    with_std = len(data.get("seeds", [])) > 1
+    by_set: dict[str, dict[str, Any]] = {}
+    for model, per_set in bd.items():
+        for set_name, entry in per_set.items():
+            by_set.setdefault(set_name, {})[model] = entry
+    parts = []
+    for set_name, per_model in by_set.items():
+        first = next(iter(per_model.values()))
+        cov = first["coverage"]
+        buckets = first["buckets"]
+        header = ["model"] + [f"{b['name']} (n={b['n']}, ranks {b['rank_min']}–{b['rank_max']})" if b["n"]
+                              else f"{b['name']} (n=0)" for b in buckets]
+        rows = [[model] + [_cell(b.get(metric), digits, with_std) for b in entry["buckets"]]
+                for model, entry in per_model.items()]
+        note = (f"Ranking `{first['ranking']}` covers {cov['covered']} of {cov['evaluated']} evaluated samples "
+                f"({100 * cov['fraction']:.1f}%)")
+        note += "." if cov["covered"] == cov["evaluated"] else f"; {cov['missing']} unranked samples are left out."
+        parts.append(f"### {METRIC_TITLES.get(metric, metric)} by difficulty on {set_name}\n\n{note}\n\n"
+                     + "\n".join(_table(header, rows)))
+    return "\n\n".join(parts)
+
+
+def markdown_report(data: Mapping[str, Any]) -> str:
+    """The whole results.md: settings line, ROUGE-L table, exact-match table, breakdown tables."""
+    dec = data.get("decoding", {})
+    seeds = data.get("seeds", [])
+    if dec.get("do_sample", True):
+        decoding = (f"sampling T={dec.get('temperature')}, top-p {dec.get('top_p')}, "
+                    f"top-k {dec.get('top_k') or 'off'}")
+    else:
+        decoding = "greedy"
+    decoding += (f", no_repeat_ngram_size {dec.get('no_repeat_ngram_size')}, at most "
+                 f"{dec.get('max_new_tokens')} new tokens")
+    n = ", ".join(f"{name} {info['n']}" for name, info in data.get("sets", {}).items())
+    spread = (f"mean ± {data.get('std', 'sample')} std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+              if len(seeds) > 1 else f"one pass, seed {seeds[0] if seeds else '?'}")
+    lines = ["# Evaluation results", "",
+             f"{decoding}; {spread}. Samples per set: {n}. Scores × 100; Avg = mean over sets.", "",
+             f"## {METRIC_TITLES['rouge_l']}", "", results_table(data, "rouge_l"), "",
+             f"## {METRIC_TITLES['exact_match']}", "", results_table(data, "exact_match"), ""]
+    bd = breakdown_tables(data, "rouge_l")
+    if bd:
+        lines += ["## By difficulty", "", bd, ""]
+    return "\n".join(lines)

@@ -1,0 +1,415 @@
+"""Generation-based evaluation: generate answers for an evaluation set over several seeds and score them.
+
+:func:`evaluate_records` is the reusable core (one model, one set); the trainer can call it for a
+dev ROUGE-L. :func:`run_eval` is ``pocl eval``: several models x several sets, per-difficulty
+breakdowns, and the output files (``generations.jsonl``, ``results.json``, ``results.md``).
+
+Scores: for each seed, the ROUGE-L F-measure x 100 (max over a sample's references) and the exact
+match x 100 are averaged over the samples; the reported score is the mean of these per-seed values
+and the spread is their standard deviation over seeds (``std="sample"``: divide by n - 1, the
+default; ``"population"``: divide by n; one seed: 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocl.data import PromptTemplate, Record, get_template, tokenize_prompts
+from pocl.errors import ConfigError, DataError
+from pocl.evaluation.metrics import exact_match, mean_std, rouge_l
+from pocl.generation import DecodingConfig, generate
+
+log = logging.getLogger("pocl.eval")
+logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." at INFO
+
+METRICS = ("rouge_l", "exact_match")
+SCHEMA = "pocl.eval/1"
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """One sample: its prompt and references, and per seed its generation and scores."""
+
+    id: str
+    prompt: str
+    references: list[str]
+    generations: list[str]
+    rouge_l: list[float]
+    exact_match: list[float]
+    generated_tokens: list[int]
+    stopped_at_eos: list[bool]
+    prompt_tokens: int
+    prompt_truncated: bool
+
+
+@dataclasses.dataclass
+class SeedResult:
+    """One seed's pass over the set: means over the samples."""
+
+    seed: int
+    rouge_l: float
+    exact_match: float
+    seconds: float
+    generated_tokens: int
+    stopped_at_eos: int
+
+
+@dataclasses.dataclass
+class SetResult:
+    """The result of one model on one set. ``per_seed[i]`` belongs to ``seeds[i]``."""
+
+    name: str
+    seeds: list[int]
+    per_seed: list[SeedResult]
+    samples: list[SampleResult]
+    decoding: dict[str, Any]
+    std: str = "sample"
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def values(self, metric: str) -> list[float]:
+        """The per-seed means of ``metric`` (``rouge_l`` or ``exact_match``)."""
+        _check_metric(metric)
+        return [getattr(s, metric) for s in self.per_seed]
+
+    def mean_std(self, metric: str) -> tuple[float, float]:
+        return mean_std(self.values(metric), std=self.std)
+
+    @property
+    def rouge_l(self) -> float:
+        return self.mean_std("rouge_l")[0]
+
+    @property
+    def rouge_l_std(self) -> float:
+        return self.mean_std("rouge_l")[1]
+
+    @property
+    def exact_match(self) -> float:
+        return self.mean_std("exact_match")[0]
+
+    @property
+    def exact_match_std(self) -> float:
+        return self.mean_std("exact_match")[1]
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.per_seed)
+
+    def metric_summary(self, metric: str) -> dict[str, Any]:
+        mean, std = self.mean_std(metric)
+        return {"mean": mean, "std": std, "seeds": list(self.seeds), "per_seed": self.values(metric)}
+
+    def summary(self) -> dict[str, Any]:
+        """The aggregates (everything but the per-sample lists) as JSON-able data."""
+        n_gen = max(self.n * len(self.seeds), 1)
+        return {
+            "n": self.n,
+            **{m: self.metric_summary(m) for m in METRICS},
+            "seconds": {"total": self.seconds, "per_seed": [s.seconds for s in self.per_seed]},
+            "samples_per_second": (self.n * len(self.seeds)) / max(self.seconds, 1e-9),
+            "generated_tokens_mean": sum(s.generated_tokens for s in self.per_seed) / n_gen,
+            "stopped_at_eos_fraction": sum(s.stopped_at_eos for s in self.per_seed) / n_gen,
+            "prompts_truncated": sum(s.prompt_truncated for s in self.samples),
+        }
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def decoding_dict(decoding: DecodingConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(decoding)
+    if not decoding.do_sample:  # sampling knobs do not apply
+        for key in ("temperature", "top_p", "top_k"):
+            d.pop(key, None)
+    return d
+
+
+def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record], *,
+                     template: str | PromptTemplate = "alpaca", decoding: DecodingConfig | None = None,
+                     seeds: Sequence[int] = (10, 20, 30, 40, 50), batch_size: int = 32,
+                     max_prompt_length: int = 256, truncation_side: str = "left", std: str = "sample",
+                     name: str = "", progress: bool | Callable[[int], None] = False) -> SetResult:
+    """Generate an answer to every record once per seed and score it against the record's references.
+
+    Generation is batched (prompts grouped by length, left padding, KV cache; see
+    :func:`pocl.generation.generate`); a seed's pass is reproducible for the same prompts, batch
+    size and seed. ``template`` renders prompts (a record's ready-made ``prompt`` field is used with
+    the Alpaca template, as in training); prompts longer than ``max_prompt_length`` tokens keep
+    their end. ``decoding`` defaults to the spec's protocol (sampling at T = 1, top-p 1, no top-k,
+    ``no_repeat_ngram_size=6``, 256 new tokens). ``progress``: True for a progress bar, or a
+    callable called with the number of generations done after each batch.
+    """
+    records = list(records)
+    if not records:
+        raise DataError(f"evaluation set '{name or '?'}' has no samples")
+    for r in records:
+        if not r.has_output:
+            raise DataError(f"sample '{r.id}' has no reference output; evaluation needs one", path=r.source,
+                            line=r.line, field="output")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("evaluate_records needs at least one seed")
+    if std not in ("sample", "population"):
+        raise ConfigError(f"std must be 'sample' or 'population', got {std!r}")
+    decoding = decoding or DecodingConfig()
+    template = template if isinstance(template, PromptTemplate) else get_template(template, tokenizer=tokenizer)
+    texts = [template.render(r) for r in records]
+    full = tokenize_prompts(records, tokenizer, template, max_prompt_length=sys.maxsize // 2,
+                            truncation_side=truncation_side)
+    long_idx = [i for i, p in enumerate(full) if len(p) > max_prompt_length]
+    prompts = list(full)
+    if long_idx:
+        cut = tokenize_prompts([records[i] for i in long_idx], tokenizer, template,
+                               max_prompt_length=max_prompt_length, truncation_side=truncation_side)
+        for i, ids in zip(long_idx, cut):
+            prompts[i] = ids
+        log.info("%s: %d of %d prompts were longer than %d tokens and were cut on the %s", name or "set",
+                 len(long_idx), len(records), max_prompt_length, truncation_side)
+
+    bar = None
+    callback: Callable[[int], None] | None = None
+    if callable(progress):
+        callback = progress
+    elif progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records) * len(seeds), desc=f"generate {name}".strip(), unit="sample",
+                   dynamic_ncols=True, leave=False)
+        callback = bar.update
+    long_set = set(long_idx)
+    samples = [SampleResult(id=r.id, prompt=t, references=r.references, generations=[], rouge_l=[],
+                            exact_match=[], generated_tokens=[], stopped_at_eos=[], prompt_tokens=len(p),
+                            prompt_truncated=i in long_set)
+               for i, (r, t, p) in enumerate(zip(records, texts, prompts))]
+    per_seed: list[SeedResult] = []
+    try:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            gens = generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seed=seed,
+                            progress=callback)
+            seconds = time.perf_counter() - t0
+            for s, g in zip(samples, gens):
+                s.generations.append(g.text)
+                s.rouge_l.append(rouge_l(g.text, s.references))
+                s.exact_match.append(exact_match(g.text, s.references))
+                s.generated_tokens.append(len(g.token_ids))
+                s.stopped_at_eos.append(g.stopped_at_eos)
+            k = len(per_seed)
+            per_seed.append(SeedResult(
+                seed=seed, rouge_l=sum(s.rouge_l[k] for s in samples) / len(samples),
+                exact_match=sum(s.exact_match[k] for s in samples) / len(samples), seconds=seconds,
+                generated_tokens=sum(s.generated_tokens[k] for s in samples),
+                stopped_at_eos=sum(s.stopped_at_eos[k] for s in samples)))
+    finally:
+        if bar is not None:
+            bar.close()
+    return SetResult(name=name, seeds=seeds, per_seed=per_seed, samples=samples, decoding=decoding_dict(decoding),
+                     std=std)
+
+
+def average_over_sets(results: Sequence[SetResult], metric: str, *, std: str = "sample") -> dict[str, Any]:
+    """The average over sets: per seed the mean of the sets' per-seed scores, then mean/std over seeds.
+
+    All sets must have been run with the same seeds.
+    """
+    _check_metric(metric)
+    if not results:
+        raise ValueError("no results to average")
+    seeds = results[0].seeds
+    for r in results[1:]:
+        if r.seeds != seeds:
+            raise ValueError(f"sets were run with different seeds ({seeds} vs {r.seeds}); cannot average per seed")
+    per_seed = [sum(r.values(metric)[k] for r in results) / len(results) for k in range(len(seeds))]
+    mean, sd = mean_std(per_seed, std=std)
+    return {"mean": mean, "std": sd, "seeds": list(seeds), "per_seed": per_seed, "sets": [r.name for r in results]}
+
+
+# ------------------------------------------------------------------------------------------ files
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from pocl import __version__
+
+    out = {"pocl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["rouge_score"] = version("rouge-score")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return out
+
+
+def generation_rows(model_name: str, result: SetResult) -> list[dict[str, Any]]:
+    """The ``generations.jsonl`` rows of one model on one set: one per sample and seed."""
+    rows = []
+    for s in result.samples:
+        ref: Any = s.references[0] if len(s.references) == 1 else s.references
+        for k, seed in enumerate(result.seeds):
+            rows.append({"model": model_name, "set": result.name, "id": s.id, "prompt": s.prompt,
+                         "reference": ref, "generation": s.generations[k], "seed": seed,
+                         "rouge_l": s.rouge_l[k], "exact_match": s.exact_match[k],
+                         "generated_tokens": s.generated_tokens[k], "stopped_at_eos": s.stopped_at_eos[k],
+                         "prompt_truncated": s.prompt_truncated})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ pocl eval
+@dataclasses.dataclass
+class EvalReport:
+    """What :func:`run_eval` produced: results per model and set, the output files, the Markdown."""
+
+    results: dict[str, dict[str, SetResult]]
+    breakdowns: dict[str, dict[str, Any]]
+    data: dict[str, Any]  # the content of results.json
+    markdown: str
+    files: list[Path]
+
+
+def _device(cpu: bool) -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
+
+
+def run_eval(config) -> EvalReport:
+    """``pocl eval``: every model on every set, then the output files. ``config`` is an EvalConfig."""
+    from pocl.evaluation.breakdown import breakdown, check_coverage, load_ranking, ranking_specs
+    from pocl.evaluation.config import default_model_name, named_specs
+    from pocl.evaluation.formats import describe, load_eval_set
+    from pocl.evaluation.report import markdown_report
+    from pocl.models import count_parameters, load_model, load_tokenizer, resolve_dtype
+
+    t_start = time.perf_counter()
+    if not config.models:
+        raise ConfigError("eval.models: give at least one --model [NAME=]PATH")
+    if not config.data:
+        raise ConfigError("eval.data: give at least one --data [NAME=]PATH")
+    models = named_specs(config.models, kind="model", default_name=default_model_name)
+    from pocl.evaluation.config import default_set_name
+
+    sets = [load_eval_set(path, name=name, max_samples=config.max_samples)
+            for name, path in named_specs(config.data, kind="data", default_name=default_set_name)]
+    for s in sets:
+        log.info("%s", describe(s))
+
+    # Rankings are checked before any generation, so a wrong file fails in seconds, not hours.
+    rankings = {}
+    for set_name, path in ranking_specs(config.ranking, [s.name for s in sets]).items():
+        ranking = load_ranking(path)
+        eval_set = next(s for s in sets if s.name == set_name)
+        coverage = check_coverage(ranking, [r.id for r in eval_set.records], set_name=set_name,
+                                  set_path=eval_set.path)
+        if coverage["covered"] < coverage["evaluated"]:
+            log.warning("ranking %s covers %d of the %d evaluated samples of '%s'; the breakdown uses those",
+                        path, coverage["covered"], coverage["evaluated"], set_name)
+        rankings[set_name] = ranking
+
+    device = _device(config.cpu)
+    dtype = resolve_dtype(config.dtype, device)
+    decoding = config.decoding()
+    seeds = config.eval_seeds
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen_path = out_dir / "generations.jsonl"
+    gen_tmp = out_dir / f".generations.jsonl.tmp{os.getpid()}"
+    results: dict[str, dict[str, SetResult]] = {}
+    model_info: dict[str, dict[str, Any]] = {}
+    opts = dict(local_files_only=config.local_files_only, trust_remote_code=config.trust_remote_code)
+    try:
+        with open(gen_tmp, "w", encoding="utf-8") as gen_fh:
+            for model_name, spec in models:
+                t0 = time.perf_counter()
+                tokenizer = load_tokenizer(config.tokenizer or spec, **opts)
+                model = load_model(spec, dtype=dtype, **opts).to(device)
+                model.eval()
+                load_seconds = time.perf_counter() - t0
+                template = get_template(config.template, tokenizer=tokenizer, use_prompt_field=config.use_prompt_field)
+                model_info[model_name] = {"path": spec, "parameters": count_parameters(model),
+                                          "load_seconds": load_seconds}
+                log.info("model %s: %s (%s parameters, %s, %s)", model_name, spec,
+                         f"{model_info[model_name]['parameters']:,}", str(dtype).replace("torch.", ""), device)
+                results[model_name] = {}
+                for eval_set in sets:
+                    res = evaluate_records(model, tokenizer, eval_set.records, template=template, decoding=decoding,
+                                           seeds=seeds, batch_size=config.batch_size,
+                                           max_prompt_length=config.max_prompt_length, std=config.std,
+                                           name=eval_set.name, progress=config.progress)
+                    results[model_name][eval_set.name] = res
+                    for row in generation_rows(model_name, res):
+                        gen_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    log.info("%s on %s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f (%d samples x %d seeds, %.1f s)",
+                             model_name, eval_set.name, res.rouge_l, res.rouge_l_std, res.exact_match,
+                             res.exact_match_std, res.n, len(seeds), res.seconds)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            gen_fh.flush()
+            os.fsync(gen_fh.fileno())
+        os.replace(gen_tmp, gen_path)
+    finally:
+        if gen_tmp.exists():
+            gen_tmp.unlink()
+
+    breakdowns: dict[str, dict[str, Any]] = {}
+    for set_name, ranking in rankings.items():
+        for model_name in results:
+            breakdowns.setdefault(model_name, {})[set_name] = breakdown(
+                results[model_name][set_name], ranking, num_buckets=config.num_buckets, std=config.std).to_dict()
+
+    data = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "settings": config.to_dict(),
+        "decoding": decoding_dict(decoding),
+        "seeds": seeds,
+        "std": config.std,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": versions(),
+        "sets": {s.name: {"path": s.path, "n": len(s), "total_rows": s.total_rows, "layout": s.layout,
+                          "references_per_sample": sum(len(r.references) for r in s.records) / len(s)}
+                 for s in sets},
+        "models": {},
+        "breakdown": breakdowns or None,
+        "wall_seconds": None,
+    }
+    for model_name, per_set in results.items():
+        entry = dict(model_info[model_name])
+        entry["sets"] = {name: r.summary() for name, r in per_set.items()}
+        entry["avg"] = {m: average_over_sets(list(per_set.values()), m, std=config.std) for m in METRICS}
+        data["models"][model_name] = entry
+    data["wall_seconds"] = time.perf_counter() - t_start
+    markdown = markdown_report(data)
+    files = [gen_path, out_dir / "results.json", out_dir / "results.md"]
+    atomic_write_text(files[1], json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(files[2], markdown)
+    return EvalReport(results=results, breakdowns=breakdowns, data=data, markdown=markdown, files=files)
