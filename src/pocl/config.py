@@ -190,6 +190,12 @@ class TrainConfig(ConfigSection):
                                       "after this many in a row.")
     sort_micro_batches: bool = option(True, "Within a step, group samples of similar length into micro-batches "
                                       "(less padding; the step's gradient is unchanged).")
+    dev_rouge_samples: int = option(0, "At every dev evaluation also generate answers for the first N dev samples "
+                                    "(sampling at T = 1, one seed: the run's) and log dev ROUGE-L (0: off).")
+    dev_rouge_max_new_tokens: int = option(256, "Maximum new tokens of the dev ROUGE-L generations.")
+    selection_metric: Literal["dev_ce", "dev_rouge_l"] = option(
+        "dev_ce", "How the best model (OUTPUT_DIR/best) is chosen, and what a stage's plateau is measured on: dev_ce "
+        "(reference cross-entropy, lower is better) or dev_rouge_l (needs --dev-rouge-samples; higher is better).")
     num_processes: int = option(1, "Data-parallel processes to launch (GPUs: accelerate launch, one per GPU; "
                                 "CPU: torchrun with the gloo backend). Or start pocl yourself with "
                                 "`accelerate launch -m pocl distill ...`.")
@@ -209,6 +215,11 @@ class TrainConfig(ConfigSection):
         self._check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         self._check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         self._check(self.num_processes >= 1, "num_processes", "must be >= 1")
+        self._check_literal("selection_metric")
+        self._check(self.dev_rouge_samples >= 0, "dev_rouge_samples", "must be >= 0")
+        self._check(self.dev_rouge_max_new_tokens > 0, "dev_rouge_max_new_tokens", "must be > 0")
+        self._check(self.selection_metric != "dev_rouge_l" or self.dev_rouge_samples > 0, "selection_metric",
+                    "dev_rouge_l needs --dev-rouge-samples > 0")
 
 
 @dataclasses.dataclass

@@ -172,7 +172,8 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     trainer = DistillTrainer(config=config, student=inputs.student, tokenizer=inputs.tokenizer,
                              teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
                              stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
-                             fingerprints=inputs.fingerprints, accelerator=accelerator)
+                             fingerprints=inputs.fingerprints, accelerator=accelerator,
+                             dev_records=inputs.dev_records)
     trainer.summary_extra.update(extra)
     return trainer.train()
 

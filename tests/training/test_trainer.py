@@ -197,4 +197,45 @@ def test_outputs_are_hf_folders_and_metrics(tmp_path, tiny_pair, tiny_data):
         assert math.isfinite(r["dev_ce"]) and r["dev_kd"] >= 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_steps"] == 6
-    assert summary["best_dev_ce"] == min(r["dev_ce"] for r in dev)
+    assert summary["best_metric"] == min(r["dev_ce"] for r in dev) and summary["selection_metric"] == "dev_ce"
+
+
+def test_dev_rouge_l_selects_the_best_model(tmp_path, tiny_pair, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={
+        "eval_every": 2, "dev_rouge_samples": 4, "dev_rouge_max_new_tokens": 4, "selection_metric": "dev_rouge_l"})
+    result = distill(cfg)
+    dev = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    assert [r["step"] for r in dev] == [2, 4, 6]
+    assert all(0.0 <= r["dev_rouge_l"] <= 100.0 for r in dev)
+    best = max(dev, key=lambda r: (r["dev_rouge_l"], -r["step"]))  # the first of equal scores is kept
+    assert result.summary["selection_metric"] == "dev_rouge_l"
+    assert result.summary["best_metric"] == best["dev_rouge_l"] and result.summary["best_step"] == best["step"]
+    manifest = json.loads((tmp_path / "run" / "best" / "manifest.json").read_text())
+    assert manifest["step"] == best["step"] and manifest["dev_rouge_l"] == best["dev_rouge_l"]
+
+
+def test_dev_rouge_l_selection_needs_samples():
+    from pocl.config import DistillConfig
+    from pocl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="selection_metric: dev_rouge_l needs --dev-rouge-samples"):
+        DistillConfig.from_dict({"train": {"selection_metric": "dev_rouge_l"}})
+
+
+def test_plateau_advances_to_the_next_stage(tmp_path, tiny_pair, tiny_data):
+    """A scripted dev curve: stage 1 improves once, then stalls for `patience` evaluations."""
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 1})
+    stages = [Stage("s1", epochs=3, plateau_patience=2), Stage("s2", max_steps=2, temperature=2.0)]
+    trainer = _trainer(cfg, stages)
+    curve = iter([5.0, 4.0, 4.5, 4.2, 9.9, 9.9])  # best at eval 2; evals 3 and 4 do not improve
+
+    def scripted(stage):
+        value = next(curve)
+        return {"dev_loss": value, "dev_ce": value, "dev_kd": 0.0, "dev_tokens": 1}
+
+    trainer.evaluate = scripted
+    result = trainer.train()
+    s1, s2 = result.summary["stages"]
+    assert s1["steps"] == 4 and s1["planned_steps"] == 18 and s1["advanced_early"]
+    assert s2["steps"] == 2 and not s2["advanced_early"]
+    assert result.summary["best_metric"] == 4.0 and result.summary["best_step"] == 2

@@ -63,7 +63,7 @@ def print_result(result) -> None:
     if result.final_dir:
         print(f"final model: {result.final_dir}")
     if result.best_dir:
-        print(f"best model (dev CE {s['best_dev_ce']:.4f} at step {s['best_step']}): {result.best_dir}")
+        print(f"best model ({s['selection_metric']} {s['best_metric']:.4f} at step {s['best_step']}): {result.best_dir}")
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir "
           f"{result.output_dir / 'tensorboard'}")
     if result.status != "completed":

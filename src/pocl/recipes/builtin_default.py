@@ -46,7 +46,7 @@ class BuiltinSettings:
     n_train: int = 2400
     n_dev: int = 192
     n_test: int = 240
-    n_student_pretrain: int = 480
+    n_student_pretrain: int = 960
     seed: int = 0
     vocab_size: int = 512
     teacher_arch: dict = dataclasses.field(default_factory=lambda: dict(
@@ -55,9 +55,9 @@ class BuiltinSettings:
         hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
     teacher_epochs: float = 12
     teacher_lr: float = 2e-3
-    student_pretrain_epochs: float = 3
+    student_pretrain_epochs: float = 4
     student_pretrain_lr: float = 2e-3
-    kd_epochs: float = 6
+    kd_epochs: float = 10
     kd_lr: float = 1e-3
     batch_size: int = 32
     micro_batch_size: int = 32
@@ -92,8 +92,9 @@ def prepare_suite(out: Path, s: BuiltinSettings):
             path.write_text(text, encoding="utf-8")
         paths[split] = path
     tok_dir = out / "tokenizer"
-    tokenizer = build_tokenizer(suite_texts(suite["train"] + suite["student_pretrain"]), vocab_size=s.vocab_size,
-                                phrases=TEMPLATE_PHRASES)
+    # Trained on the training split only, so that the vocabulary (and hence a trained teacher) does
+    # not depend on the size of the student's pretraining set.
+    tokenizer = build_tokenizer(suite_texts(suite["train"]), vocab_size=s.vocab_size, phrases=TEMPLATE_PHRASES)
     tokenizer.save_pretrained(tok_dir)
     return paths, tokenizer
 

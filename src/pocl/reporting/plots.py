@@ -244,8 +244,9 @@ def plot_difficulty(ranking_path: str | Path, out_path: str | Path, *, summary: 
         lo, hi = by_rank.get(ordered[k - 1]), by_rank.get(ordered[k]) if k < len(ordered) else None
         if lo is not None and hi is not None:
             hax.axvline((lo + hi) / 2, color="tab:red", linestyle="--", linewidth=1)
+            # cut points crowd at the dense end of the histogram: one text row per cut
             hax.annotate(str(name), xy=((lo + hi) / 2, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(2, -4 - 11 * (j % 2)), textcoords="offset points", ha="left", va="top",
+                         xytext=(2, -4 - 11 * j), textcoords="offset points", ha="left", va="top",
                          fontsize=7.5, color="tab:red")
     if cuts:
         ax.plot([], [], color="tab:red", linestyle="--", label="stage cut (samples in the stage)")

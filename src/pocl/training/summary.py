@@ -29,16 +29,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- difficulty ranking ({summary.get('measurer', 'rrf')}): {how} in {rank_s:.1f} s "
                      f"({share:.1f}% of ranking + training); {ranking.get('reason', '')}")
     lines.append(f"- training: {train_s:.1f} s")
-    if summary.get("best_dev_ce") is not None:
-        lines.append(f"- best dev CE {summary['best_dev_ce']:.4f} at step {summary['best_step']}")
-    lines += ["", "| stage | samples | epochs | steps | T | alpha | skew | wall time (s) | best dev CE in stage |",
+    metric = summary.get("selection_metric", "dev_ce")
+    if summary.get("best_metric") is not None:
+        lines.append(f"- best model by {metric}: {summary['best_metric']:.4f} at step {summary['best_step']}")
+    lines += ["", f"| stage | samples | epochs | steps | T | alpha | skew | wall time (s) | best {metric} in stage |",
               "|---|---|---|---|---|---|---|---|---|"]
     for st in summary.get("stages", []):
         lines.append("| {name} | {n} | {ep} | {steps}{early} | {t} | {a} | {skew} | {secs} | {dev} |".format(
             name=st["name"], n=st["num_samples"], ep=_fmt(st["epochs"]), steps=st["steps"],
             early=" (plateau)" if st.get("advanced_early") else "", t=_fmt(st["temperature"], ".3g"),
             a=_fmt(st["alpha"], ".3g"), skew=_fmt(st.get("skew"), ".3g"), secs=_fmt(st["train_seconds"], ".1f"),
-            dev=_fmt(st.get("dev_ce_best_in_stage"))))
+            dev=_fmt(st.get("best_in_stage"))))
     lines.append("")
     return "\n".join(lines)
 

@@ -146,7 +146,8 @@ class DistillTrainer:
     def __init__(self, *, config: DistillConfig, student: nn.Module, tokenizer, teacher: nn.Module | None,
                  train_data: TokenizedDataset, dev_data: TokenizedDataset | None, stages: Sequence[Stage],
                  vocab_size: int, fused: bool = True, fingerprints: dict[str, Any] | None = None,
-                 accelerator=None, stage_callback=None, step_callbacks: Sequence = ()):
+                 accelerator=None, stage_callback=None, step_callbacks: Sequence = (),
+                 dev_records: Sequence | None = None):
         check_stages(stages)
         if teacher is None and any(s.alpha > 0 for s in stages):
             raise ConfigError("a teacher is required when a stage has alpha > 0")
@@ -154,6 +155,9 @@ class DistillTrainer:
         self.tokenizer = tokenizer
         self.train_data = train_data
         self.dev_data = dev_data if dev_data is not None and len(dev_data) > 0 else None
+        self.dev_records = list(dev_records or [])[: config.train.dev_rouge_samples]
+        if config.train.dev_rouge_samples > 0 and not self.dev_records:
+            raise ConfigError("train.dev_rouge_samples: dev ROUGE-L needs dev records (give --dev-file)")
         self.stages = list(stages)
         self.vocab_size = vocab_size
         self.fused = fused
@@ -350,8 +354,37 @@ class DistillTrainer:
         tok = max(tokens, 1.0)
         scale = stage.temperature ** 2 if self.cfg.loss.temperature_scaling == "t2" else 1.0
         ce, kd = ce_sum / tok, div_sum / tok
-        return {"dev_loss": (1 - stage.alpha) * ce + stage.alpha * scale * kd, "dev_ce": ce, "dev_kd": kd,
-                "dev_tokens": tokens}
+        out = {"dev_loss": (1 - stage.alpha) * ce + stage.alpha * scale * kd, "dev_ce": ce, "dev_kd": kd,
+               "dev_tokens": tokens}
+        if self.dev_records:
+            out["dev_rouge_l"] = self._dev_rouge()
+        return out
+
+    def _dev_rouge(self) -> float:
+        """ROUGE-L x 100 of sampled answers (T = 1, the run's seed) on the first dev samples; computed
+        on the main process and shared, so every process takes the same best-model decisions."""
+        from pocl.evaluation.runner import evaluate_records
+        from pocl.generation import DecodingConfig
+
+        acc = self.accelerator
+        value = [0.0]
+        if acc.is_main_process:
+            from pocl.data import get_template
+
+            dc = self.cfg.data
+            template = get_template(dc.template, tokenizer=self.tokenizer, use_prompt_field=dc.use_prompt_field)
+            result = evaluate_records(
+                self.student, self.tokenizer, self.dev_records, template=template,
+                decoding=DecodingConfig(max_new_tokens=self.cfg.train.dev_rouge_max_new_tokens),
+                seeds=[self.cfg.train.seed], batch_size=self.cfg.train.eval_batch_size,
+                max_prompt_length=dc.max_prompt_length, truncation_side=dc.truncation_side)
+            value = [float(result.rouge_l)]
+            self.student.train()
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list(value)
+        return value[0]
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state_dict(self) -> dict[str, Any]:
@@ -660,14 +693,19 @@ class DistillTrainer:
         return out
 
     def _track_dev(self, dev: dict[str, float], stage: Stage) -> bool:
-        """Update best-model tracking (by dev CE, comparable across stages); True = plateau reached."""
-        metric = dev["dev_ce"]
+        """Update best-model tracking; True = the stage's plateau is reached.
+
+        The metric is dev CE (lower is better; unlike dev_loss it does not change meaning when a stage
+        changes T and alpha) or dev ROUGE-L (higher is better), per --selection-metric; it is
+        stored negated for ROUGE-L so that lower is always better here."""
+        name = self.cfg.train.selection_metric
+        metric = dev[name] if name == "dev_ce" else -dev[name]
         if self.state.best_metric is None or metric < self.state.best_metric:
             self.state.best_metric = metric
             self.state.best_step = self.state.global_step
             if self.accelerator.is_main_process:
                 ckpt.atomic_folder_write(self.output_dir / "best", self._save_model_folder,
-                                         manifest_extra={"step": self.state.global_step, "dev_ce": metric})
+                                         manifest_extra={"step": self.state.global_step, name: dev[name]})
         if self.state.stage_best_metric is None or metric < self.state.stage_best_metric - 1e-6:
             self.state.stage_best_metric = metric
             self.state.stage_bad_evals = 0
@@ -686,7 +724,9 @@ class DistillTrainer:
             "advanced_early": advanced_early,
             "end_global_step": self.state.global_step,
             "train_seconds": self.state.train_seconds - self.state.stage_started_at_seconds,
-            "dev_ce_best_in_stage": self.state.stage_best_metric,
+            "best_in_stage": (None if self.state.stage_best_metric is None else
+                              self.state.stage_best_metric if self.cfg.train.selection_metric == "dev_ce"
+                              else -self.state.stage_best_metric),
         })
         self.state.stage_index += 1
         self.state.stage_step = 0
@@ -698,7 +738,10 @@ class DistillTrainer:
             "global_steps": self.state.global_step,
             "skipped_steps": self.state.skipped_steps,
             "train_seconds": self.state.train_seconds,
-            "best_dev_ce": self.state.best_metric,
+            "selection_metric": self.cfg.train.selection_metric,
+            "best_metric": (None if self.state.best_metric is None else
+                            self.state.best_metric if self.cfg.train.selection_metric == "dev_ce"
+                            else -self.state.best_metric),
             "best_step": self.state.best_step,
             "stages": self.state.stage_summaries,
             "fingerprints": self.fingerprints,
