@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(getattr(args, "verbose", False))
+    installed, previous = _sigterm_as_ctrl_c()
     try:
         return args.func(args)
     except PoclError as exc:
@@ -137,6 +140,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pocl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a job scheduler, `kill`, torchrun stopping its workers) behaves like Ctrl-C everywhere:
+    during training the trainer's own handler saves a checkpoint and stops; outside it (loading, the
+    ranking pass, writing final/) the command stops at once with exit status 130, with the ranking's
+    finished batches kept. Returns (installed, the previous handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False, None
+    return True, signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":  # pragma: no cover

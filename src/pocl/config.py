@@ -46,10 +46,19 @@ class ModelConfig(ConfigSection):
                                              "(eager, sdpa, flash_attention_2); default: transformers' choice.")
     gradient_checkpointing: bool = option(False, "Recompute student activations in the backward pass to save memory.")
     cpu: bool = option(False, "Run on the CPU even when a GPU is present.")
+    lora_r: int = option(0, "LoRA rank of the student (peft; 0: train all weights). Checkpoints then hold the "
+                         "adapters only; final/ and best/ hold the merged model (plus the adapters in adapter/).")
+    lora_alpha: float = option(16.0, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.")
+    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but "
+                                      "the output layer) or a comma-separated list of module names.")
 
     def __post_init__(self) -> None:
         for name in ("teacher_dtype", "mixed_precision"):
             self._check_literal(name)
+        self._check(self.lora_r >= 0, "lora_r", "must be >= 0 (0 turns LoRA off)")
+        self._check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        self._check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
 
 
 @dataclasses.dataclass
@@ -93,7 +102,14 @@ class LossConfig(ConfigSection):
 
     section_name = "loss"
 
-    divergence: str = option("fkl", "Divergence D: fkl, rkl, jsd, tvd, skl, srkl (exact names; see docs/losses.md).")
+    method: Literal["kd", "seqkd", "sft"] = option(
+        "kd", "What the student is trained on: kd (the teacher's distributions on the reference responses, plus "
+        "on-policy student samples when --on-policy-fraction > 0: GKD); seqkd (sequence-level KD: cross-entropy "
+        "only, alpha = 0, on responses the teacher generates once for the training prompts, cached in "
+        "OUTPUT_DIR/seqkd_teacher.jsonl); sft (cross-entropy only, alpha = 0, on the references). Composes with "
+        "--curriculum pocl (every stage then has alpha 0 for seqkd and sft).")
+    divergence: str = option("fkl", "Divergence D: fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd (exact names; see "
+                             "docs/losses.md).")
     alpha: float = option(1.0, "KD weight alpha in (1 - alpha) * CE + alpha * D; 0 = plain SFT, 1 = pure KD.")
     temperature: float = option(1.0, "Distillation temperature T applied to both teacher and student logits.")
     temperature_scaling: Literal["t2", "none"] = option(
@@ -101,6 +117,36 @@ class LossConfig(ConfigSection):
         "size comparable across temperatures); none leaves it unscaled.")
     jsd_lambda: float = option(0.9, "lambda of JSD: m = (1 - lambda) p + lambda q.")
     skew: float = option(0.1, "Skew coefficient a of skl and srkl.")
+    gjsd_beta: float = option(0.5, "beta of gjsd (TRL's convention): m = beta p + (1 - beta) q; "
+                              "beta KL(p||m) + (1 - beta) KL(q||m); 0 gives KL(p||q), 1 gives KL(q||p).")
+    akl_mu: float = option(0.5, "Head mass mu of akl: the teacher's most probable tokens up to cumulative "
+                           "probability mu form the head.")
+    on_policy_fraction: float = option(
+        0.0, "GKD: probability lambda_on that an optimizer step trains on responses the student samples for the "
+        "window's prompts (scored by the teacher) instead of the references; 0 = off. Decided per step from "
+        "(seed, stage, step), so a resumed run makes the same decisions. Per stage: Stage.on_policy_fraction, "
+        "curriculum.stages[i].on_policy_fraction.")
+    on_policy_temperature: float = option(
+        1.0, "Sampling temperature of the student's on-policy responses (generation only; the loss uses the "
+        "distillation temperature T).")
+    on_policy_top_p: float = option(1.0, "top-p of the student's on-policy sampling (1 = the full distribution).")
+    on_policy_max_new_tokens: int = option(256, "Maximum new tokens of an on-policy response (cut further to "
+                                           "fit --max-length).")
+    on_policy_ce: bool = option(
+        False, "Keep the (1 - alpha) CE term on on-policy steps, i.e. cross-entropy on the student's own samples "
+        "(off by default: it would train the student on its own mistakes); when off, on-policy steps train "
+        "alpha * s(T) * D only.")
+    replay_buffer_size: int = option(
+        0, "Capacity of the replay buffer of student samples (DistiLLM's adaptive off-policy; 0 = off). Fresh "
+        "on-policy samples are added (oldest dropped first); the buffer is saved in checkpoints.")
+    replay_reuse_prob: float = option(
+        0.5, "On an on-policy step with a non-empty replay buffer: probability of training on samples drawn "
+        "from the buffer instead of generating fresh ones.")
+    seqkd_sampling: bool = option(
+        False, "seqkd: sample the teacher's responses (T = 1, top-p 1) instead of greedy decoding.")
+    seqkd_max_new_tokens: int = option(256, "seqkd: maximum new tokens of the teacher's responses (cut further "
+                                       "to fit --max-length).")
+    seqkd_batch_size: int = option(32, "seqkd: prompts per generation batch of the teacher.")
     chunk_size: int = option(512, "Tokens per chunk of the loss computation; peak loss memory grows with "
                              "chunk_size x vocabulary, not with batch x length x vocabulary.")
     loss_path: Literal["auto", "fused", "logits"] = option(
@@ -111,6 +157,7 @@ class LossConfig(ConfigSection):
     def __post_init__(self) -> None:
         from pocl.losses import DIVERGENCES  # late import: the registry imports torch
 
+        self._check_literal("method")
         self._check_literal("temperature_scaling")
         self._check_literal("loss_path")
         if self.divergence not in DIVERGENCES:
@@ -120,13 +167,31 @@ class LossConfig(ConfigSection):
         self._check(0.0 <= self.jsd_lambda <= 1.0, "jsd_lambda", "must be in [0, 1]")
         self._check(0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]")
         self._check(self.chunk_size > 0, "chunk_size", "must be > 0")
+        self._check(0.0 <= self.gjsd_beta <= 1.0, "gjsd_beta", "must be in [0, 1]")
+        self._check(0.0 <= self.akl_mu <= 1.0, "akl_mu", "must be in [0, 1]")
+        self._check(0.0 <= self.on_policy_fraction <= 1.0, "on_policy_fraction", "must be in [0, 1]")
+        self._check(self.on_policy_temperature > 0, "on_policy_temperature", "must be > 0")
+        self._check(0.0 < self.on_policy_top_p <= 1.0, "on_policy_top_p", "must be in (0, 1]")
+        self._check(self.on_policy_max_new_tokens > 0, "on_policy_max_new_tokens", "must be > 0")
+        self._check(self.replay_buffer_size >= 0, "replay_buffer_size", "must be >= 0")
+        self._check(0.0 <= self.replay_reuse_prob <= 1.0, "replay_reuse_prob", "must be in [0, 1]")
+        self._check(self.seqkd_max_new_tokens > 0, "seqkd_max_new_tokens", "must be > 0")
+        self._check(self.seqkd_batch_size > 0, "seqkd_batch_size", "must be > 0")
+        self._check(self.method == "kd" or self.on_policy_fraction == 0, "on_policy_fraction",
+                    f"must be 0 with method {self.method} (on-policy steps are a kd method: GKD)")
+
+    @property
+    def trains_on_teacher(self) -> bool:
+        """False for the CE-only baselines (seqkd, sft): every stage then has alpha = 0."""
+        return self.method == "kd"
 
     def divergence_params(self, *, skew: float | None = None) -> dict[str, float]:
         """The parameters of the chosen divergence (only those it accepts)."""
         from pocl.losses import DIVERGENCES
 
         spec = DIVERGENCES.get(self.divergence)
-        values = {"lam": self.jsd_lambda, "skew": self.skew if skew is None else skew}
+        values = {"lam": self.jsd_lambda, "skew": self.skew if skew is None else skew, "beta": self.gjsd_beta,
+                  "mu": self.akl_mu}
         return {k: v for k, v in values.items() if k in spec.defaults}
 
 
@@ -250,11 +315,16 @@ class CurriculumConfig(ConfigSection):
                                            "scripts: 0.12; the others use --skew). Empty: --skew everywhere.")
     plateau_patience: int | None = option(None, "Advance to the next stage when the dev CE has not improved for "
                                           "this many evaluations (empty: fixed epochs per stage).")
+    on_policy_fraction_start: float | None = option(
+        None, "GKD inside the curriculum: on-policy fraction lambda_on of the first stage, rising linearly to "
+        "--on-policy-fraction-end (empty: --on-policy-fraction in every stage).")
+    on_policy_fraction_end: float | None = option(
+        None, "On-policy fraction of the last stage (empty: the same as --on-policy-fraction-start).")
     restart_optimizer: bool = option(True, "Start every stage with a fresh AdamW state and cosine schedule "
                                      "(only the weights carry over), as in POCL.")
     stages: list[dict] = option(default_factory=list, help="Per-stage overrides (YAML only): a list aligned with "
                                 "the stages, each a mapping of fraction, epochs, max_steps, temperature, alpha, "
-                                "skew, lr, plateau_patience, name.", cli=False)
+                                "skew, lr, plateau_patience, on_policy_fraction, name.", cli=False)
     rank_temperature: float = option(0.01, "Sampling temperature of the measurer's generations (near-greedy, "
                                      "as the authors).")
     rank_max_new_tokens: int = option(256, "Maximum new tokens of the measurer's generations.")
@@ -262,7 +332,8 @@ class CurriculumConfig(ConfigSection):
     rank_batch_size: int = option(32, "Prompts per generation batch of the measurer.")
 
     STAGE_KEYS: typing.ClassVar[tuple[str, ...]] = ("fraction", "epochs", "max_steps", "temperature", "alpha",
-                                                    "skew", "lr", "plateau_patience", "name")
+                                                    "skew", "lr", "plateau_patience", "on_policy_fraction",
+                                                    "name")
 
     def __post_init__(self) -> None:
         for name in ("curriculum", "measurer"):
@@ -277,6 +348,11 @@ class CurriculumConfig(ConfigSection):
         self._check(self.skew_last_stage is None or 0 <= self.skew_last_stage <= 1, "skew_last_stage",
                     "must be in [0, 1]")
         self._check(self.plateau_patience is None or self.plateau_patience >= 1, "plateau_patience", "must be >= 1")
+        for name in ("on_policy_fraction_start", "on_policy_fraction_end"):
+            value = getattr(self, name)
+            self._check(value is None or 0 <= value <= 1, name, "must be in [0, 1]")
+        self._check(self.on_policy_fraction_end is None or self.on_policy_fraction_start is not None,
+                    "on_policy_fraction_end", "needs on_policy_fraction_start")
         self._check(self.rank_temperature > 0, "rank_temperature", "must be > 0")
         self._check(self.rank_max_new_tokens > 0, "rank_max_new_tokens", "must be > 0")
         self._check(self.rank_no_repeat_ngram_size >= 0, "rank_no_repeat_ngram_size", "must be >= 0")
@@ -303,7 +379,7 @@ class CurriculumConfig(ConfigSection):
                 if key in stage and (isinstance(stage[key], bool) or not isinstance(stage[key], (int, float))
                                      or stage[key] <= 0):
                     self._fail("stages", f"{where}.{key} must be a number > 0")
-            for key in ("alpha", "skew"):
+            for key in ("alpha", "skew", "on_policy_fraction"):
                 if key in stage and (isinstance(stage[key], bool) or not isinstance(stage[key], (int, float))
                                      or not 0 <= stage[key] <= 1):
                     self._fail("stages", f"{where}.{key} must be in [0, 1]")
@@ -316,6 +392,16 @@ SECTIONS: dict[str, type[ConfigSection]] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "curriculum": CurriculumConfig,
+}
+
+
+#: Fields added after the first release; at their default value they are left out of
+#: :meth:`DistillConfig.training_hash`, so checkpoints written before they existed still resume.
+LATER_FIELDS: dict[str, tuple[str, ...]] = {
+    "loss": ("method", "gjsd_beta", "akl_mu", "on_policy_fraction", "on_policy_temperature", "on_policy_top_p",
+             "on_policy_max_new_tokens", "on_policy_ce", "replay_buffer_size", "replay_reuse_prob",
+             "seqkd_sampling", "seqkd_max_new_tokens", "seqkd_batch_size"),
+    "curriculum": ("on_policy_fraction_start", "on_policy_fraction_end"),
 }
 
 
@@ -374,4 +460,13 @@ class DistillConfig:
             values["train"].pop(key, None)
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
+        # Fields added after runs were already being made enter the hash only when they are set, so
+        # that runs started before they existed still resume.
+        for section, keys in LATER_FIELDS.items():
+            if section not in values:
+                continue
+            defaults = SECTIONS[section]().to_dict()
+            for key in keys:
+                if key in values[section] and values[section][key] == defaults[key]:
+                    values[section].pop(key)
         return stable_hash(values)

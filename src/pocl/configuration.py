@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -145,7 +146,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number, got a boolean")
-            return float(value)  # also parses "1e-4", which YAML 1.1 reads as a string
+            number = float(value)  # also parses "1e-4", which YAML 1.1 reads as a string
+            if not math.isfinite(number):
+                # No setting means anything at NaN or infinity (--epochs inf would crash the step count).
+                raise ValueError("expected a finite number")
+            return number
         if base is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError("expected a string")
@@ -169,7 +174,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return base.from_dict(value, where=where)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: {exc} (got {value!r})") from None
     return value
 

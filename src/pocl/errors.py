@@ -49,7 +49,8 @@ class UnknownNameError(PoclError, KeyError):
     """A name that is not in a registry; the message suggests the nearest registered names."""
 
     def __init__(self, kind: str, name: str, known: Iterable[str]):
-        known = sorted(known)
+        name = str(name)
+        known = sorted(str(k) for k in known)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         message = f"unknown {kind} '{name}'"
         if close:
@@ -64,6 +65,7 @@ class UnknownNameError(PoclError, KeyError):
 
 
 def suggest(name: str, known: Iterable[str]) -> str:
-    """Return ' (did you mean ...?)' for the nearest of ``known`` to ``name``, or ''."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    """Return ' (did you mean ...?)' for the nearest of ``known`` to ``name``, or ''. Names that are not
+    strings (a YAML key such as ``1:`` or ``true:``) are compared as text."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""

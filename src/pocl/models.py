@@ -294,3 +294,89 @@ def model_fingerprint(spec: str | None, model: nn.Module | None = None) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------- LoRA / saving
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear") -> nn.Module:
+    """Wrap the student with LoRA adapters (peft); only the adapters train. The output layer is
+    never adapted ("all-linear" excludes it), so the fused loss still reads it as a plain weight."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ModelError("LoRA students need the peft package: pip install 'pocl[lora]'") from None
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain transformers model with the LoRA adapters merged into the weights; the trained
+    model itself is left untouched (merging in place and un-merging is not exact in floating point,
+    and would break exact resume)."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_model_folder(model: nn.Module, tokenizer, folder: Path) -> None:
+    """A normal Hugging Face model folder that ``from_pretrained`` loads without pocl or peft; for a
+    LoRA student the adapters are merged, and also saved separately under ``adapter/``."""
+    folder = Path(folder)
+    if is_peft_model(model):
+        merged_copy(model).save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def save_training_weights(model: nn.Module, tokenizer, folder: Path) -> None:
+    """The weights a resume needs: the full model, or for a LoRA student the adapters only (the
+    frozen base is reloaded from the student path, so checkpoints stay small)."""
+    folder = Path(folder)
+    if is_peft_model(model):
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_training_weights(model: nn.Module, folder: Path) -> None:
+    """Load what :func:`save_training_weights` wrote into ``model`` (same architecture)."""
+    from safetensors.torch import load_file
+
+    from pocl.errors import CheckpointError
+
+    folder = Path(folder)
+    if is_peft_model(model):
+        adapter = folder / "adapter" / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise CheckpointError(f"{folder}: no adapter/adapter_model.safetensors (was the run made without LoRA?)")
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(adapter)))
+        unexpected = getattr(result, "unexpected_keys", []) or []
+        if unexpected:
+            raise CheckpointError(f"{folder}: adapter weights do not fit the student (unexpected {unexpected[:5]})")
+        return
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model*.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained leaves out tied copies (e.g. lm_head.weight tied to the embeddings).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    real_missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
+    if unexpected or real_missing:
+        raise CheckpointError(f"{folder}: weights do not fit the student (missing {real_missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")

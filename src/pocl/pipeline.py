@@ -94,6 +94,17 @@ def load_models(config: DistillConfig, *, need_teacher: bool = True):
     # The student keeps float32 master weights; mixed precision is applied by autocast.
     student = load_model(mc.student, dtype=torch.float32, attn_implementation=mc.attn_implementation, **opts)
     vocab = shared_vocab_size(teacher, student, tokenizer)
+    if mc.lora_r > 0:
+        from pocl.models import apply_lora
+
+        # The adapters' random initialisation comes from the run's seed, not from whatever the
+        # global RNG holds at this point: the same config gives the same run (and resumes exactly).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            student = apply_lora(student, r=mc.lora_r, alpha=mc.lora_alpha, dropout=mc.lora_dropout,
+                                 target_modules=mc.lora_target_modules)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        log.info("LoRA student: %d trainable parameters (rank %d)", trainable, mc.lora_r)
     return tokenizer, teacher, student, vocab
 
 
@@ -140,6 +151,17 @@ def kd_stages(config: DistillConfig) -> list[Stage]:
                   alpha=lc.alpha, skew=lc.skew)]
 
 
+def check_supported_distribution(accelerator) -> None:
+    """pocl runs single-process and data-parallel (DDP, tested with two gloo processes). Sharded
+    training (FSDP, DeepSpeed) needs sharded checkpointing and optimizer handling that pocl does not
+    have yet; refusing is better than writing checkpoints of partial weights."""
+    kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        raise ConfigError(f"{kind} is not supported by this version of pocl: use data parallelism "
+                          "(--num-processes N or `accelerate launch --multi_gpu`), a LoRA student, or gradient "
+                          "checkpointing to fit memory (see docs/distributed.md)")
+
+
 def curriculum_stages(config: DistillConfig, inputs: RunInputs) -> tuple[list[Stage], dict[str, Any]]:
     """POCL: rank the training data with the initial student (or reuse the ranking file), then the
     Baby Step stages. Runs before the trainer restores any checkpoint, so the measured and
@@ -151,6 +173,8 @@ def curriculum_stages(config: DistillConfig, inputs: RunInputs) -> tuple[list[St
                                          device=_device(config))
     log.info("POCL schedule:\n%s", format_schedule(stages))
     info = {k: v for k, v in info.items() if k != "meta"}  # the stamp inputs stay in the ranking's meta file
+    # What producing the ranking cost, also when it was reused now (from the measurement's timings).
+    info["measure_seconds"] = sum(float(v) for v in (info.get("timings") or {}).values())
     return stages, info
 
 
@@ -163,8 +187,15 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
 
     # Created first: it sets up the process group that the ranking pass also uses.
     accelerator = accelerator or make_accelerator(config)
-    inputs = inputs or prepare_run(config)
-    extra: dict[str, Any] = {"curriculum": config.curriculum.curriculum}
+    check_supported_distribution(accelerator)
+    inputs = inputs or prepare_run(config, need_teacher=config.loss.method != "sft")
+    from pocl.baselines import apply_method
+
+    # SeqKD: the training targets become the teacher's answers (generated once, cached, stamped).
+    inputs, method_info = apply_method(config, inputs, accelerator=accelerator, device=_device(config))
+    extra: dict[str, Any] = {"curriculum": config.curriculum.curriculum, "method": config.loss.method}
+    if method_info:
+        extra["seqkd"] = method_info
     if stages is None and config.curriculum.curriculum == "pocl":
         stages, info = curriculum_stages(config, inputs)
         extra.update(measurer=config.curriculum.measurer, ranking=info)

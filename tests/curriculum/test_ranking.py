@@ -38,7 +38,9 @@ def no_model():
 
 
 class Calls:
-    """Counts the measurer's generate calls and loss passes (and can forbid them)."""
+    """Counts the measurer's generated batches and loss passes (and can forbid them). The ranking pass
+    generates one batch per call (each batch is kept in the partial file as it ends): 12 samples in
+    batches of 8 are 2 generate calls."""
 
     def __init__(self, monkeypatch, forbid=False):
         self.generate = self.loss = 0
@@ -118,7 +120,7 @@ def test_read_ranking_detects_damage(ranked, damage, records, suite_tokenizer, s
     calls = Calls(monkeypatch)
     ranking, info = compute(path, records, suite_tokenizer, student)
     assert info["action"] == "computed" and "is corrupt" in info["reason"]
-    assert calls.generate == 1 and calls.loss == 1
+    assert calls.generate == 2 and calls.loss == 1
     assert read_ranking(path)[0] == ranking  # the recomputed file is sound again
 
 
@@ -126,7 +128,7 @@ def test_another_student_invalidates(ranked, records, suite_tokenizer, student, 
     path, _, _ = ranked
     calls = Calls(monkeypatch)
     _, info = compute(path, records, suite_tokenizer, student, fingerprint="student-b")
-    assert info["action"] == "computed" and calls.generate == 1
+    assert info["action"] == "computed" and calls.generate == 2
     assert "the student changed (fingerprint student-a -> student-b)" in info["reason"]
 
 
@@ -136,7 +138,7 @@ def test_changed_data_invalidates_and_names_the_sample(ranked, records, suite_to
     changed[5] = dataclasses.replace(changed[5], output=changed[5].output + " 7")
     calls = Calls(monkeypatch)
     _, info = compute(path, changed, suite_tokenizer, student)
-    assert info["action"] == "computed" and calls.generate == 1
+    assert info["action"] == "computed" and calls.generate == 2
     assert f"the data changed (12 samples: 1 changed, e.g. '{records[5].id}')" in info["reason"]
     _, info = compute(path, changed[:-1], suite_tokenizer, student)
     assert "the data changed (12 samples in the ranking file vs 11 now; 1 removed" in info["reason"]
@@ -146,7 +148,7 @@ def test_changed_settings_invalidate(ranked, records, suite_tokenizer, student, 
     path, _, _ = ranked
     calls = Calls(monkeypatch)
     _, info = compute(path, records, suite_tokenizer, student, rank_temperature=0.1)
-    assert info["action"] == "computed" and calls.generate == 1
+    assert info["action"] == "computed" and calls.generate == 2
     assert info["reason"] == "settings changed: rank_temperature 0.01 -> 0.1"
     _, info = compute(path, records, suite_tokenizer, student, rank_temperature=0.1,
                       settings={**SETTINGS, "max_length": 36})
@@ -179,7 +181,7 @@ def test_missing_signal_is_measured_alone(tmp_path, records, suite_tokenizer, st
     fused, info = compute(path, records, suite_tokenizer, student, measurer="rrf")
     assert info["action"] == "completed" and info["measured"] == ["rouge_l"]
     assert "has no rouge_l signal (it was made for measurer 'loss')" in info["reason"]
-    assert calls.generate == 1 and calls.loss == 1
+    assert calls.generate == 2 and calls.loss == 1
     assert all(r.rouge_l is not None for r in fused)
     assert [r.loss for r in sorted(fused, key=lambda r: r.id)] == [r.loss for r in sorted(by_loss, key=lambda r: r.id)]
 

@@ -71,13 +71,46 @@ def ref_srkl(p, q, skew=0.1):
     return _kl(q, (1 - skew) * p + skew * q)
 
 
+def ref_gjsd(p, q, beta=0.5):
+    # TRL's generalized_jsd_loss: KL(p||q) at beta = 0, KL(q||p) at beta = 1.
+    if beta == 0:
+        return _kl(p, q)
+    if beta == 1:
+        return _kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+def ref_akl(p, q, mu=0.5):
+    # Wu et al. 2024, row by row: sort the teacher's probabilities (descending); the head is the top
+    # tokens up to and including the one where the cumulative probability reaches mu; the gaps
+    # sum |p - q| over head and tail are constants (no gradient).
+    out = []
+    for pr, qr in zip(p, q):
+        pd, qd = pr.detach().tolist(), qr.detach().tolist()
+        order = sorted(range(len(pd)), key=lambda v: (-pd[v], v))
+        head, mass = set(), 0.0
+        for v in order:
+            if mass < mu:
+                head.add(v)
+            mass += pd[v]
+        gaps = [abs(pd[v] - qd[v]) for v in range(len(pd))]
+        g_head = sum(gaps[v] for v in head)
+        g_tail = sum(gaps) - g_head
+        w = 0.5 if g_head + g_tail == 0 else g_head / (g_head + g_tail)
+        out.append(w * _kl(pr, qr) + (1 - w) * _kl(qr, pr))
+    return torch.stack(out)
+
+
 REFERENCES = {"fkl": ref_fkl, "rkl": ref_rkl, "jsd": ref_jsd, "tvd": ref_tvd,
-              "skl": ref_skl, "srkl": ref_srkl}
+              "skl": ref_skl, "srkl": ref_srkl, "gjsd": ref_gjsd, "akl": ref_akl}
 
 # (name, params) cases: every registered divergence with its defaults, plus other parameters.
 CASES = [(name, {}) for name in DIVERGENCES.names()] + [
     ("jsd", {"lam": 0.5}), ("jsd", {"lam": 0.1}),
     ("skl", {"skew": 0.5}), ("srkl", {"skew": 0.5}),
+    ("gjsd", {"beta": 0.0}), ("gjsd", {"beta": 1.0}), ("gjsd", {"beta": 0.9}),
+    ("akl", {"mu": 0.2}), ("akl", {"mu": 0.9}),
 ]
 CASE_IDS = [f"{n}-{p}" if p else n for n, p in CASES]
 
@@ -191,6 +224,68 @@ def test_mathematical_limits():
     torch.testing.assert_close(tvd, make_divergence("tvd")(t, s))
 
 
+def test_gjsd_end_points_are_trl_s_kl_limits():
+    s = torch.log_softmax(_logits(10, 20, 8).float(), -1)
+    t = torch.log_softmax(_logits(10, 20, 9).float(), -1)
+    fkl, rkl = make_divergence("fkl")(s, t), make_divergence("rkl")(s, t)
+    # Exactly the KLs at the end points, as TRL's generalized_jsd_loss.
+    assert torch.equal(make_divergence("gjsd", beta=0.0)(s, t), fkl)
+    assert torch.equal(make_divergence("gjsd", beta=1.0)(s, t), rkl)
+    # Inside, gjsd(beta) is jsd(lam = 1 - beta) (two conventions of one divergence).
+    for beta in (0.1, 0.5, 0.9):
+        torch.testing.assert_close(make_divergence("gjsd", beta=beta)(s, t),
+                                   make_divergence("jsd", lam=1 - beta)(s, t), rtol=1e-5, atol=1e-7)
+
+
+def test_gjsd_tends_to_the_kls_when_scaled_by_beta_one_minus_beta():
+    """JSD_b -> 0 at both ends, but JSD_b / (b (1 - b)) -> KL(p||q) as b -> 0 and KL(q||p) as b -> 1
+    (docs/losses.md derives it: JSD_b = b KL(p||q) + O(b^2)); checked in float64 on the formula."""
+    zs, zt = _logits(6, 12, 10, scale=1.0), _logits(6, 12, 11, scale=1.0)
+    s, t = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    fkl, rkl = make_divergence("fkl")(s, t), make_divergence("rkl")(s, t)
+    errors_0, errors_1 = [], []
+    for eps in (1e-2, 1e-3, 1e-4):
+        for beta, limit, errors in ((eps, fkl, errors_0), (1 - eps, rkl, errors_1)):
+            jsd = make_divergence("gjsd", beta=beta)(s, t)
+            assert jsd.abs().max() < 2 * eps * limit.max()  # the unscaled divergence vanishes
+            errors.append(((jsd / (beta * (1 - beta)) - limit).abs() / limit).max().item())
+    for errors in (errors_0, errors_1):
+        assert errors[-1] < 2e-3  # close to the limit ...
+        assert errors[0] > errors[1] > errors[2]  # ... and getting closer, about linearly in eps
+        assert errors[0] / errors[2] > 30
+
+
+def test_akl_weights_by_head_and_tail_gap():
+    # Teacher 0.6 / 0.3 / 0.1, mu = 0.5: the head is the first token only (0.6 >= 0.5).
+    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.3, 0.3]], dtype=torch.float64)
+    s, t = q.log(), p.log()
+    g_head, g_tail = 0.2, 0.2
+    fkl, rkl = ref_fkl(p, q), ref_rkl(p, q)
+    expected = g_head / (g_head + g_tail) * fkl + g_tail / (g_head + g_tail) * rkl
+    torch.testing.assert_close(make_divergence("akl")(s, t), expected)
+    # mu = 0.7: the first two tokens (0.6 < 0.7, then 0.9 >= 0.7); the gap of the second is 0.
+    torch.testing.assert_close(make_divergence("akl", mu=0.7)(s, t), 0.5 * fkl + 0.5 * rkl)
+    # mu = 0.95: head = all three: pure forward KL; mu = 0: no head: pure reverse KL.
+    torch.testing.assert_close(make_divergence("akl", mu=0.95)(s, t), fkl)
+    torch.testing.assert_close(make_divergence("akl", mu=0.0)(s, t), rkl)
+
+
+def test_akl_weights_carry_no_gradient():
+    zs = _logits(5, 9, 12).requires_grad_(True)
+    zt = _logits(5, 9, 13)
+    s, t = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    value = make_divergence("akl")(s, t)
+    (grad,) = torch.autograd.grad(value.sum(), zs)
+    # Same gradient as the weighted sum with the weights frozen at their values.
+    s = torch.log_softmax(zs, -1)
+    fkl, rkl = make_divergence("fkl")(s, t), make_divergence("rkl")(s, t)
+    with torch.no_grad():
+        w = (value - rkl) / (fkl - rkl)
+    (expected,) = torch.autograd.grad((w * fkl + (1 - w) * rkl).sum(), zs)
+    torch.testing.assert_close(grad, expected)
+
+
 # ------------------------------------------------------------------------------------------
 # Numerics: -inf entries and the floor
 # ------------------------------------------------------------------------------------------
@@ -279,6 +374,7 @@ def test_property_finite_and_nonnegative(pairs, name):
     ("rkl", "rkl"), ("reverse_kl", "rkl"), ("jsd", "jsd"), ("tvd", "tvd"),
     ("skl", "skl"), ("sfkl", "skl"), ("skew_kl", "skl"),
     ("srkl", "srkl"), ("skew_reverse_kl", "srkl"),
+    ("gjsd", "gjsd"), ("generalized_jsd", "gjsd"), ("akl", "akl"), ("adaptive_kl", "akl"),
 ])
 def test_exact_and_alias_lookup(alias, canonical):
     assert DIVERGENCES.get(alias).name == canonical

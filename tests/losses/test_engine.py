@@ -132,6 +132,24 @@ def reference_loss(zs, zt, targets, name, params, temperature, alpha, normalizer
     elif name == "srkl":
         a = params.get("skew", 0.1)
         d = kl(q, (1 - a) * p + a * q)
+    elif name == "gjsd":
+        beta = params.get("beta", 0.5)
+        if beta == 0:
+            d = kl(p, q)
+        elif beta == 1:
+            d = kl(q, p)
+        else:
+            m = beta * p + (1 - beta) * q
+            d = beta * kl(p, m) + (1 - beta) * kl(q, m)
+    elif name == "akl":
+        mu = params.get("mu", 0.5)
+        with torch.no_grad():  # head: top teacher tokens up to cumulative mass mu; weights are constants
+            ps, order = torch.sort(p, dim=-1, descending=True, stable=True)
+            head = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (ps.cumsum(-1) - ps) < mu)
+            gap = (p - q).abs()
+            g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
+            w = torch.where(g_head + g_tail > 0, g_head / (g_head + g_tail), torch.full_like(g_head, 0.5))
+        d = w * kl(p, q) + (1 - w) * kl(q, p)
     else:  # pragma: no cover - a new divergence needs a reference here
         raise AssertionError(name)
     scale = temperature ** 2 if t2 else 1.0

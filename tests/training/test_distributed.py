@@ -104,3 +104,17 @@ def test_resumed_two_process_run_matches_uninterrupted(tmp_path, tiny_pair, tiny
     a, b = _weights(single_run / "final"), _weights(out / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)  # reduction order, through Adam
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_clearly(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pocl.errors import ConfigError
+    from pocl.pipeline import check_supported_distribution
+
+    with pytest.raises(ConfigError, match=f"{kind} is not supported by this version of pocl"):
+        check_supported_distribution(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    check_supported_distribution(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))  # DDP is fine

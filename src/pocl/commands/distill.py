@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
         report = run_builtin_default(config, user_overrides=collect_overrides(args))
         return 0 if report.get("status", "completed") == "completed" else 130
-    if config.model.teacher is None or config.model.student is None:
-        missing = "student" if config.model.teacher is not None else "teacher"
+    if (config.model.teacher is None and config.loss.method != "sft") or config.model.student is None:
+        missing = "student" if config.model.teacher is not None or config.loss.method == "sft" else "teacher"
         raise ConfigError(f"model.{missing}: give both --teacher and --student with --train-file (or none of them "
                           "for the built-in default)")
     if config.data.train_file is None:

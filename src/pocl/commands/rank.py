@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     print(f"ranking: {path}")
     print(f"{len(ranking)} samples ranked by {config.curriculum.measurer} ({info['action']}: {info['reason']})")
+    for signal, counts in (info.get("batches") or {}).items():
+        word = "generation" if signal == "rouge_l" else signal
+        print(f"{word} batches: {counts['measured']} measured now, {counts['reused']} reused from an interrupted run")
     timings = {k: v for k, v in info["timings"].items() if k in ("loss_seconds", "generate_seconds")}
     spent = ", ".join(f"{k.replace('_seconds', '')} {v:.1f} s" for k, v in timings.items())
     when = "measured earlier" if info["reused"] else "measurement"

@@ -13,6 +13,12 @@ Two signals per sample (POCL spec, section 2):
   max over references).
 
 :func:`rank_samples` turns the signals into an order with one of the registered measurers.
+
+**Resumable measurement.** With a ``journal`` (see :class:`BatchJournal`; the ranking file's
+``ranking.partial.jsonl`` in :mod:`pocl.curriculum.ranking`), every finished batch of either pass is
+handed to the journal, which persists it, and batches the journal already holds are not measured
+again: a pass killed after k batches resumes with batch k + 1. Batches keep their composition and
+seed, so a resumed pass gives exactly the values of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +50,8 @@ log = logging.getLogger("pocl.curriculum")
 
 SIGNALS = ("rouge_l", "loss")
 
-__all__ = ["SampleDifficulty", "RankedSample", "Measurer", "MEASURERS", "SIGNALS", "measure_difficulty",
-           "measurer_needs", "rank_samples", "ranking_decoding"]
+__all__ = ["SampleDifficulty", "RankedSample", "Measurer", "MEASURERS", "SIGNALS", "BatchJournal",
+           "measure_difficulty", "measurer_needs", "rank_samples", "ranking_decoding"]
 
 
 @dataclasses.dataclass
@@ -100,6 +106,64 @@ class _Bar:
             self.bar.close()
 
 
+class BatchJournal(Protocol):
+    """Where the measurer keeps finished batches so that an interrupted pass can resume.
+
+    A batch is identified by the signal (``"loss"`` or ``"rouge_l"``), its index ``b`` in the
+    single-process batch plan of that pass and the ids of its samples. Its ``payload`` is
+    ``{"loss": [...]}`` or ``{"rouge_l": [...], "generation": [...]}`` (one value per sample of the
+    batch, in batch order) plus ``"seconds"``.
+
+    Sharded passes (``shard=(rank, world)``) go in rounds of ``world`` consecutive batches, batch
+    ``start + rank`` of each round on process ``rank``; every process calls :meth:`commit` once per
+    round (with None when it has no batch left), so an implementation may gather there.
+    """
+
+    def lookup(self, signal: str, batch: int, ids: Sequence[str]) -> dict[str, Any] | None:
+        """The stored payload of this batch, or None when it must be measured."""
+
+    def commit(self, signal: str, item: tuple[int, list[str], dict[str, Any], bool] | None
+               ) -> list[tuple[int, dict[str, Any]]]:
+        """Record this process's ``(batch, ids, payload, fresh)`` of one round (``fresh``: measured
+        now rather than looked up); return ``(batch, payload)`` of every batch of the round known
+        to this process (all processes' batches when the implementation gathers)."""
+
+    def stored_seconds(self, signal: str) -> float:
+        """Measurement seconds of the batches that were looked up instead of measured."""
+
+
+def _run_batches(signal: str, plan: Sequence[tuple[int, Sequence[int]]], ids_of: Sequence[str],
+                 compute: Callable[[int, Sequence[int]], dict[str, Any]], *, shard: tuple[int, int],
+                 journal: BatchJournal | None, bar: "_Bar") -> dict[int, dict[str, Any]]:
+    """Payloads by batch index: this process's share of ``plan`` measured with ``compute(b, indices)``,
+    or, with a journal, looked up there when already done and committed round by round."""
+    rank, world = shard
+    results: dict[int, dict[str, Any]] = {}
+    if journal is None:
+        for b, idx in plan:
+            if b % world == rank:
+                results[b] = compute(b, idx)
+                bar.update(len(idx))
+        return results
+    for start in range(0, len(plan), world):
+        mine = None
+        if start + rank < len(plan):
+            b, idx = plan[start + rank]
+            ids = [ids_of[i] for i in idx]
+            payload = journal.lookup(signal, b, ids)
+            fresh = payload is None
+            if fresh:
+                t0 = time.perf_counter()
+                payload = compute(b, idx)
+                payload["seconds"] = time.perf_counter() - t0
+            mine = (b, ids, payload, fresh)
+        done = journal.commit(signal, mine)
+        for b, payload in done:
+            results[b] = payload
+        bar.update(sum(len(plan[b][1]) for b, _ in done))
+    return results
+
+
 def _resolve_fused(model: nn.Module, vocab: int, fused: bool | None) -> LMHead | None:
     """The LM head for the chunked path, or None to use the model's own logits."""
     if fused is False:
@@ -122,7 +186,7 @@ def _resolve_fused(model: nn.Module, vocab: int, fused: bool | None) -> LMHead |
 def _response_losses(model: nn.Module, tokenizer, records: Sequence[Record], template: PromptTemplate, *,
                      max_length: int, max_prompt_length: int, truncation_side: str, batch_size: int,
                      chunk_size: int, fused: bool | None, progress: bool,
-                     shard: tuple[int, int] = (0, 1)) -> list[float | None]:
+                     shard: tuple[int, int] = (0, 1), journal: BatchJournal | None = None) -> list[float | None]:
     data = tokenize_records(records, tokenizer, template, max_length=max_length,
                             max_prompt_length=max_prompt_length, truncation_side=truncation_side)
     device = next(model.parameters()).device
@@ -131,37 +195,42 @@ def _response_losses(model: nn.Module, tokenizer, records: Sequence[Record], tem
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses: list[float | None] = [None] * len(data)
     rank, world = shard
-    plan = [batch for b, batch in enumerate(group_by_length(data.lengths, batch_size)) if b % world == rank]
-    bar = _Bar(sum(len(b) for b in plan), "difficulty: loss", progress)
+    plan = list(enumerate(group_by_length(data.lengths, batch_size)))
+    mine = plan if journal is not None else [(b, batch) for b, batch in plan if b % world == rank]
+    bar = _Bar(sum(len(b) for _, b in mine), "difficulty: loss", progress)
+
+    def compute(b: int, batch_idx: Sequence[int]) -> dict[str, Any]:
+        batch = collate([data[i] for i in batch_idx], pad)
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        labels = batch["labels"].to(device)
+        n_rows, length = labels.shape
+        # Row of every selected position, in the order select_response_tokens returns them.
+        rows = torch.arange(n_rows, device=device)[:, None].expand(n_rows, length)
+        if head is not None:
+            states, targets = select_response_tokens(hidden_states(model, ids, mask), labels)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab]
+            states, targets = select_response_tokens(logits, labels)
+        row_of, _ = select_response_tokens(rows[..., None], labels)
+        row_of = row_of[:, 0]
+        sums = torch.zeros(n_rows, dtype=torch.float64, device=device)
+        for start in range(0, targets.shape[0], chunk_size):
+            end = start + chunk_size
+            chunk = head.logits(states[start:end]) if head is not None else states[start:end]
+            ce = F.cross_entropy(chunk.float(), targets[start:end], reduction="none")
+            sums.index_add_(0, row_of[start:end], ce.double())
+        counts = torch.bincount(row_of, minlength=n_rows)
+        return {"loss": [float(sums[row]) / int(counts[row]) if int(counts[row]) else math.nan
+                         for row in range(n_rows)]}
+
     try:
-        for batch_idx in plan:
-            batch = collate([data[i] for i in batch_idx], pad)
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            labels = batch["labels"].to(device)
-            b, length = labels.shape
-            # Row of every selected position, in the order select_response_tokens returns them.
-            rows = torch.arange(b, device=device)[:, None].expand(b, length)
-            if head is not None:
-                states, targets = select_response_tokens(hidden_states(model, ids, mask), labels)
-            else:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :vocab]
-                states, targets = select_response_tokens(logits, labels)
-            row_of, _ = select_response_tokens(rows[..., None], labels)
-            row_of = row_of[:, 0]
-            sums = torch.zeros(b, dtype=torch.float64, device=device)
-            for start in range(0, targets.shape[0], chunk_size):
-                end = start + chunk_size
-                chunk = head.logits(states[start:end]) if head is not None else states[start:end]
-                ce = F.cross_entropy(chunk.float(), targets[start:end], reduction="none")
-                sums.index_add_(0, row_of[start:end], ce.double())
-            counts = torch.bincount(row_of, minlength=b)
-            for row, i in enumerate(batch_idx):
-                n = int(counts[row])
-                losses[i] = float(sums[row]) / n if n else math.nan
-            bar.update(len(batch_idx))
+        done = _run_batches("loss", plan, data.ids, compute, shard=shard, journal=journal, bar=bar)
     finally:
         bar.close()
+    for b, payload in done.items():
+        for i, value in zip(plan[b][1], payload["loss"]):
+            losses[i] = value
     missing = [data[i].id for i, v in enumerate(losses) if v is not None and math.isnan(v)]
     if missing:
         log.warning("difficulty: %d samples have no response token to score (e.g. '%s'); they rank as hardest",
@@ -171,21 +240,44 @@ def _response_losses(model: nn.Module, tokenizer, records: Sequence[Record], tem
 
 def _rouge_signal(model: nn.Module, tokenizer, records: Sequence[Record], template: PromptTemplate, *,
                   max_prompt_length: int, truncation_side: str, decoding: DecodingConfig, batch_size: int,
-                  seed: int, progress: bool, shard: tuple[int, int] = (0, 1)
-                  ) -> tuple[list[float | None], list[str | None]]:
+                  seed: int, progress: bool, shard: tuple[int, int] = (0, 1),
+                  journal: BatchJournal | None = None) -> tuple[list[float | None], list[str | None]]:
     prompts = tokenize_prompts(records, tokenizer, template, max_prompt_length=max_prompt_length,
                                truncation_side=truncation_side)
     rank, world = shard
-    plan = [(b, batch) for b, batch in enumerate(length_sorted_batches([len(p) for p in prompts], batch_size))
-            if b % world == rank]
-    bar = _Bar(sum(len(b) for _, b in plan), "difficulty: generating", progress)
+    full_plan = list(enumerate(length_sorted_batches([len(p) for p in prompts], batch_size)))
+    if journal is None:
+        plan = [(b, batch) for b, batch in full_plan if b % world == rank]
+        bar = _Bar(sum(len(b) for _, b in plan), "difficulty: generating", progress)
+        try:
+            gens = generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seed=seed,
+                            progress=bar.update, batch_plan=plan)
+        finally:
+            bar.close()
+        texts = [g.text if g is not None else None for g in gens]
+        scores = [rouge_l(text, r.references) if text is not None else None for text, r in zip(texts, records)]
+        return scores, texts
+
+    # One generate call per batch: the batch's seed depends only on its index in the plan, so the
+    # answers are those of a single call over the whole plan, and each batch can be kept as it ends.
+    def compute(b: int, batch_idx: Sequence[int]) -> dict[str, Any]:
+        gens = generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seed=seed,
+                        batch_plan=[(b, batch_idx)])
+        texts = [gens[i].text for i in batch_idx]
+        return {"rouge_l": [rouge_l(t, records[i].references) for t, i in zip(texts, batch_idx)],
+                "generation": texts}
+
+    bar = _Bar(len(records), "difficulty: generating", progress)
     try:
-        gens = generate(model, tokenizer, prompts, decoding, batch_size=batch_size, seed=seed, progress=bar.update,
-                        batch_plan=plan)
+        done = _run_batches("rouge_l", full_plan, [r.id for r in records], compute, shard=shard,
+                            journal=journal, bar=bar)
     finally:
         bar.close()
-    texts = [g.text if g is not None else None for g in gens]
-    scores = [rouge_l(text, r.references) if text is not None else None for text, r in zip(texts, records)]
+    scores: list[float | None] = [None] * len(records)
+    texts: list[str | None] = [None] * len(records)
+    for b, payload in done.items():
+        for i, score, text in zip(full_plan[b][1], payload["rouge_l"], payload["generation"]):
+            scores[i], texts[i] = score, text
     return scores, texts
 
 
@@ -195,7 +287,8 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
                        need_rouge: bool = True, need_loss: bool = True, seed: int = 0, progress: bool = True,
                        chunk_size: int = 1024, fused: bool | None = None,
                        timings: dict[str, float] | None = None,
-                       shard: tuple[int, int] = (0, 1)) -> list[SampleDifficulty]:
+                       shard: tuple[int, int] = (0, 1), journal: BatchJournal | None = None
+                       ) -> list[SampleDifficulty]:
     """Score every record with ``model`` (the initial student); results in record order.
 
     ``need_loss``/``need_rouge`` choose the signals (the other stays None). ``decoding`` and
@@ -207,6 +300,11 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
 
     ``shard=(rank, world)``: measure only the batches ``b`` with ``b % world == rank`` of the
     single-process batch plan (the other samples keep None); see :func:`gather_difficulties`.
+
+    ``journal``: keep every finished batch there and take the batches it already holds from it
+    (:class:`BatchJournal`); with a journal the sharded processes exchange each round's batches
+    through it, so every process returns every sample's values. ``timings`` then include the
+    recorded seconds of the batches taken from the journal.
     """
     records = list(records)
     if not records:
@@ -229,8 +327,8 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
             losses = _response_losses(model, tokenizer, records, template, max_length=max_length,
                                       max_prompt_length=max_prompt_length, truncation_side=truncation_side,
                                       batch_size=batch_size, chunk_size=chunk_size, fused=fused, progress=progress,
-                                      shard=shard)
-            timings["loss_seconds"] = time.perf_counter() - t0
+                                      shard=shard, journal=journal)
+            timings["loss_seconds"] = time.perf_counter() - t0 + (journal.stored_seconds("loss") if journal else 0.0)
             for d, v in zip(result, losses):
                 d.loss = v
             log.info("difficulty: loss of %d samples in %.1f s", len(records), timings["loss_seconds"])
@@ -238,8 +336,10 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
             t0 = time.perf_counter()
             scores, texts = _rouge_signal(model, tokenizer, records, template, max_prompt_length=max_prompt_length,
                                           truncation_side=truncation_side, decoding=decoding,
-                                          batch_size=batch_size, seed=seed, progress=progress, shard=shard)
-            timings["generate_seconds"] = time.perf_counter() - t0
+                                          batch_size=batch_size, seed=seed, progress=progress, shard=shard,
+                                          journal=journal)
+            timings["generate_seconds"] = (time.perf_counter() - t0
+                                           + (journal.stored_seconds("rouge_l") if journal else 0.0))
             for d, s, t in zip(result, scores, texts):
                 d.rouge_l, d.generation = s, t
             log.info("difficulty: generated and scored %d answers in %.1f s", len(records),

@@ -19,6 +19,16 @@ checksum is never used.
 
 Readers that only need the order (evaluation by difficulty) may read the ``id`` and ``rank`` keys
 of the ``.jsonl`` lines; those keys are stable.
+
+**Interrupted measurements resume.** While the signals are measured, every finished batch is
+appended to ``ranking.partial.jsonl`` next to the ranking (flushed and fsynced; a header line holds
+the ``signals_hash`` of the measurement, every batch line its own checksum). A run that is killed
+(SIGKILL, power loss, Ctrl-C) and started again reuses the batches of a partial file whose stamp
+matches, measures only the others, and deletes the partial file once the ranking is written. A
+partial file with another stamp is discarded (the log says why); a line cut by a crash or damaged
+later fails its checksum and only that batch is measured again. With several processes the batches
+are measured in rounds (one per process), gathered after each round and appended by the main
+process only, so the partial file is the same as a one-process run's.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from pocl.configuration import stable_hash
 from pocl.data import Record, get_template
 from pocl.errors import CheckpointError, ConfigError
 
-from .difficulty import (SIGNALS, gather_difficulties, RankedSample, SampleDifficulty, difficulties_from_ranking, measure_difficulty,
+from .difficulty import (SIGNALS, RankedSample, SampleDifficulty, difficulties_from_ranking, measure_difficulty,
                          measurer_needs, rank_samples, ranking_decoding)
 
 log = logging.getLogger("pocl.curriculum")
@@ -51,7 +61,7 @@ GENERATION_SEED = 0
 
 LINE_KEYS = ("id", "rank", "score", "rouge_l", "loss", "rouge_rank", "loss_rank", "generation")
 
-__all__ = ["FORMAT_VERSION", "GENERATION_SEED", "meta_path", "ranking_data_settings", "signals_inputs",
+__all__ = ["FORMAT_VERSION", "GENERATION_SEED", "meta_path", "partial_path", "ranking_data_settings", "signals_inputs",
            "order_inputs", "write_ranking", "read_ranking", "load_or_compute_ranking", "tokenizer_fingerprint",
            "ranked_ids", "ranking_path", "prepare_curriculum"]
 
@@ -62,6 +72,13 @@ def meta_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     stem = path.name[:-len(".jsonl")] if path.name.endswith(".jsonl") else path.name
     return path.with_name(stem + ".meta.json")
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """``ranking.jsonl`` -> ``ranking.partial.jsonl``: the batches of an unfinished measurement."""
+    path = Path(path)
+    stem = path.name[:-len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(stem + ".partial.jsonl")
 
 
 def ranking_data_settings(data_config) -> dict[str, Any]:
@@ -151,6 +168,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc} (errno {exc.errno}); the previous "
+                              f"file, if any, is unchanged") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -239,6 +259,169 @@ def _read_ranking(path: Path) -> tuple[list[RankedSample], dict[str, Any], dict[
     return ranking, meta, hashes
 
 
+# ------------------------------------------------------------------------------------------- partial measurement
+PARTIAL_FORMAT = "pocl-ranking-partial"
+PARTIAL_FORMAT_VERSION = 1
+
+
+def _line_check(entry: dict[str, Any]) -> str:
+    blob = json.dumps(entry, sort_keys=True, ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _read_partial(path: Path) -> tuple[dict[str, Any] | None, list[tuple[bytes, dict[str, Any]]], int]:
+    """(header or None, [(raw line, entry)] of the sound batch lines, number of damaged lines)."""
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None, [], 0
+    lines = blob.split(b"\n")
+    try:
+        header = json.loads(lines[0])
+        if not isinstance(header, dict) or header.get("format") != PARTIAL_FORMAT:
+            header = None
+    except ValueError:
+        header = None
+    entries, damaged = [], 0
+    for raw in lines[1:]:
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+            check = entry.pop("check")
+            sound = (check == _line_check(entry) and entry["signal"] in SIGNALS and isinstance(entry["batch"], int)
+                     and isinstance(entry["ids"], list))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            sound = False
+        if sound:
+            entries.append((raw, entry))
+        else:
+            damaged += 1
+    return header, entries, damaged
+
+
+class _PartialMeasurement:
+    """The journal of an unfinished measurement: ``ranking.partial.jsonl`` (a
+    :class:`pocl.curriculum.difficulty.BatchJournal`).
+
+    Every process reads the file when the measurement starts; only the main process writes it.
+    With several processes, :meth:`commit` gathers each round's batches from all processes, so
+    every process knows every result and the main process appends them all.
+    """
+
+    def __init__(self, path: Path, signals_hash: str, dist: "_Distributed"):
+        self.path = path
+        self.stamp = signals_hash
+        self.dist = dist
+        self.entries: dict[tuple[str, int], dict[str, Any]] = {}
+        self.reused: dict[str, int] = {s: 0 for s in SIGNALS}
+        self.measured: dict[str, int] = {s: 0 for s in SIGNALS}
+        self._reused_seconds: dict[str, float] = {s: 0.0 for s in SIGNALS}
+        self._fh = None
+        keep: list[bytes] = []
+        self.note = ""
+        if path.exists():
+            header, entries, damaged = _read_partial(path)
+            if header is None:
+                self.note = f"the partial measurement file {path} is unreadable; starting over"
+            elif header.get("format_version") != PARTIAL_FORMAT_VERSION or header.get("signals_hash") != signals_hash:
+                self.note = (f"the partial measurement file {path} was made for other inputs (signals hash "
+                             f"{header.get('signals_hash')}, now {signals_hash}); starting over")
+            else:
+                for raw, entry in entries:
+                    self.entries[(entry["signal"], entry["batch"])] = entry
+                    keep.append(raw)
+                if damaged:
+                    self.note = (f"{damaged} damaged line(s) of {path} ignored (cut by a crash or changed); "
+                                 "those batches are measured again")
+        dist.barrier()  # every process has read the file before the main process rewrites it
+        if dist.is_main:
+            # Rewrite (atomically) with the sound lines only, so that appending never follows a cut line.
+            header = {"format": PARTIAL_FORMAT, "format_version": PARTIAL_FORMAT_VERSION, "signals_hash": signals_hash,
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            blob = b"".join(line + b"\n" for line in [json.dumps(header).encode()] + keep)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, blob)
+            try:
+                self._fh = open(path, "ab")
+            except OSError as exc:
+                raise CheckpointError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
+
+    def stored_batches(self, signal: str) -> int:
+        return sum(1 for (s, _) in self.entries if s == signal)
+
+    # -- BatchJournal
+    def lookup(self, signal: str, batch: int, ids) -> dict[str, Any] | None:
+        entry = self.entries.get((signal, batch))
+        if entry is None or entry["ids"] != list(ids):
+            return None
+        return entry
+
+    def commit(self, signal: str, item) -> list[tuple[int, dict[str, Any]]]:
+        items = [item]
+        if self.dist.world > 1:  # one item (or None) per process, in rank order
+            items = [x for part in self.dist.gather(items) for x in part]
+        out = []
+        for it in items:
+            if it is None:
+                continue
+            batch, ids, payload, fresh = it
+            if fresh:
+                self.measured[signal] += 1
+                entry = {"signal": signal, "batch": batch, "ids": list(ids), **payload}
+                self.entries[(signal, batch)] = entry
+                if self._fh is not None:
+                    self._append(entry)
+            else:
+                self.reused[signal] += 1
+                self._reused_seconds[signal] += float(payload.get("seconds") or 0.0)
+            out.append((batch, payload))
+        return out
+
+    def stored_seconds(self, signal: str) -> float:
+        return self._reused_seconds[signal]
+
+    # -- file
+    def _append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({**entry, "check": _line_check(entry)}, ensure_ascii=False, allow_nan=True)
+        try:
+            self._fh.write(line.encode("utf-8") + b"\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"cannot append to {self.path}: {exc.strerror or exc} (errno {exc.errno}); the "
+                                  "batches measured so far are kept there and reused by the next run") from exc
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def finish(self) -> None:
+        """The ranking is written: the partial file is no longer needed."""
+        self.close()
+        if self.dist.is_main:
+            self.path.unlink(missing_ok=True)
+
+    def summary(self, signals) -> str:
+        parts = [f"{self.reused[s]} of {self.reused[s] + self.measured[s]} {_SIGNAL_WORD[s]} batches"
+                 for s in sorted(signals) if self.reused[s]]
+        return " and ".join(parts)
+
+
+_SIGNAL_WORD = {"loss": "loss", "rouge_l": "generation"}
+
+
+def _drop_leftover_partial(path: Path, signals_hash: str, dist: "_Distributed") -> None:
+    """A partial file of the measurement that produced the (complete) ranking file being used now is a
+    leftover of a run killed between writing the ranking and deleting it."""
+    part = partial_path(path)
+    if dist.is_main and part.exists():
+        header, _, _ = _read_partial(part)
+        if header is not None and header.get("signals_hash") == signals_hash:
+            part.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------- reuse rules
 def _fmt(value) -> str:
     return "None" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
@@ -313,9 +496,13 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
     (:func:`ranking_data_settings`). ``seed`` only matters to the ``random`` measurer; generations
     use :data:`GENERATION_SEED`. ``device``: measure there (the model is moved back afterwards).
 
+    Batches measured before an interruption are taken from ``ranking.partial.jsonl``
+    (:func:`partial_path`) when its stamp matches; only the others are measured.
+
     Returns ``(ranking, info)``; ``info`` has ``reused`` (nothing was measured), ``action``
     (reused, reranked, completed, computed), ``reason``, ``seconds``, ``measured`` (signals measured
-    now), ``path`` and ``meta``.
+    now), ``batches`` (per measured signal: batches ``measured`` now and ``reused`` from the partial
+    file), ``path`` and ``meta``.
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -351,7 +538,7 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
     def info(action: str, why: str, measured: Sequence[str], out_meta: dict) -> dict[str, Any]:
         return {"reused": action in ("reused", "reranked"), "action": action, "reason": why,
                 "seconds": time.perf_counter() - t0, "measured": sorted(measured), "path": str(path),
-                "meta": out_meta, "timings": out_meta.get("timings", {})}
+                "meta": out_meta, "timings": out_meta.get("timings", {}), "batches": {}}
 
     base_meta = {"signals_hash": sig_hash, "signals_inputs": sig_in, "order_hash": ord_hash, "order_inputs": ord_in}
     to_measure = set(needs)
@@ -364,6 +551,7 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
         if not missing and meta.get("order_hash") == ord_hash:
             why = f"reusing {path}: same student, data and settings"
             log.info("ranking: %s", why)
+            _drop_leftover_partial(path, sig_hash, dist)
             return stored, info("reused", why, (), meta)
         if not missing:
             changes = ", ".join(_changes(meta.get("order_inputs") or {}, ord_in)) or "order settings changed"
@@ -375,6 +563,7 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
             timings = {k: v for k, v in old_timings.items() if k in ("loss_seconds", "generate_seconds")}
             timings["rank_seconds"] = time.perf_counter() - t1
             out = dist.write(path, ranking, {**base_meta, "timings": timings}, new_hashes)
+            _drop_leftover_partial(path, sig_hash, dist)
             return ranking, info("reranked", why, (), out)
         to_measure = set(missing)
         previous = {d.id: d for d in difficulties_from_ranking(stored)}
@@ -389,38 +578,58 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
     log.info("ranking: measuring %s: %s", " and ".join(sorted(to_measure)) or "nothing", reason)
 
     difficulties = [previous.get(r.id) or SampleDifficulty(r.id) for r in records]
+    batches: dict[str, dict[str, int]] = {}
+    journal = None
     if to_measure:
-        student = _resolve_model(model)
-        original_device = None
-        if device is not None:
-            import torch
-
-            original_device = next(student.parameters()).device
-            student.to(torch.device(device))
+        journal = _PartialMeasurement(partial_path(path), sig_hash, dist)
+        if journal.note:
+            log.warning("ranking: %s", journal.note)
+        stored_counts = {s: journal.stored_batches(s) for s in to_measure if journal.stored_batches(s)}
+        if stored_counts:
+            log.info("ranking: resuming an interrupted measurement from %s (%s already done)", journal.path,
+                     ", ".join(f"{n} {_SIGNAL_WORD[s]} batches" for s, n in sorted(stored_counts.items())))
         try:
-            measured = measure_difficulty(
-                student, tokenizer, records, template=template, max_length=settings["max_length"],
-                max_prompt_length=settings["max_prompt_length"], truncation_side=settings["truncation_side"],
-                decoding=ranking_decoding(curriculum), batch_size=curriculum.rank_batch_size,
-                need_rouge="rouge_l" in to_measure, need_loss="loss" in to_measure, seed=GENERATION_SEED,
-                progress=progress and dist.is_main, timings=timings, shard=(dist.rank, dist.world))
+            student = _resolve_model(model)
+            original_device = None
+            if device is not None:
+                import torch
+
+                original_device = next(student.parameters()).device
+                student.to(torch.device(device))
+            try:
+                measured = measure_difficulty(
+                    student, tokenizer, records, template=template, max_length=settings["max_length"],
+                    max_prompt_length=settings["max_prompt_length"], truncation_side=settings["truncation_side"],
+                    decoding=ranking_decoding(curriculum), batch_size=curriculum.rank_batch_size,
+                    need_rouge="rouge_l" in to_measure, need_loss="loss" in to_measure, seed=GENERATION_SEED,
+                    progress=progress and dist.is_main, timings=timings, shard=(dist.rank, dist.world),
+                    journal=journal)
+            finally:
+                if original_device is not None:
+                    student.to(original_device)
         finally:
-            if original_device is not None:
-                student.to(original_device)
-        if dist.world > 1:  # every process measured its share of the batches; all get every result
-            measured = gather_difficulties(dist.gather(measured))
+            journal.close()
+        # With the journal every process received every batch of every round: nothing left to gather.
         for d, m in zip(difficulties, measured):
             if "loss" in to_measure:
                 d.loss = m.loss
             if "rouge_l" in to_measure:
                 d.rouge_l, d.generation = m.rouge_l, m.generation
+        batches = {s: {"measured": journal.measured[s], "reused": journal.reused[s]} for s in sorted(to_measure)}
+        resumed = journal.summary(to_measure)
+        if resumed:
+            reason += f"; resumed an interrupted measurement ({resumed} were already done)"
     t1 = time.perf_counter()
     ranking = rank_samples(difficulties, curriculum.measurer, k=curriculum.rrf_k, seed=seed)
     timings["rank_seconds"] = time.perf_counter() - t1
     out = dist.write(path, ranking, {**base_meta, "timings": timings}, new_hashes)
+    if journal is not None:
+        journal.finish()
     log.info("ranking: %d samples ranked by %s in %.1f s; written to %s", len(ranking), curriculum.measurer,
              time.perf_counter() - t0, path)
-    return ranking, info(action, reason, to_measure, out)
+    result = info(action, reason, to_measure, out)
+    result["batches"] = batches
+    return ranking, result
 
 
 class _Distributed:

@@ -69,6 +69,16 @@ def _linear(start: float, end: float, s: int, n: int) -> float:
     return start if n == 1 else start + (end - start) * s / (n - 1)
 
 
+def _on_policy(curriculum, s: int, n: int) -> float | None:
+    """lambda_on of stage s: linear from on_policy_fraction_start to _end (end None: constant); None
+    when no start is set (the stage then uses the loss config's on_policy_fraction)."""
+    start = getattr(curriculum, "on_policy_fraction_start", None)
+    if start is None:
+        return None
+    end = getattr(curriculum, "on_policy_fraction_end", None)
+    return _linear(start, start if end is None else end, s, n)
+
+
 def baby_step_stages(ranked_ids: Sequence[str], curriculum, *, base_skew: float,
                      max_steps_per_stage: int | None = None) -> list[Stage]:
     """The Baby Step stages of ``curriculum`` (a :class:`pocl.config.CurriculumConfig`) over ``ranked_ids``
@@ -80,7 +90,9 @@ def baby_step_stages(ranked_ids: Sequence[str], curriculum, *, base_skew: float,
     stage (None: ``base_skew``). With n = 1 the single stage uses the first-stage values
     (t_start, alpha_start, base_skew). Entries of ``curriculum.stages`` override the computed
     values of their stage (keys: fraction, epochs, max_steps, temperature, alpha, skew, lr,
-    plateau_patience, name).
+    plateau_patience, on_policy_fraction, name). The on-policy fraction lambda_on of GKD rises linearly
+    from ``on_policy_fraction_start`` to ``on_policy_fraction_end`` when a start is set; otherwise
+    stages carry None (the loss config's ``on_policy_fraction`` applies).
     """
     ids = list(ranked_ids)
     if len(set(ids)) != len(ids):
@@ -101,7 +113,7 @@ def baby_step_stages(ranked_ids: Sequence[str], curriculum, *, base_skew: float,
             name=f"stage{s + 1}", epochs=curriculum.stage_epochs, max_steps=max_steps_per_stage,
             temperature=_linear(curriculum.t_start, curriculum.t_max, s, n),
             alpha=_linear(curriculum.alpha_start, curriculum.alpha_end, s, n), skew=skew, lr=None,
-            plateau_patience=curriculum.plateau_patience)
+            plateau_patience=curriculum.plateau_patience, on_policy_fraction=_on_policy(curriculum, s, n))
         values.update({k: v for k, v in overrides[s].items() if k != "fraction"})
         stages.append(Stage(sample_ids=tuple(ids[:sizes[s]]), restart_optimizer=curriculum.restart_optimizer,
                             **values))
@@ -120,14 +132,15 @@ def _total(stages: Sequence[Stage], n_samples: int | None) -> int:
 
 def schedule_table(stages: Sequence[Stage], n_samples: int | None = None) -> list[dict[str, Any]]:
     """One row per stage: index (1-based), name, samples, fraction (of ``n_samples``, default the
-    largest stage), epochs, max_steps, temperature, alpha, skew, lr, plateau_patience."""
+    largest stage), epochs, max_steps, temperature, alpha, skew, lr, plateau_patience, on_policy_fraction."""
     total = _total(stages, n_samples)
     rows = []
     for i, st in enumerate(stages, start=1):
         samples = total if st.sample_ids is None else len(st.sample_ids)
         rows.append({"index": i, "name": st.name, "samples": samples, "fraction": samples / total,
                      "epochs": st.epochs, "max_steps": st.max_steps, "temperature": st.temperature,
-                     "alpha": st.alpha, "skew": st.skew, "lr": st.lr, "plateau_patience": st.plateau_patience})
+                     "alpha": st.alpha, "skew": st.skew, "lr": st.lr, "plateau_patience": st.plateau_patience,
+                     "on_policy_fraction": st.on_policy_fraction})
     return rows
 
 
@@ -150,11 +163,17 @@ def budget_passes(stages: Sequence[Stage], n_samples: int | None = None, *, batc
 def format_schedule(stages: Sequence[Stage], n_samples: int | None = None) -> str:
     """The schedule as a small text table, with the budget."""
     rows = schedule_table(stages, n_samples)
-    lines = [f"{'stage':<10} {'samples':>8} {'frac':>6} {'epochs':>7} {'T':>6} {'alpha':>6} {'skew':>6}"]
+    on_policy = any(r["on_policy_fraction"] is not None for r in rows)
+    lines = [f"{'stage':<10} {'samples':>8} {'frac':>6} {'epochs':>7} {'T':>6} {'alpha':>6} {'skew':>6}"
+             + (f" {'on-pol':>6}" if on_policy else "")]
     for r in rows:
         skew = "-" if r["skew"] is None else f"{r['skew']:.3g}"
         epochs = f"{r['epochs']:.3g}" if r["max_steps"] is None else f"{r['max_steps']}st"
-        lines.append(f"{r['name']:<10} {r['samples']:>8} {r['fraction']:>6.2f} {epochs:>7} "
-                     f"{r['temperature']:>6.3f} {r['alpha']:>6.3f} {skew:>6}")
+        line = (f"{r['name']:<10} {r['samples']:>8} {r['fraction']:>6.2f} {epochs:>7} "
+                f"{r['temperature']:>6.3f} {r['alpha']:>6.3f} {skew:>6}")
+        if on_policy:
+            lam = r["on_policy_fraction"]
+            line += f" {'-' if lam is None else format(lam, '.3g'):>6}"
+        lines.append(line)
     lines.append(f"budget: {budget_passes(stages, n_samples):.3g} passes over the data")
     return "\n".join(lines)

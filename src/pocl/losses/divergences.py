@@ -53,7 +53,9 @@ __all__ = [
     "LOG_PROB_FLOOR",
     "Divergence",
     "DivergenceSpec",
+    "adaptive_kl",
     "forward_kl",
+    "generalized_jsd",
     "jensen_shannon",
     "kl",
     "log_mixture",
@@ -146,6 +148,53 @@ def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, *, skew: float =
     a = 0 is the reverse KL; a = 1 gives exactly 0.
     """
     return kl(student_logp, log_mixture(student_logp, teacher_logp, skew))
+
+
+def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, *, beta: float = 0.5) -> Tensor:
+    """Generalised JSD(β) in TRL's (GKD's) convention. [N, V] x [N, V] -> [N].
+
+    m = β·p + (1−β)·q;  JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m)  for 0 < β < 1, and, as TRL's
+    ``generalized_jsd_loss`` does, exactly KL(p‖q) (forward KL) at β = 0 and exactly KL(q‖p)
+    (reverse KL) at β = 1. Those end points are the limits of the *scaled* divergence
+    JSD_β / (β(1−β)); the unscaled JSD_β itself tends to 0 at both ends (docs/losses.md has the
+    derivation). For 0 < β < 1 this equals ``jsd`` with ``lam = 1 − β``.
+    """
+    if beta <= 0.0:
+        return kl(teacher_logp, student_logp)
+    if beta >= 1.0:
+        return kl(student_logp, teacher_logp)
+    log_m = log_mixture(teacher_logp, student_logp, beta)
+    return beta * kl(teacher_logp, log_m) + (1.0 - beta) * kl(student_logp, log_m)
+
+
+def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, *, mu: float = 0.5) -> Tensor:
+    """Adaptive KL (AKL, Wu et al. 2024): FKL and RKL weighted per token by the head/tail gap.
+
+    The vocabulary is sorted by the teacher's probability, descending (stable sort: ties keep
+    vocabulary order). The **head** is the shortest prefix whose cumulative teacher probability
+    reaches ``mu``: entry k is in the head when the probability of the entries ranked above it
+    is < ``mu`` (so the entry that crosses ``mu`` belongs to the head); the rest is the **tail**.
+    With gaps g_head = Σ_head |p − q| and g_tail = Σ_tail |p − q| (detached, no gradient)::
+
+        AKL = g_head / (g_head + g_tail) · KL(p‖q)  +  g_tail / (g_head + g_tail) · KL(q‖p)
+
+    When p = q exactly (g_head + g_tail = 0) both KLs are 0 and the weights are taken as ½, ½.
+    [N, V] x [N, V] -> [N].
+    """
+    p = teacher_logp.exp()
+    q = student_logp.exp()
+    with torch.no_grad():
+        p_sorted, order = torch.sort(p.detach(), dim=-1, descending=True, stable=True)
+        mass_above = torch.cumsum(p_sorted, dim=-1) - p_sorted
+        head_sorted = mass_above < mu
+        head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+        gap = (p.detach() - q.detach()).abs()
+        g_head = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)
+        g_tail = torch.where(head, torch.zeros_like(gap), gap).sum(-1)
+        total = g_head + g_tail
+        w_head = torch.where(total > 0, g_head / total.clamp_min(torch.finfo(total.dtype).tiny),
+                             torch.full_like(total, 0.5))
+    return w_head * kl(teacher_logp, student_logp) + (1.0 - w_head) * kl(student_logp, teacher_logp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +341,17 @@ for _spec in (
         defaults={"skew": 0.1}, bounds={"skew": (0.0, 1.0)},
         description="skew reverse KL (DistiLLM)",
         formula="KL(q || (1-skew) p + skew q)"),
+    DivergenceSpec(
+        name="gjsd", fn=generalized_jsd, aliases=("generalized_jsd",),
+        defaults={"beta": 0.5}, bounds={"beta": (0.0, 1.0)},
+        description="generalised JSD(beta) in TRL's convention (weight beta on p); beta=0: KL(p||q), "
+                    "beta=1: KL(q||p)",
+        formula="m = beta p + (1-beta) q;  beta KL(p||m) + (1-beta) KL(q||m)  (0 < beta < 1)"),
+    DivergenceSpec(
+        name="akl", fn=adaptive_kl, aliases=("adaptive_kl",),
+        defaults={"mu": 0.5}, bounds={"mu": (0.0, 1.0)},
+        description="adaptive KL (Wu et al. 2024): FKL and RKL weighted by the teacher head/tail gap",
+        formula="w = g_head / (g_head + g_tail) (detached);  w KL(p||q) + (1-w) KL(q||p)"),
 ):
     register_divergence(_spec)
 del _spec

@@ -13,6 +13,13 @@ Writing goes to a hidden temporary folder next to the target that is renamed int
 every file (manifest last) has been written and flushed to disk, so a crash at any moment leaves
 either the previous checkpoints or the new complete one, never a half-written folder under a
 checkpoint name. Loading verifies the manifest and refuses any folder whose files do not match.
+
+Replacing a folder that already exists (``best/``, ``final/``, a checkpoint saved twice at one
+step) takes two renames: the old folder to ``.old-NAME-*``, then the new one into place. A crash
+between the two leaves no folder under the name; :func:`clean_temporaries` (run at every start)
+puts the old folder back. A write that fails (a full disk: ``OSError`` 28) raises
+:class:`CheckpointError` after removing its temporary folder and restoring the old one, so the
+files already on disk are unchanged.
 """
 
 from __future__ import annotations
@@ -106,9 +113,10 @@ def atomic_folder_write(target: Path, write: Callable[[Path], None], *,
     """Create ``target`` atomically: ``write(tmp)`` fills a temporary folder, a manifest is added,
     then the folder is renamed to ``target`` (replacing an older folder of the same name)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    trash = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         write(tmp)
         write_manifest(tmp, manifest_extra)
@@ -116,20 +124,40 @@ def atomic_folder_write(target: Path, write: Callable[[Path], None], *,
             trash = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
             os.replace(target, trash)
             os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and trash.exists() and not target.exists():
+            os.replace(trash, target)  # the old folder goes back under its name
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"cannot write {target}: {exc.strerror or exc} (errno {exc.errno}). Nothing on disk was changed: "
+                f"the partial write was removed, {target.name} "
+                f"{'is the previous one' if target.exists() else 'was not created'} and the other checkpoints are "
+                "as they were. Free some space (or fix the permissions) and run the same command again to resume "
+                "from the last checkpoint.") from exc
         raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     return target
 
 
+_OLD_DIR = re.compile(r"^\.old-(.+)-[0-9a-f]{8}$")
+
+
 def clean_temporaries(folder: Path) -> None:
-    """Remove leftovers of writes that were interrupted (never a complete checkpoint)."""
+    """Clear up after writes that were interrupted: a folder that was being replaced when the process
+    died (``.old-NAME-*`` without ``NAME``) is put back under its name; temporary folders (never a
+    complete write) and old folders whose replacement finished are removed."""
     if not folder.is_dir():
         return
+    for p in sorted(folder.iterdir()):
+        m = _OLD_DIR.match(p.name)
+        if m and p.is_dir() and not (folder / m.group(1)).exists():
+            os.replace(p, folder / m.group(1))
+            log.warning("restored %s: the process stopped while replacing it", folder / m.group(1))
     for p in folder.iterdir():
         if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -167,3 +195,56 @@ def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None)
     for _, path in list_checkpoints(folder)[keep:]:
         if path.resolve() not in protect:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- resume checks
+#: Settings that do not change the trained weights: a resumed run may change them freely.
+RESUME_FREE_KEYS = ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
+                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes")
+
+
+def newest_resume_state(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under ``folder`` whose files are all present with their manifest sizes
+    (checksums are not computed: this is the cheap look-ahead of :func:`resume_differences`; the
+    trainer verifies fully before loading), and its ``trainer_state.json``; None when there is none."""
+    for _, path in list_checkpoints(folder):
+        try:
+            verify_folder(path, check_hashes=False)
+            return path, json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError):
+            continue
+    return None
+
+
+def resume_differences(saved: dict[str, Any], *, config, fingerprints: dict[str, Any], num_processes: int,
+                       skip_fingerprints: tuple[str, ...] = ()) -> list[str]:
+    """What differs between a checkpoint's ``trainer_state.json`` (``saved``) and a run about to resume
+    from it, one readable line per difference (empty: compatible). ``config`` is the run's
+    :class:`pocl.config.DistillConfig`; settings in :data:`RESUME_FREE_KEYS` may change."""
+    import pocl.config
+
+    later = getattr(pocl.config, "LATER_FIELDS", {})  # fields newer than the checkpoint, at their default
+    problems = []
+    if saved.get("config_hash") != config.training_hash():
+        old, new = saved.get("config", {}), config.to_dict()
+        for section in new:
+            defaults = pocl.config.SECTIONS[section]().to_dict() if section in later else {}
+            for key, value in new[section].items():
+                before = (old.get(section) or {}).get(key, "<absent>")
+                if before == "<absent>" and key in later.get(section, ()) and value == defaults.get(key):
+                    continue
+                if before != value and key not in RESUME_FREE_KEYS:
+                    problems.append(f"{section}.{key}: {before!r} -> {value!r}")
+    for key, value in fingerprints.items():
+        before = (saved.get("fingerprints") or {}).get(key)
+        if key not in skip_fingerprints and before != value:
+            problems.append(f"{key} changed (fingerprint {before} -> {value})")
+    if saved.get("num_processes", 1) != num_processes:
+        problems.append(f"number of processes: {saved.get('num_processes')} -> {num_processes}")
+    return problems
+
+
+def resume_refusal_message(folder: Path, problems: list[str]) -> str:
+    """The error of a refused resume (the same words as the trainer's)."""
+    return (f"cannot resume from {folder}: the run differs from the checkpoint's:\n  - " + "\n  - ".join(problems)
+            + "\nUse another --output-dir, --overwrite to start over, or --allow-config-change to resume anyway.")

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pocl.errors import CheckpointError
+
 log = logging.getLogger("pocl.train")
 
 
@@ -65,8 +67,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {k: _clean(v) for k, v in record.items()}
-        self._fh.write(json.dumps(rec) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(rec) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            raise CheckpointError(f"cannot write {self.path}: {exc.strerror or exc} (errno {exc.errno}); the run "
+                                  "stops here, the last checkpoint is intact: free some space and run the same "
+                                  "command again to resume") from exc
         if self._writer is not None and tb_prefix is not None:
             step = int(record["step"])
             for key, value in record.items():

@@ -27,6 +27,9 @@ class Stage:
     restart_optimizer: bool = True
     # Advance early when the dev metric has not improved for this many evaluations (None: never).
     plateau_patience: int | None = None
+    # GKD: probability that an optimizer step of this stage trains on student samples (None: the
+    # loss config's on_policy_fraction).
+    on_policy_fraction: float | None = None
 
     def __post_init__(self) -> None:
         where = f"stage '{self.name}'"
@@ -44,6 +47,8 @@ class Stage:
             raise ConfigError(f"{where}: lr must be > 0 (got {self.lr})")
         if self.plateau_patience is not None and self.plateau_patience < 1:
             raise ConfigError(f"{where}: plateau_patience must be >= 1 (got {self.plateau_patience})")
+        if self.on_policy_fraction is not None and not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ConfigError(f"{where}: on_policy_fraction must be in [0, 1] (got {self.on_policy_fraction})")
         if self.sample_ids is not None:
             self.sample_ids = tuple(self.sample_ids)
             if not self.sample_ids:

@@ -23,11 +23,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ranking = summary.get("ranking")
     train_s = summary.get("train_seconds", 0.0)
     if ranking:
-        rank_s = ranking.get("seconds", 0.0)
+        rank_s = ranking.get("measure_seconds", ranking.get("seconds", 0.0))
         share = 100.0 * rank_s / max(rank_s + train_s, 1e-9)
-        how = "reused" if ranking.get("reused") else "computed"
-        lines.append(f"- difficulty ranking ({summary.get('measurer', 'rrf')}): {how} in {rank_s:.1f} s "
-                     f"({share:.1f}% of ranking + training); {ranking.get('reason', '')}")
+        how = (f"reused (measuring it took {rank_s:.1f} s)" if ranking.get("reused")
+               else f"{ranking.get('action', 'computed')} in {ranking.get('seconds', 0.0):.1f} s")
+        lines.append(f"- difficulty ranking ({summary.get('measurer', 'rrf')}): {how}; the measurement is "
+                     f"{share:.1f}% of measurement + training time; {ranking.get('reason', '')}")
     lines.append(f"- training: {train_s:.1f} s")
     metric = summary.get("selection_metric", "dev_ce")
     if summary.get("best_metric") is not None:

@@ -35,16 +35,23 @@ from torch import nn
 from pocl.config import DistillConfig
 from pocl.data import TokenizedDataset, TokenizedSample, collate
 from pocl.errors import CheckpointError, ConfigError, PoclError
+from pocl.generation import DecodingConfig
 from pocl.losses import (KDLossOutput, chunked_kd_loss_from_logits, count_target_tokens, fused_kd_loss,
                          make_divergence, select_response_tokens)
-from pocl.models import LMHead, hidden_states
+from pocl.models import (LMHead, hidden_states, load_training_weights, save_model_folder,
+                         save_training_weights)
 from pocl.training import checkpoint as ckpt
+from pocl.training import onpolicy
 from pocl.training.metrics import MetricsLogger
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
 from pocl.training.stages import Stage, check_stages
 from pocl.training.summary import write_summary
 
 log = logging.getLogger("pocl.train")
+
+
+#: ``TokenizedDataset.origin`` of SeqKD training data (the teacher's answers; see pocl.baselines).
+SEQKD_ORIGIN = "seqkd-teacher"
 
 
 class NonFiniteLossError(PoclError):
@@ -102,6 +109,12 @@ class TrainState:
     stage_summaries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stage_started_at_seconds: float = 0.0
     finished: bool = False
+    # GKD: optimizer steps trained on student samples (fresh or from the replay buffer), run and stage
+    on_policy_steps: int = 0
+    replayed_steps: int = 0
+    stage_on_policy_steps: int = 0
+    stage_replayed_steps: int = 0
+    generation_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -149,6 +162,12 @@ class DistillTrainer:
                  accelerator=None, stage_callback=None, step_callbacks: Sequence = (),
                  dev_records: Sequence | None = None):
         check_stages(stages)
+        if config.loss.method != "kd":
+            # The CE-only baselines (pocl.baselines): alpha 0 in every stage, the teacher is never evaluated.
+            stages = [dataclasses.replace(s, alpha=0.0) for s in stages]
+            if config.loss.method == "seqkd" and getattr(train_data, "origin", None) != SEQKD_ORIGIN:
+                raise ConfigError("loss.method seqkd: the training data are not the teacher's answers; build them "
+                                  "with pocl.baselines.apply_method(config, inputs)")
         if teacher is None and any(s.alpha > 0 for s in stages):
             raise ConfigError("a teacher is required when a stage has alpha > 0")
         self.cfg = config
@@ -185,6 +204,10 @@ class DistillTrainer:
             raise ConfigError("training sample ids are not unique")
         self._target_counts = [count_target_tokens(torch.tensor([s.labels])) for s in train_data]
         self._stage_indices = [self._resolve_stage(stage) for stage in self.stages]
+        self._check_on_policy(teacher)
+        lc = config.loss
+        self.replay = onpolicy.ReplayBuffer(lc.replay_buffer_size) if (
+            lc.replay_buffer_size > 0 and any(self._lambda_on(s) > 0 for s in self.stages)) else None
 
         _seed_everything(tc.seed)
         if config.model.gradient_checkpointing:
@@ -211,7 +234,7 @@ class DistillTrainer:
         self.fingerprints.setdefault("train_data", tokenized_fingerprint(train_data))
         self.fingerprints.setdefault("dev_data", tokenized_fingerprint(self.dev_data))
         self.fingerprints["stages"] = hashlib.sha256(json.dumps(
-            [dict(s.to_dict(), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
+            [dict(_stage_key(s), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
              for s in self.stages], sort_keys=True).encode()).hexdigest()[:16]
         self._stop_signal: int | None = None  # set by SIGINT/SIGTERM or request_stop()
         self.summary_extra: dict[str, Any] = {}  # added to summary.json (e.g. the ranking's timing)
@@ -226,6 +249,63 @@ class DistillTrainer:
             raise ConfigError(f"stage '{stage.name}' names {len(missing)} sample ids that are not in the training "
                               f"data, e.g. {missing[:3]}")
         return [self._index_of[i] for i in stage.sample_ids]
+
+    def _lambda_on(self, stage: Stage) -> float:
+        """The stage's on-policy fraction lambda_on (the loss config's when the stage has none)."""
+        return self.cfg.loss.on_policy_fraction if stage.on_policy_fraction is None else stage.on_policy_fraction
+
+    def _check_on_policy(self, teacher) -> None:
+        lc = self.cfg.loss
+        for stage in self.stages:
+            if self._lambda_on(stage) <= 0:
+                continue
+            where = f"stage '{stage.name}': on_policy_fraction {self._lambda_on(stage):g}"
+            if lc.method != "kd":
+                raise ConfigError(f"{where}: on-policy steps need loss.method kd (not {lc.method})")
+            if teacher is None:
+                raise ConfigError(f"{where}: on-policy steps need a teacher to score the student's samples")
+            if stage.alpha == 0 and not lc.on_policy_ce:
+                raise ConfigError(f"{where} with alpha 0 and loss.on_policy_ce off: on-policy steps would train on "
+                                  "nothing (give the stage alpha > 0, or turn on_policy_ce on)")
+
+    def _on_policy_kind(self, stage_index: int, stage_step: int) -> str | None:
+        """None (a teacher-forced step on the references), "fresh" (the student generates now) or
+        "replay" (samples drawn from the replay buffer): a pure function of (seed, stage, step) and of
+        the number of fresh steps so far, hence the same on every process and after a resume."""
+        stage = self.stages[stage_index]
+        lam = self._lambda_on(stage)
+        if lam <= 0:
+            return None
+        u_on, u_replay = onpolicy.step_uniforms(self.cfg.train.seed, stage_index, stage.name, stage_step)
+        if u_on >= lam:
+            return None
+        if self.replay is not None and self.replay.fresh_steps > 0 and u_replay < self.cfg.loss.replay_reuse_prob:
+            return "replay"
+        return "fresh"
+
+    def _on_policy_samples(self, local: list[TokenizedSample], kind: str, stage_index: int,
+                           stage_step: int) -> list[TokenizedSample]:
+        """This process's share of an on-policy window: student responses to its prompts (fresh), or
+        as many samples drawn from its replay buffer (replay)."""
+        lc = self.cfg.loss
+        stage = self.stages[stage_index]
+        rank = self.accelerator.process_index
+        seed = onpolicy.stream_seed(self.cfg.train.seed, kind, stage_index, stage.name, stage_step, rank)
+        if kind == "replay" and self.replay is not None and len(self.replay) > 0:
+            return self.replay.draw(len(local), seed)
+        decoding = DecodingConfig(do_sample=True, temperature=lc.on_policy_temperature, top_p=lc.on_policy_top_p,
+                                  top_k=0, no_repeat_ngram_size=0, max_new_tokens=lc.on_policy_max_new_tokens)
+        t0 = time.perf_counter()
+        with self.accelerator.autocast():
+            fresh = onpolicy.sample_responses(self.student, self.tokenizer, local, decoding=decoding, seed=seed,
+                                              batch_size=self.cfg.train.micro_batch_size,
+                                              max_length=self.cfg.data.max_length)
+        self.state.generation_seconds += time.perf_counter() - t0
+        if self.replay is not None and kind == "fresh":
+            # (A "replay" step that found this process's buffer empty generated instead; its samples are
+            # not added, so that fresh_steps, which the decisions read, stays equal on every process.)
+            self.replay.push(fresh)
+        return fresh
 
     def _divergence(self, stage: Stage):
         if stage.alpha == 0:
@@ -269,12 +349,18 @@ class DistillTrainer:
         sel, _ = select_response_tokens(logits[..., : self.vocab_size], batch["labels"])
         return {"logits": sel}
 
-    def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float) -> KDLossOutput:
-        teacher = self._teacher_side(batch) if stage.alpha > 0 else None
+    def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float, *,
+                    on_policy: bool = False) -> KDLossOutput:
+        alpha = stage.alpha
+        if on_policy and not self.cfg.loss.on_policy_ce and alpha > 0:
+            # No CE on the student's own samples: alpha * s(T) * D / normalizer, computed as the engine's
+            # alpha = 1 (CE weight 0) with the normaliser divided by alpha.
+            alpha, normalizer = 1.0, normalizer / stage.alpha
+        teacher = self._teacher_side(batch) if alpha > 0 else None
         with self.accelerator.autocast():
             return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
                                divergence=self._divergence(stage), temperature=stage.temperature,
-                               alpha=stage.alpha, normalizer=normalizer)
+                               alpha=alpha, normalizer=normalizer)
 
     def _micro_batches(self, samples: list[TokenizedSample], size: int) -> list[list[TokenizedSample]]:
         if self.cfg.train.sort_micro_batches:
@@ -285,11 +371,27 @@ class DistillTrainer:
     def _train_step(self, stage: Stage, window: list[int]) -> dict[str, float]:
         acc = self.accelerator
         samples = [self.train_data[i] for i in window]
-        # Token count of the whole window on every process (each knows the window), so no
-        # communication is needed; DDP averages gradients over processes, hence "/ world".
-        total_tokens = sum(self._target_counts[i] for i in window)
         world, rank = acc.num_processes, acc.process_index
         local = samples[rank::world]
+        kind = self._on_policy_kind(self.state.stage_index, self.state.stage_step)
+        if kind is None:
+            # Token count of the whole window on every process (each knows the window), so no
+            # communication is needed; DDP averages gradients over processes, hence "/ world".
+            total_tokens = sum(self._target_counts[i] for i in window)
+        else:
+            # Each process generates (or draws) its own share; the normaliser counts the tokens of the
+            # sequences actually trained on, summed over processes.
+            local = self._on_policy_samples(local, kind, self.state.stage_index, self.state.stage_step)
+            counts = torch.tensor([sum(count_target_tokens(torch.tensor([s.labels])) for s in local)],
+                                  dtype=torch.float64, device=self.device)
+            if world > 1:
+                counts = acc.reduce(counts, reduction="sum")
+            total_tokens = int(counts.item())
+            self.state.on_policy_steps += 1
+            self.state.stage_on_policy_steps += 1
+            if kind == "replay":
+                self.state.replayed_steps += 1
+                self.state.stage_replayed_steps += 1
         normalizer = max(total_tokens, 1) / world
         micro = self._micro_batches(local, self.cfg.train.micro_batch_size)
         loss_sum = ce_sum = div_sum = 0.0
@@ -300,7 +402,7 @@ class DistillTrainer:
             last = j == len(micro) - 1
             ctx = acc.no_sync(self.module) if (world > 1 and not last) else _nullcontext()
             with ctx:
-                out = self._micro_loss(batch, stage, normalizer)
+                out = self._micro_loss(batch, stage, normalizer, on_policy=kind is not None)
                 acc.backward(out.loss)
             loss_sum += float(out.loss.detach())
             ce_sum += float(out.ce_sum)
@@ -327,7 +429,8 @@ class DistillTrainer:
         self.scheduler.step()
         tok = max(tok_total, 1.0)
         return {"loss": loss_value, "ce": ce_total / tok, "kd": div_total / tok, "grad_norm": grad_norm,
-                "tokens": tok_total, "lr": lr, "skipped": 0.0 if finite else 1.0}
+                "tokens": tok_total, "lr": lr, "skipped": 0.0 if finite else 1.0,
+                "on_policy": 0.0 if kind is None else 1.0, "replayed": 1.0 if kind == "replay" else 0.0}
 
     @torch.no_grad()
     def evaluate(self, stage: Stage) -> dict[str, float]:
@@ -410,19 +513,24 @@ class DistillTrainer:
         folder = self.output_dir / "checkpoints" / ckpt.step_dir_name(self.state.global_step)
         # Every process's RNG state, so that a resumed run continues each process's random stream.
         rng_states = [self._rng_state()]
+        replay_states = [self.replay.state_dict()] if self.replay is not None else []
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
             rng_states = gather_object(rng_states)
+            if self.replay is not None:
+                replay_states = gather_object(replay_states)
         if acc.is_main_process:
             def write(tmp: Path) -> None:
-                self.student.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                save_training_weights(self.student, self.tokenizer, tmp)
                 (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state_dict(), indent=1,
                                                                    default=str), encoding="utf-8")
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict() if self.scheduler is not None else {}, tmp / "scheduler.pt")
                 torch.save({"per_process": rng_states}, tmp / "rng.pt")
+                if self.replay is not None:
+                    (tmp / onpolicy.REPLAY_FILE).write_text(json.dumps(
+                        {"format": "pocl-replay-buffer-v1", "per_process": replay_states}), encoding="utf-8")
 
             ckpt.atomic_folder_write(folder, write, manifest_extra={"step": self.state.global_step})
             ckpt.prune_checkpoints(folder.parent, self.cfg.train.save_total_limit)
@@ -433,9 +541,14 @@ class DistillTrainer:
         problems = []
         if saved.get("config_hash") != self.cfg.training_hash():
             old, new = saved.get("config", {}), self.cfg.to_dict()
+            from pocl.config import LATER_FIELDS, SECTIONS
+
             for section in new:
+                defaults = SECTIONS[section]().to_dict()
                 for key, value in new[section].items():
                     before = old.get(section, {}).get(key, "<absent>")
+                    if before == "<absent>" and key in LATER_FIELDS.get(section, ()) and value == defaults[key]:
+                        continue
                     if before != value and key not in ("output_dir", "resume", "overwrite", "allow_config_change",
                                                        "log_every", "tensorboard", "progress", "save_every",
                                                        "save_total_limit", "eval_every", "eval_batch_size",
@@ -457,23 +570,7 @@ class DistillTrainer:
                                       "--allow-config-change to resume anyway.")
 
     def _load_student_weights(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        files = sorted(folder.glob("model*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{folder}: no model*.safetensors")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        missing, unexpected = self.student.load_state_dict(state, strict=False)
-        # save_pretrained leaves out tied copies (e.g. lm_head.weight tied to the embeddings).
-        params = dict(self.student.named_parameters(remove_duplicate=False))
-        loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-        real_missing = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
-        real_missing = [k for k in real_missing if k in params]  # buffers (rotary caches) are rebuilt
-        if unexpected or real_missing:
-            raise CheckpointError(f"{folder}: weights do not fit the student (missing {real_missing[:5]}, "
-                                  f"unexpected {unexpected[:5]})")
+        load_training_weights(self.student, folder)
 
     def _resume(self) -> Path | None:
         tc = self.cfg.train
@@ -499,6 +596,13 @@ class DistillTrainer:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.replay is not None:
+            replay_file = folder / onpolicy.REPLAY_FILE
+            if replay_file.is_file():
+                states = json.loads(replay_file.read_text(encoding="utf-8"))["per_process"]
+                self.replay.load_state_dict(states[self.accelerator.process_index])
+            else:
+                log.warning("%s has no replay buffer; resuming with an empty one", folder)
         log.info("resuming from %s (stage %d '%s', step %d of the stage, global step %d)", folder,
                  self.state.stage_index + 1, self.stages[min(self.state.stage_index, len(self.stages) - 1)].name,
                  self.state.stage_step, self.state.global_step)
@@ -584,8 +688,7 @@ class DistillTrainer:
         return TrainResult(status, self.output_dir, final_dir, best_dir, summary)
 
     def _save_model_folder(self, tmp: Path) -> None:
-        self.student.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
+        save_model_folder(self.student, self.tokenizer, tmp)  # LoRA adapters merged: a plain HF folder
 
     def _start_stage(self, i: int, total: int) -> None:
         stage = self.stages[i]
@@ -615,6 +718,8 @@ class DistillTrainer:
                 self.state.stage_best_metric = None
                 self.state.stage_bad_evals = 0
                 self.state.stage_started_at_seconds = self.state.train_seconds
+                self.state.stage_on_policy_steps = 0
+                self.state.stage_replayed_steps = 0
                 log.info("stage %d/%d '%s': %d samples, %d steps, T=%.3g, alpha=%.3g", i + 1, len(self.stages),
                          stage.name, len(self._stage_indices[i]), total, stage.temperature, stage.alpha)
             self._start_stage(i, total)
@@ -690,6 +795,10 @@ class DistillTrainer:
         out["lr"] = stats[-1]["lr"]
         out["tokens_per_s"] = tokens / max(seconds, 1e-9)
         out["skipped_steps"] = self.state.skipped_steps
+        if any(s.get("on_policy") for s in stats) or self.state.on_policy_steps:
+            # On-policy steps: their ce/kd are over the student's own samples (ce: its NLL of them).
+            out["on_policy_steps"] = sum(s.get("on_policy", 0.0) for s in stats)
+            out["replayed_steps"] = sum(s.get("replayed", 0.0) for s in stats)
         return out
 
     def _track_dev(self, dev: dict[str, float], stage: Stage) -> bool:
@@ -722,6 +831,9 @@ class DistillTrainer:
             "planned_steps": total,
             "steps": self.state.stage_step,
             "advanced_early": advanced_early,
+            "on_policy_fraction": self._lambda_on(stage),
+            "on_policy_steps": self.state.stage_on_policy_steps,
+            "replayed_steps": self.state.stage_replayed_steps,
             "end_global_step": self.state.global_step,
             "train_seconds": self.state.train_seconds - self.state.stage_started_at_seconds,
             "best_in_stage": (None if self.state.stage_best_metric is None else
@@ -737,6 +849,10 @@ class DistillTrainer:
             "status": status,
             "global_steps": self.state.global_step,
             "skipped_steps": self.state.skipped_steps,
+            "on_policy_steps": self.state.on_policy_steps,
+            "replayed_steps": self.state.replayed_steps,
+            "generation_seconds": self.state.generation_seconds,
+            "method": self.cfg.loss.method,
             "train_seconds": self.state.train_seconds,
             "selection_metric": self.cfg.train.selection_metric,
             "best_metric": (None if self.state.best_metric is None else
@@ -748,6 +864,15 @@ class DistillTrainer:
             "output_dir": str(self.output_dir),
             "num_processes": self.accelerator.num_processes,
         }
+
+
+def _stage_key(stage: Stage) -> dict[str, Any]:
+    """The stage's settings for the stages fingerprint; fields added later are left out while unset, so
+    that checkpoints written before they existed still resume."""
+    d = stage.to_dict()
+    if d.get("on_policy_fraction") is None:
+        d.pop("on_policy_fraction", None)
+    return d
 
 
 class _nullcontext:
