@@ -16,6 +16,7 @@ Run ``pocl distill --help`` for the whole list with these descriptions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -376,13 +377,21 @@ class CurriculumConfig(ConfigSection):
                     self._fail("stages", f"{where}.fraction must be larger than the previous stage's ({previous})")
                 previous = float(frac)
             for key in ("epochs", "temperature", "lr"):
-                if key in stage and (isinstance(stage[key], bool) or not isinstance(stage[key], (int, float))
-                                     or stage[key] <= 0):
-                    self._fail("stages", f"{where}.{key} must be a number > 0")
+                if key in stage and not (_is_number(stage[key]) and math.isfinite(stage[key]) and stage[key] > 0):
+                    self._fail("stages", f"{where}.{key} must be a finite number > 0 (got {stage[key]!r})")
+            for key in ("max_steps", "plateau_patience"):
+                value = stage.get(key)
+                if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                    self._fail("stages", f"{where}.{key} must be a whole number >= 1 (got {value!r})")
             for key in ("alpha", "skew", "on_policy_fraction"):
-                if key in stage and (isinstance(stage[key], bool) or not isinstance(stage[key], (int, float))
-                                     or not 0 <= stage[key] <= 1):
-                    self._fail("stages", f"{where}.{key} must be in [0, 1]")
+                if key in stage and not (_is_number(stage[key]) and 0 <= stage[key] <= 1):
+                    self._fail("stages", f"{where}.{key} must be in [0, 1] (got {stage[key]!r})")
+            if "name" in stage and not (isinstance(stage["name"], str) and stage["name"].strip()):
+                self._fail("stages", f"{where}.name must be a non-empty string (got {stage['name']!r})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 SECTIONS: dict[str, type[ConfigSection]] = {
@@ -392,16 +401,6 @@ SECTIONS: dict[str, type[ConfigSection]] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "curriculum": CurriculumConfig,
-}
-
-
-#: Fields added after the first release; at their default value they are left out of
-#: :meth:`DistillConfig.training_hash`, so checkpoints written before they existed still resume.
-LATER_FIELDS: dict[str, tuple[str, ...]] = {
-    "loss": ("method", "gjsd_beta", "akl_mu", "on_policy_fraction", "on_policy_temperature", "on_policy_top_p",
-             "on_policy_max_new_tokens", "on_policy_ce", "replay_buffer_size", "replay_reuse_prob",
-             "seqkd_sampling", "seqkd_max_new_tokens", "seqkd_batch_size"),
-    "curriculum": ("on_policy_fraction_start", "on_policy_fraction_end"),
 }
 
 
@@ -460,13 +459,4 @@ class DistillConfig:
             values["train"].pop(key, None)
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
-        # Fields added after runs were already being made enter the hash only when they are set, so
-        # that runs started before they existed still resume.
-        for section, keys in LATER_FIELDS.items():
-            if section not in values:
-                continue
-            defaults = SECTIONS[section]().to_dict()
-            for key in keys:
-                if key in values[section] and values[section][key] == defaults[key]:
-                    values[section].pop(key)
         return stable_hash(values)

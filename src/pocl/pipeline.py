@@ -19,11 +19,12 @@ import torch
 
 from pocl.config import DistillConfig
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
-from pocl.errors import ConfigError, ModelError
+from pocl.errors import CheckpointError, ConfigError, ModelError
 from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
                          model_fingerprint, resolve_dtype, shared_vocab_size)
 from pocl.training.stages import Stage
-from pocl.training.trainer import DistillTrainer, TrainResult
+from pocl.training import checkpoint as ckpt
+from pocl.training.trainer import DistillTrainer, TrainResult, tokenized_fingerprint
 
 log = logging.getLogger("pocl")
 
@@ -162,6 +163,28 @@ def check_supported_distribution(accelerator) -> None:
                           "checkpointing to fit memory (see docs/distributed.md)")
 
 
+def check_resume_before_ranking(config: DistillConfig, inputs: RunInputs, accelerator) -> None:
+    """Refuse a resume that the trainer would refuse, before the expensive steps that come first (the
+    ranking pass, the teacher's SeqKD answers) run and rewrite their files: a changed student, data or
+    setting is reported at once and nothing in the output folder is touched. The stage fingerprint
+    (known only after ranking) and, for seqkd, the training targets are checked by the trainer."""
+    tc = config.train
+    if tc.resume == "never" or tc.overwrite or tc.allow_config_change:
+        return
+    found = ckpt.newest_resume_state(Path(tc.output_dir) / "checkpoints")
+    if found is None:
+        return
+    folder, saved = found
+    dev = inputs.dev_data if inputs.dev_data is not None and len(inputs.dev_data) > 0 else None
+    fingerprints = dict(inputs.fingerprints, dev_data=tokenized_fingerprint(dev))
+    if config.loss.method != "seqkd":
+        fingerprints["train_data"] = tokenized_fingerprint(inputs.train_data)
+    problems = ckpt.resume_differences(saved, config=config, fingerprints=fingerprints,
+                                       num_processes=accelerator.num_processes)
+    if problems:
+        raise CheckpointError(ckpt.resume_refusal_message(folder, problems))
+
+
 def curriculum_stages(config: DistillConfig, inputs: RunInputs) -> tuple[list[Stage], dict[str, Any]]:
     """POCL: rank the training data with the initial student (or reuse the ranking file), then the
     Baby Step stages. Runs before the trainer restores any checkpoint, so the measured and
@@ -189,6 +212,7 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     accelerator = accelerator or make_accelerator(config)
     check_supported_distribution(accelerator)
     inputs = inputs or prepare_run(config, need_teacher=config.loss.method != "sft")
+    check_resume_before_ranking(config, inputs, accelerator)
     from pocl.baselines import apply_method
 
     # SeqKD: the training targets become the teacher's answers (generated once, cached, stamped).

@@ -221,18 +221,12 @@ def resume_differences(saved: dict[str, Any], *, config, fingerprints: dict[str,
     """What differs between a checkpoint's ``trainer_state.json`` (``saved``) and a run about to resume
     from it, one readable line per difference (empty: compatible). ``config`` is the run's
     :class:`pocl.config.DistillConfig`; settings in :data:`RESUME_FREE_KEYS` may change."""
-    import pocl.config
-
-    later = getattr(pocl.config, "LATER_FIELDS", {})  # fields newer than the checkpoint, at their default
     problems = []
     if saved.get("config_hash") != config.training_hash():
         old, new = saved.get("config", {}), config.to_dict()
         for section in new:
-            defaults = pocl.config.SECTIONS[section]().to_dict() if section in later else {}
             for key, value in new[section].items():
                 before = (old.get(section) or {}).get(key, "<absent>")
-                if before == "<absent>" and key in later.get(section, ()) and value == defaults.get(key):
-                    continue
                 if before != value and key not in RESUME_FREE_KEYS:
                     problems.append(f"{section}.{key}: {before!r} -> {value!r}")
     for key, value in fingerprints.items():

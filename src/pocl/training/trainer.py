@@ -234,7 +234,7 @@ class DistillTrainer:
         self.fingerprints.setdefault("train_data", tokenized_fingerprint(train_data))
         self.fingerprints.setdefault("dev_data", tokenized_fingerprint(self.dev_data))
         self.fingerprints["stages"] = hashlib.sha256(json.dumps(
-            [dict(_stage_key(s), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
+            [dict(s.to_dict(), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
              for s in self.stages], sort_keys=True).encode()).hexdigest()[:16]
         self._stop_signal: int | None = None  # set by SIGINT/SIGTERM or request_stop()
         self.summary_extra: dict[str, Any] = {}  # added to summary.json (e.g. the ranking's timing)
@@ -538,36 +538,14 @@ class DistillTrainer:
         return folder
 
     def _check_resume_compatible(self, saved: dict[str, Any], folder: Path) -> None:
-        problems = []
-        if saved.get("config_hash") != self.cfg.training_hash():
-            old, new = saved.get("config", {}), self.cfg.to_dict()
-            from pocl.config import LATER_FIELDS, SECTIONS
-
-            for section in new:
-                defaults = SECTIONS[section]().to_dict()
-                for key, value in new[section].items():
-                    before = old.get(section, {}).get(key, "<absent>")
-                    if before == "<absent>" and key in LATER_FIELDS.get(section, ()) and value == defaults[key]:
-                        continue
-                    if before != value and key not in ("output_dir", "resume", "overwrite", "allow_config_change",
-                                                       "log_every", "tensorboard", "progress", "save_every",
-                                                       "save_total_limit", "eval_every", "eval_batch_size",
-                                                       "num_processes"):
-                        problems.append(f"{section}.{key}: {before!r} -> {value!r}")
-        for key, value in self.fingerprints.items():
-            before = saved.get("fingerprints", {}).get(key)
-            if before != value:
-                problems.append(f"{key} changed (fingerprint {before} -> {value})")
-        if saved.get("num_processes", 1) != self.accelerator.num_processes:
-            problems.append(f"number of processes: {saved.get('num_processes')} -> {self.accelerator.num_processes}")
+        problems = ckpt.resume_differences(saved, config=self.cfg, fingerprints=self.fingerprints,
+                                           num_processes=self.accelerator.num_processes)
         if problems:
-            message = (f"cannot resume from {folder}: the run differs from the checkpoint's:\n  - "
-                       + "\n  - ".join(problems))
+            message = ckpt.resume_refusal_message(folder, problems)
             if self.cfg.train.allow_config_change:
-                log.warning("%s\nresuming anyway (--allow-config-change)", message)
+                log.warning("%s\nresuming anyway (--allow-config-change)", message.rsplit("\n", 1)[0])
             else:
-                raise CheckpointError(message + "\nUse another --output-dir, --overwrite to start over, or "
-                                      "--allow-config-change to resume anyway.")
+                raise CheckpointError(message)
 
     def _load_student_weights(self, folder: Path) -> None:
         load_training_weights(self.student, folder)
@@ -864,15 +842,6 @@ class DistillTrainer:
             "output_dir": str(self.output_dir),
             "num_processes": self.accelerator.num_processes,
         }
-
-
-def _stage_key(stage: Stage) -> dict[str, Any]:
-    """The stage's settings for the stages fingerprint; fields added later are left out while unset, so
-    that checkpoints written before they existed still resume."""
-    d = stage.to_dict()
-    if d.get("on_policy_fraction") is None:
-        d.pop("on_policy_fraction", None)
-    return d
 
 
 class _nullcontext:
