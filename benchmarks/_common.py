@@ -1,0 +1,160 @@
+"""Helpers shared by the benchmark scripts: machine and version stamps, load average, peak RSS, JSON/Markdown output.
+
+Not a benchmark itself. The scripts import it as ``_common`` (they put their own folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)",
+                               "Hypervisor vendor", "L2 cache", "L3 cache"):
+                info.setdefault("lscpu", {})[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.is_available()
+    except ImportError:
+        pass
+    return info
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "src_uncommitted_changes": dirty}
+
+
+def versions(extra: dict | None = None) -> dict:
+    import torch
+    import transformers
+
+    import pocl
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "pocl": pocl.__version__, **git_state()}
+    try:
+        import trl  # noqa: F401  (only in the separate TRL environment)
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        pass
+    out.update(extra or {})
+    return out
+
+
+def load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    """Current resident set size (VmRSS) of this process."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (VmHWM) since the process started or since :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``echo 5 > /proc/self/clear_refs``); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------------------- output
+def stats(values: list[float]) -> dict:
+    return {"n": len(values), "median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": [round(v, 4) for v in values]}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def header_md(title: str, result: dict) -> str:
+    m, v = result["machine"], result["versions"]
+    cpu = m.get("lscpu", {}).get("Model name") or m.get("cpu_model", "?")
+    lines = [f"# {title}", "",
+             f"Generated by `{result['command']}` on {result['created']} (wall time {result.get('wall_seconds')} s).",
+             "",
+             f"- machine: {cpu}, {m.get('cpu_count')} CPUs, {m.get('memory_gib')} GiB RAM, CUDA {m.get('cuda')}",
+             f"- versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}"
+             + (f", trl {v['trl']}" if "trl" in v else "")
+             + (f", trl (separate venv) {result['trl_version']}" if result.get("trl_version") else "")
+             + f", pocl {v['pocl']} at commit {v['commit']}"
+             + (f" (uncommitted changes under src/: {', '.join(v['src_uncommitted_changes'])})"
+                if v.get("src_uncommitted_changes") else ""),
+             f"- load average (1/5/15 min) before / after: {result.get('load_average', {}).get('before')} / "
+             f"{result.get('load_average', {}).get('after')}", ""]
+    return "\n".join(lines)
