@@ -20,6 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pocl.losses import auto_chunk_size
+
 GIB = 1024 ** 3
 
 
@@ -89,27 +91,31 @@ def build(micro_batch: int, length: int, chunk: int) -> dict:
     rows = []
     for t_key, s_key in PAIRS:
         t, s = ARCHS[t_key], ARCHS[s_key]
+        pair_chunk = auto_chunk_size(chunk, s.vocab)  # what the trainer uses (0: chosen from the vocabulary)
         for lora in (False, True):
             for ckpt in (False, True):
-                mem = step_memory(t, s, micro_batch=micro_batch, length=length, chunk=chunk,
+                mem = step_memory(t, s, micro_batch=micro_batch, length=length, chunk=pair_chunk,
                                   checkpointing=ckpt, lora=lora)
                 rows.append({"teacher": t.name, "student": s.name, "teacher_params": t.params,
-                             "student_params": s.params, "lora": lora, "checkpointing": ckpt, **mem})
+                             "student_params": s.params, "lora": lora, "checkpointing": ckpt,
+                             "chunk_size": pair_chunk, **mem})
     return {"micro_batch": micro_batch, "length": length, "chunk_size": chunk, "rows": rows}
 
 
 def markdown(result: dict) -> str:
+    chunk = result["chunk_size"]
     lines = [f"Micro-batch {result['micro_batch']} x length {result['length']}, loss chunk "
-             f"{result['chunk_size']} tokens; GiB per process with everything replicated (DDP).", "",
+             f"{'chosen from the vocabulary (--chunk-size 0, the default)' if chunk == 0 else f'{chunk} tokens'}; "
+             "GiB per process with everything replicated (DDP).", "",
              "| teacher → student | student training | act. ckpt | teacher bf16 | student weights | grads + Adam "
-             "| student act. | teacher act. | loss chunk | **total** |",
+             "| student act. | teacher act. | loss chunk (tokens) | **total** |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['teacher']} ({r['teacher_params'] / 1e9:.2f}B) → {r['student']} ({r['student_params'] / 1e9:.3f}B) "
             f"| {'LoRA, bf16 base' if r['lora'] else 'full, fp32 master'} | {'yes' if r['checkpointing'] else 'no'} "
             f"| {r['teacher_weights_bf16']:.1f} | {r['student_weights']:.1f} | {r['student_grads_and_adam']:.1f} "
-            f"| {r['student_activations']:.1f} | {r['teacher_activations']:.2f} | {r['loss_chunk']:.2f} "
+            f"| {r['student_activations']:.1f} | {r['teacher_activations']:.2f} | {r['loss_chunk']:.2f} ({r['chunk_size']}) "
             f"| **{r['total']:.1f}** |")
     return "\n".join(lines) + "\n"
 
@@ -118,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--length", type=int, default=512)
-    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--chunk-size", type=int, default=0, help="0: chosen from the vocabulary, as the trainer does")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory_arithmetic"))
     args = p.parse_args()
     result = build(args.micro_batch, args.length, args.chunk_size)

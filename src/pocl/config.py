@@ -148,12 +148,28 @@ class LossConfig(ConfigSection):
     seqkd_max_new_tokens: int = option(256, "seqkd: maximum new tokens of the teacher's responses (cut further "
                                        "to fit --max-length).")
     seqkd_batch_size: int = option(32, "seqkd: prompts per generation batch of the teacher.")
-    chunk_size: int = option(512, "Tokens per chunk of the loss computation; peak loss memory grows with "
-                             "chunk_size x vocabulary, not with batch x length x vocabulary.")
+    chunk_size: int = option(0, "Tokens per chunk of the loss computation; peak loss memory grows with chunk_size x "
+                             "vocabulary, not with batch x length x vocabulary. 0 (auto): the largest power of two "
+                             "up to 512 whose float32 temporaries (about 16 of [chunk, vocabulary]) fit in 1 GiB: "
+                             "512 up to a 32k vocabulary, 256 at 49k, 128 at 128k, 64 at 152k.")
     loss_path: Literal["auto", "fused", "logits"] = option(
         "auto", "fused: logits are computed chunk by chunk from hidden states (bounded memory); logits: the "
         "model's own full logits are used (for heads pocl cannot reproduce); auto: fused when a check at start "
         "shows it reproduces the model's logits.")
+    teacher_cache: Literal["off", "on"] = option(
+        "on", "on: run the teacher once over the training and dev data before the first step and store its top-k "
+        "logits per response token (plus the exact mass of the other tokens at every stage temperature) in "
+        "--teacher-cache-dir; later passes read them instead of running the teacher, and the divergence is taken "
+        "on the k + 1 buckets (exact when --teacher-cache-topk >= vocabulary; see docs/losses.md). On-policy "
+        "steps always use the live teacher. off: run the teacher at every step.")
+    teacher_cache_topk: int = option(
+        64, "Teacher tokens kept per response token in the teacher cache (the rest is one tail bucket); a value "
+        ">= the vocabulary size keeps every token (the live loss exactly, N x V values on disk).")
+    teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = option(
+        "float32", "Storage dtype of the cached teacher logits (the tail masses are always float32).")
+    teacher_cache_dir: str | None = option(
+        None, "Folder of the teacher cache (default: OUTPUT_DIR/teacher_cache). Reused when its stamp (teacher, "
+        "data, k, temperatures, dtype) matches, rebuilt otherwise.", metavar="PATH")
 
     def __post_init__(self) -> None:
         from pocl.losses import DIVERGENCES  # late import: the registry imports torch
@@ -161,13 +177,16 @@ class LossConfig(ConfigSection):
         self._check_literal("method")
         self._check_literal("temperature_scaling")
         self._check_literal("loss_path")
+        self._check_literal("teacher_cache")
+        self._check_literal("teacher_cache_dtype")
+        self._check(self.teacher_cache_topk >= 1, "teacher_cache_topk", "must be >= 1")
         if self.divergence not in DIVERGENCES:
             DIVERGENCES.canonical(self.divergence)  # raises UnknownNameError with a suggestion
         self._check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
         self._check(self.temperature > 0, "temperature", "must be > 0")
         self._check(0.0 <= self.jsd_lambda <= 1.0, "jsd_lambda", "must be in [0, 1]")
         self._check(0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]")
-        self._check(self.chunk_size > 0, "chunk_size", "must be > 0")
+        self._check(self.chunk_size >= 0, "chunk_size", "must be >= 0 (0: chosen from the vocabulary)")
         self._check(0.0 <= self.gjsd_beta <= 1.0, "gjsd_beta", "must be in [0, 1]")
         self._check(0.0 <= self.akl_mu <= 1.0, "akl_mu", "must be in [0, 1]")
         self._check(0.0 <= self.on_policy_fraction <= 1.0, "on_policy_fraction", "must be in [0, 1]")
@@ -457,6 +476,12 @@ class DistillConfig:
         for key in ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
                     "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes"):
             values["train"].pop(key, None)
+        values["loss"].pop("teacher_cache_dir", None)  # where the cache is kept does not change the weights
+        if values["loss"]["teacher_cache"] == "off":
+            # Without a cache its settings change nothing, and the hash stays that of a config from before
+            # these fields existed (such checkpoints resume).
+            for key in ("teacher_cache", "teacher_cache_topk", "teacher_cache_dtype"):
+                values["loss"].pop(key, None)
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
         return stable_hash(values)

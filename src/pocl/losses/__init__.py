@@ -14,11 +14,14 @@ from pocl.losses.divergences import (
 from pocl.losses.engine import (
     TEMPERATURE_SCALINGS,
     KDLossOutput,
+    TopKTeacher,
+    auto_chunk_size,
     chunked_kd_loss_from_logits,
     count_target_tokens,
     dense_kd_loss,
     fused_kd_loss,
     select_response_tokens,
+    teacher_top_k,
     temperature_scale,
 )
 
@@ -29,6 +32,8 @@ __all__ = [
     "Divergence",
     "DivergenceSpec",
     "KDLossOutput",
+    "TopKTeacher",
+    "auto_chunk_size",
     "chunked_kd_loss_from_logits",
     "count_target_tokens",
     "dense_kd_loss",
@@ -36,5 +41,6 @@ __all__ = [
     "make_divergence",
     "register_divergence",
     "select_response_tokens",
+    "teacher_top_k",
     "temperature_scale",
 ]

@@ -26,13 +26,18 @@ drift apart:
 * :func:`dense_kd_loss` — the plain autograd reference, memory-unbounded; used by the tests and
   benchmarks.
 
-The teacher is always treated as a constant: no gradient ever flows into teacher tensors.
+The teacher is always treated as a constant: no gradient ever flows into teacher tensors. It is
+given as hidden states + LM head, as logits, or as a cached :class:`TopKTeacher` (its k largest
+logits and the exact log-mass of the other tokens, made by :func:`teacher_top_k`): the divergence is
+then taken on the k + 1 buckets, exactly the full-vocabulary loss when k = V (docs/losses.md,
+"A cached teacher").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -42,17 +47,20 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from pocl.errors import ConfigError
-from pocl.losses.divergences import Divergence, make_divergence
+from pocl.losses.divergences import LOG_PROB_FLOOR, Divergence, make_divergence
 
 __all__ = [
     "TEMPERATURE_SCALINGS",
     "KDLossOutput",
+    "TopKTeacher",
     "chunked_kd_loss_from_logits",
     "count_target_tokens",
     "dense_kd_loss",
     "fused_kd_loss",
     "select_response_tokens",
+    "teacher_top_k",
     "temperature_scale",
+    "auto_chunk_size",
 ]
 
 LogitFn = Callable[[Tensor], Tensor]
@@ -137,6 +145,88 @@ def temperature_scale(temperature: float, temperature_scaling: str = "t2") -> fl
         f"got {temperature_scaling!r}")
 
 
+#: Memory budget of one loss chunk's float32 temporaries when the chunk size is chosen automatically.
+AUTO_CHUNK_BYTES: int = 1 << 30
+#: About this many float32 ``[chunk, V]`` tensors are alive at the peak of a fused chunk (both models'
+#: logits, softmaxes, mixtures and their gradients; measured in tests/losses/test_engine.py).
+_CHUNK_TEMPORARIES = 16
+
+
+def auto_chunk_size(chunk_size: int, vocab_size: int, *, largest: int = 512, smallest: int = 32) -> int:
+    """``chunk_size`` itself when > 0; for 0, the largest power of two in ``[smallest, largest]`` whose
+    temporaries fit :data:`AUTO_CHUNK_BYTES` at this vocabulary. A fixed 512 would hold 3.3 GiB at a
+    128k vocabulary, and was also slower there than 128 (benchmarks/results/scaling.md)."""
+    if chunk_size > 0:
+        return chunk_size
+    fits = AUTO_CHUNK_BYTES // (_CHUNK_TEMPORARIES * 4 * max(vocab_size, 1))
+    size = largest
+    while size > smallest and size > fits:
+        size //= 2
+    return size
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """The teacher at N token positions reduced to its k largest logits plus the exact log-mass of
+    the other V − k tokens: what the teacher-logit cache stores (:func:`teacher_top_k` makes it).
+
+    The losses then compare the two models on k + 1 buckets (the teacher's top-k tokens and one
+    tail bucket; docs/losses.md, "A cached teacher"). With k = V there is no tail and the loss is
+    the full-vocabulary loss.
+
+    Attributes:
+        token_ids: ``[N, k]`` int64 vocabulary ids of the teacher's k largest logits, ascending in
+            each row (so k = V is the identity order, and ties sort as in the full vocabulary).
+        logits: ``[N, k]`` the teacher's logits at ``token_ids`` (after its logit transform; any
+            float dtype: they are upcast in the loss).
+        tail_lse: ``[N, len(temperatures)]`` float: logsumexp over the other V − k tokens of
+            z / T, one column per temperature (−inf when k = V).
+        temperatures: the temperature of each column of ``tail_lse``.
+    """
+
+    token_ids: Tensor
+    logits: Tensor
+    tail_lse: Tensor
+    temperatures: tuple[float, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    def rows(self, start: int, end: int) -> "TopKTeacher":
+        """Token positions ``[start, end)``."""
+        return TopKTeacher(self.token_ids[start:end], self.logits[start:end], self.tail_lse[start:end],
+                           self.temperatures)
+
+    def to(self, device: torch.device | str) -> "TopKTeacher":
+        return TopKTeacher(self.token_ids.to(device), self.logits.to(device), self.tail_lse.to(device),
+                           self.temperatures)
+
+    def tail_at(self, temperature: float) -> Tensor:
+        """``[N]`` logsumexp of z / T over the tokens outside the top k, at ``temperature``."""
+        for column, t in enumerate(self.temperatures):
+            if math.isclose(t, temperature, rel_tol=1e-9, abs_tol=0.0):
+                return self.tail_lse[:, column]
+        raise ConfigError(
+            f"the cached teacher has tail masses at temperatures {list(self.temperatures)} only; the loss "
+            f"asks for T = {temperature} (rebuild the teacher cache with this temperature)")
+
+    def check(self, n: int, vocab_size: int) -> None:
+        """Raise ValueError unless this holds ``n`` positions with ids in ``[0, vocab_size)``."""
+        k = self.token_ids.shape[-1] if self.token_ids.dim() == 2 else -1
+        if (self.token_ids.dim() != 2 or self.token_ids.shape[0] != n or tuple(self.logits.shape) != (n, k)
+                or tuple(self.tail_lse.shape) != (n, len(self.temperatures))):
+            raise ValueError(
+                f"teacher_topk must hold token_ids and logits [{n}, k] and tail_lse [{n}, "
+                f"{len(self.temperatures)}] (one row per selected token); got {tuple(self.token_ids.shape)}, "
+                f"{tuple(self.logits.shape)} and {tuple(self.tail_lse.shape)}")
+        if self.token_ids.dtype != torch.int64:
+            raise ValueError(f"teacher_topk.token_ids must be int64; got {self.token_ids.dtype}")
+        if k > vocab_size or (n > 0 and (int(self.token_ids.min()) < 0
+                                         or int(self.token_ids.max()) >= vocab_size)):
+            raise ValueError(f"teacher_topk: k = {k} ids must lie in the shared vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class _Options:
     divergence: Divergence | None   # None iff not use_teacher
@@ -207,7 +297,39 @@ def _as_float(logits: Tensor, logit_fn: LogitFn | None) -> Tensor:
     return logits if logit_fn is None else logit_fn(logits)
 
 
-def _token_terms(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
+def _bucket_log_probs(student_logits: Tensor, teacher: TopKTeacher,
+                      temperature: float) -> tuple[Tensor, Tensor]:
+    """Both models' log-probabilities at temperature T on the buckets of a cached teacher.
+
+    Bucket j < k is the token ``teacher.token_ids[:, j]``; bucket k (present when k < V) holds the
+    total probability of the other V − k tokens, exact for both models: the teacher's from its
+    stored tail logsumexp, the student's from its full logits.
+
+    Args:
+        student_logits: ``[n, V]`` float (differentiable).
+        teacher: the cached teacher of these ``n`` positions.
+
+    Returns:
+        ``(student_logp, teacher_logp)``, both ``[n, k + 1]`` (``[n, k]`` when k = V).
+    """
+    scaled = student_logits / temperature
+    ids = teacher.token_ids
+    student_buckets = scaled.gather(-1, ids)
+    teacher_buckets = teacher.logits.to(scaled.dtype) / temperature
+    if ids.shape[-1] < scaled.shape[-1]:
+        # The student's tail is the logsumexp of its logits outside the teacher's top k, computed
+        # directly: 1 − Σ top-k probabilities would cancel catastrophically when the top k hold
+        # nearly all the mass. The top-k entries are set to the floor rather than −inf, and −inf
+        # logits are lifted to it, so that a tail of masked (−inf) logits gives finite values and
+        # gradients instead of NaN; exp(floor − max) is exactly 0 next to any ordinary logit.
+        rest = scaled.clamp(min=LOG_PROB_FLOOR).scatter(-1, ids, LOG_PROB_FLOOR)
+        student_buckets = torch.cat([student_buckets, torch.logsumexp(rest, -1, keepdim=True)], -1)
+        teacher_buckets = torch.cat(
+            [teacher_buckets, teacher.tail_at(temperature).to(scaled.dtype).unsqueeze(-1)], -1)
+    return torch.log_softmax(student_buckets, dim=-1), torch.log_softmax(teacher_buckets, dim=-1)
+
+
+def _token_terms(student_logits: Tensor, teacher: Tensor | TopKTeacher | None, targets: Tensor,
                  opts: _Options) -> tuple[Tensor, Tensor | None]:
     """Per-token CE (T = 1) and divergence (temperature T) of one chunk.
 
@@ -215,23 +337,31 @@ def _token_terms(student_logits: Tensor, teacher_logits: Tensor | None, targets:
 
     Args:
         student_logits: ``[n, V]`` float (already trimmed and transformed).
-        teacher_logits: ``[n, V]`` float, or None when ``not opts.use_teacher``.
+        teacher: ``[n, V]`` float logits, a :class:`TopKTeacher` of the ``n`` positions (the
+            divergence is then taken on its k + 1 buckets), or None when ``not opts.use_teacher``.
         targets: ``[n]`` int64 token ids in ``[0, V)``.
 
     Returns:
         ``(ce [n], divergence [n] or None)``: the true, unscaled values.
     """
-    student_logp = torch.log_softmax(student_logits, dim=-1)
-    ce = -student_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # At alpha = 1 the CE has weight 0 and is only logged; when the divergence does not reuse its
+    # T = 1 log-softmax (T != 1, or a cached teacher), keep it out of the autograd graph: its
+    # backward would be a full [n, V] pass multiplied by zero (the last POCL stage: T = 2, alpha = 1).
+    ce_logged_only = opts.alpha == 1.0 and (opts.temperature != 1.0 or isinstance(teacher, TopKTeacher))
+    with torch.no_grad() if ce_logged_only else contextlib.nullcontext():
+        student_logp = torch.log_softmax(student_logits, dim=-1)
+        ce = -student_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not opts.use_teacher:
         return ce, None
-    assert teacher_logits is not None and opts.divergence is not None
+    assert teacher is not None and opts.divergence is not None
+    if isinstance(teacher, TopKTeacher):
+        return ce, opts.divergence(*_bucket_log_probs(student_logits, teacher, opts.temperature))
     if opts.temperature != 1.0:
         # Temperature softens both models; the T = 1 log-softmax above serves CE only.
         student_logp = torch.log_softmax(student_logits / opts.temperature, dim=-1)
-        teacher_logp = torch.log_softmax(teacher_logits / opts.temperature, dim=-1)
+        teacher_logp = torch.log_softmax(teacher / opts.temperature, dim=-1)
     else:
-        teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+        teacher_logp = torch.log_softmax(teacher, dim=-1)
     return ce, opts.divergence(student_logp, teacher_logp)
 
 
@@ -277,6 +407,74 @@ def _requires_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _checked_topk(teacher_topk: TopKTeacher | None, n: int, opts: _Options) -> TopKTeacher | None:
+    """``teacher_topk`` after checking its shapes, ids and temperature (None passes through)."""
+    if teacher_topk is None:
+        return None
+    if not isinstance(teacher_topk, TopKTeacher):
+        raise ValueError(f"teacher_topk must be a pocl.losses.TopKTeacher; got {type(teacher_topk).__name__}")
+    teacher_topk.check(n, opts.vocab_size)
+    teacher_topk.tail_at(opts.temperature)  # raises when the cache lacks this temperature
+    return teacher_topk
+
+
+# --------------------------------------------------------------------------------------------
+# The cached teacher: top-k logits plus the exact tail
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_top_k(teacher_hidden: Tensor, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+                  *, k: int, temperatures: Sequence[float], vocab_size: int | None = None,
+                  chunk_size: int = 512, teacher_logit_fn: LogitFn | None = None) -> TopKTeacher:
+    """The teacher's k largest logits and the tail logsumexp at each temperature, chunk by chunk.
+
+    The logits are made exactly as the live loss makes them (same trimming, upcast and logit
+    transform), so a cached run differs from a live one only by the bucket approximation (none
+    when k >= V).
+
+    Args:
+        teacher_hidden: ``[N, H]`` hidden states of the selected positions with
+            ``teacher_weight [Vt, H]`` (and ``teacher_bias [Vt]`` or None), or ``[N, Vt]`` logits
+            with ``teacher_weight`` None.
+        k: tokens kept per position; clipped to the vocabulary (k >= V keeps all: exact).
+        temperatures: every temperature the loss will be asked for (a ``tail_lse`` column each).
+        vocab_size: shared vocabulary (the first columns are used; default: all).
+
+    Returns:
+        a :class:`TopKTeacher` with ``[N, min(k, V)]`` ids and logits and ``[N, len(temperatures)]``
+        tails, in the logits' float dtype (at least float32). Peak memory: O(chunk_size x V).
+    """
+    temps = tuple(float(t) for t in temperatures)
+    if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
+        raise ConfigError(f"teacher_top_k needs temperatures > 0; got {list(temperatures)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive int; got {k!r}")
+    rows = teacher_hidden.shape[1] if teacher_weight is None else teacher_weight.shape[0]
+    v = rows if vocab_size is None else _resolve_vocab(vocab_size, rows, None)
+    k = min(k, v)
+    n = teacher_hidden.shape[0]
+    dtype = torch.promote_types(teacher_hidden.dtype, torch.float32)
+    device = teacher_hidden.device
+    ids = torch.empty(n, k, dtype=torch.int64, device=device)
+    logits = torch.empty(n, k, dtype=dtype, device=device)
+    tails = torch.empty(n, len(temps), dtype=dtype, device=device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        if teacher_weight is None:
+            z = _as_float(teacher_hidden[start:end, :v], teacher_logit_fn)
+        else:
+            z = _linear_logits(teacher_hidden[start:end], teacher_weight[:v],
+                               None if teacher_bias is None else teacher_bias[:v], teacher_logit_fn)
+        top, idx = z.topk(k, dim=-1, sorted=False)
+        idx, order = idx.sort(dim=-1)
+        ids[start:end] = idx
+        logits[start:end] = top.gather(-1, order)
+        rest = z.scatter(-1, idx, float("-inf"))
+        for column, t in enumerate(temps):
+            tails[start:end, column] = torch.logsumexp(rest / t, dim=-1)
+    return TopKTeacher(ids, logits, tails, temps)
+
+
 # --------------------------------------------------------------------------------------------
 # Fused path: hidden states + LM-head weights
 # --------------------------------------------------------------------------------------------
@@ -288,9 +486,13 @@ def _linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def _teacher_chunk(t_hidden: Tensor | None, t_weight: Tensor | None, t_bias: Tensor | None,
-                   start: int, end: int, opts: _Options) -> Tensor | None:
+                   t_topk: TopKTeacher | None, start: int, end: int,
+                   opts: _Options) -> Tensor | TopKTeacher | None:
+    """The teacher side of tokens ``[start, end)``: logits from the head, or the cached rows."""
     if not opts.use_teacher:
         return None
+    if t_topk is not None:
+        return t_topk.rows(start, end)
     assert t_hidden is not None and t_weight is not None
     v = opts.vocab_size
     with torch.no_grad():  # the teacher is a constant
@@ -302,11 +504,12 @@ class _FusedLinearKD(torch.autograd.Function):
     """Chunked loss over tokens with gradients computed in forward (Liger's fused-linear idea).
 
     forward returns ``(loss, ce_sum, div_sum)``; only ``loss`` is differentiable. The saved
-    gradients are w.r.t. student hidden [N, H], weight [Vs, H] and bias [Vs].
+    gradients are w.r.t. student hidden [N, H], weight [Vs, H] and bias [Vs]. The teacher is
+    either ``t_hidden``/``t_weight``/``t_bias`` or a cached ``t_topk``.
     """
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, targets, opts):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_topk, targets, opts):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and s_bias is not None
         n, v = s_hidden.shape[0], opts.vocab_size
@@ -327,7 +530,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
         for start in range(0, n, opts.chunk_size):
             end = min(start + opts.chunk_size, n)
-            t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, start, end, opts)
+            t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, t_topk, start, end, opts)
             h_leaf = s_hidden[start:end].detach().requires_grad_(need_h)
             with torch.enable_grad():
                 s_logits = _linear_logits(h_leaf, w_leaf, b_leaf, opts.student_logit_fn)
@@ -365,10 +568,10 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         # The loss is linear in the upstream gradient: rescale the stored gradients.
         out = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
-def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, targets,
+def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_topk, targets,
                         opts: _Options) -> tuple[Tensor, Tensor, Tensor]:
     """Chunked values without any gradient work (evaluation, frozen student)."""
     v = opts.vocab_size
@@ -381,7 +584,7 @@ def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, 
         b = None if s_bias is None else s_bias[:v]
         for start in range(0, s_hidden.shape[0], opts.chunk_size):
             end = min(start + opts.chunk_size, s_hidden.shape[0])
-            t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, start, end, opts)
+            t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, t_topk, start, end, opts)
             s_logits = _linear_logits(s_hidden[start:end], w, b, opts.student_logit_fn)
             ce, div = _token_terms(s_logits, t_logits, targets[start:end], opts)
             c, d = ce.sum(), None if div is None else div.sum()
@@ -398,7 +601,8 @@ def fused_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: 
                   divergence: Divergence | str | None, temperature: float, alpha: float,
                   normalizer: float, vocab_size: int | None = None, chunk_size: int = 512,
                   temperature_scaling: str = "t2", student_logit_fn: LogitFn | None = None,
-                  teacher_logit_fn: LogitFn | None = None) -> KDLossOutput:
+                  teacher_logit_fn: LogitFn | None = None,
+                  teacher_topk: TopKTeacher | None = None) -> KDLossOutput:
     """KD loss from final hidden states and LM-head weights, never forming full logits.
 
     For each chunk of ``chunk_size`` tokens: ``logits = hidden @ W[:vocab_size].T
@@ -426,6 +630,9 @@ def fused_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: 
         temperature_scaling: ``"t2"`` (multiply the divergence by T²) or ``"none"``.
         student_logit_fn / teacher_logit_fn: elementwise differentiable transform of the
             float32 logits (e.g. Gemma's tanh soft-capping).
+        teacher_topk: a cached teacher (:class:`TopKTeacher`, N rows) instead of
+            ``teacher_hidden``/``teacher_weight`` (which must then be None): the divergence is
+            taken on its k + 1 buckets; CE is unchanged.
 
     Returns:
         :class:`KDLossOutput`. The loss connects to the student inputs even when N == 0.
@@ -444,7 +651,10 @@ def fused_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: 
     _check_targets(targets, n)
     use_teacher = _check_number("alpha", alpha) > 0.0
     teacher_rows = None
-    if use_teacher:
+    if use_teacher and teacher_topk is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give the teacher as teacher_hidden/teacher_weight or as teacher_topk, not both")
+    elif use_teacher:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight are required when alpha > 0")
         if teacher_hidden.dim() != 2 or teacher_weight.dim() != 2:
@@ -467,16 +677,17 @@ def fused_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: 
                          temperature_scaling=temperature_scaling,
                          student_logit_fn=student_logit_fn, teacher_logit_fn=teacher_logit_fn)
     if not use_teacher:
-        teacher_hidden = teacher_weight = teacher_bias = None
+        teacher_hidden = teacher_weight = teacher_bias = teacher_topk = None
+    teacher_topk = _checked_topk(teacher_topk, n, opts)
 
     if _requires_grad(student_hidden, student_weight, student_bias):
         loss, ce_sum, div_sum = _FusedLinearKD.apply(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-            teacher_bias, targets, opts)
+            teacher_bias, teacher_topk, targets, opts)
     else:
         loss, ce_sum, div_sum = _values_only_linear(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-            teacher_bias, targets, opts)
+            teacher_bias, teacher_topk, targets, opts)
     return KDLossOutput(loss, ce_sum.detach(), div_sum.detach(), n)
 
 
@@ -484,11 +695,22 @@ def fused_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: 
 # Chunked path from logits
 # --------------------------------------------------------------------------------------------
 
+def _teacher_logits_chunk(t_logits: Tensor | None, t_topk: TopKTeacher | None, start: int, end: int,
+                          opts: _Options) -> Tensor | TopKTeacher | None:
+    """The teacher side of tokens ``[start, end)`` from ``[N, Vt]`` logits or the cached rows."""
+    if not opts.use_teacher:
+        return None
+    if t_topk is not None:
+        return t_topk.rows(start, end)
+    with torch.no_grad():
+        return _as_float(t_logits[start:end, :opts.vocab_size], opts.teacher_logit_fn)
+
+
 class _ChunkedLogitsKD(torch.autograd.Function):
     """Chunked loss over tokens from ``[N, Vs]`` student logits; gradient computed in forward."""
 
     @staticmethod
-    def forward(ctx, s_logits, t_logits, targets, opts):
+    def forward(ctx, s_logits, t_logits, t_topk, targets, opts):
         n, v = s_logits.shape[0], opts.vocab_size
         device = s_logits.device
         acc = torch.promote_types(s_logits.dtype, torch.float32)
@@ -500,10 +722,7 @@ class _ChunkedLogitsKD(torch.autograd.Function):
         for start in range(0, n, opts.chunk_size):
             end = min(start + opts.chunk_size, n)
             leaf = s_logits[start:end, :v].detach().requires_grad_(True)
-            t_chunk = None
-            if opts.use_teacher:
-                with torch.no_grad():
-                    t_chunk = _as_float(t_logits[start:end, :v], opts.teacher_logit_fn)
+            t_chunk = _teacher_logits_chunk(t_logits, t_topk, start, end, opts)
             with torch.enable_grad():
                 ce, div = _token_terms(_as_float(leaf, opts.student_logit_fn), t_chunk,
                                        targets[start:end], opts)
@@ -524,16 +743,20 @@ class _ChunkedLogitsKD(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_ce, _grad_div):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
-                  alpha: float) -> int | None:
+                  alpha: float, teacher_topk: TopKTeacher | None) -> int | None:
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V]; got {tuple(student_logits.shape)}")
     n = student_logits.shape[0]
     _check_targets(targets, n)
     if _check_number("alpha", alpha) > 0.0:
+        if teacher_topk is not None:
+            if teacher_logits is not None:
+                raise ValueError("give the teacher as teacher_logits or as teacher_topk, not both")
+            return None
         if teacher_logits is None:
             raise ValueError("teacher_logits are required when alpha > 0")
         if teacher_logits.dim() != 2 or teacher_logits.shape[0] != n:
@@ -549,27 +772,30 @@ def chunked_kd_loss_from_logits(student_logits: Tensor, teacher_logits: Tensor |
                                 vocab_size: int | None = None, chunk_size: int = 512,
                                 temperature_scaling: str = "t2",
                                 student_logit_fn: LogitFn | None = None,
-                                teacher_logit_fn: LogitFn | None = None) -> KDLossOutput:
+                                teacher_logit_fn: LogitFn | None = None,
+                                teacher_topk: TopKTeacher | None = None) -> KDLossOutput:
     """KD loss from ``[N, Vs]`` student and ``[N, Vt]`` teacher logits, chunked over tokens.
 
     Same math and options as :func:`fused_kd_loss` (the first ``vocab_size`` columns of each
-    are compared). Only one chunk's float32 copies, softmaxes and mixtures are alive at a time;
-    the gradient w.r.t. ``student_logits`` (one ``[N, Vs]`` buffer in its dtype) is computed in
-    the forward pass. Use it for heads that are not a plain linear layer, or when logits exist
-    anyway (on-policy generation).
+    are compared; ``teacher_topk`` replaces ``teacher_logits`` with a cached teacher). Only one
+    chunk's float32 copies, softmaxes and mixtures are alive at a time; the gradient w.r.t.
+    ``student_logits`` (one ``[N, Vs]`` buffer in its dtype) is computed in the forward pass. Use
+    it for heads that are not a plain linear layer, or when logits exist anyway (on-policy
+    generation).
     """
-    teacher_cols = _check_logits(student_logits, teacher_logits, targets, alpha)
+    teacher_cols = _check_logits(student_logits, teacher_logits, targets, alpha, teacher_topk)
     v = _resolve_vocab(vocab_size, student_logits.shape[1], teacher_cols)
     opts = _make_options(divergence=divergence, temperature=temperature, alpha=alpha,
                          normalizer=normalizer, vocab_size=v, chunk_size=chunk_size,
                          temperature_scaling=temperature_scaling,
                          student_logit_fn=student_logit_fn, teacher_logit_fn=teacher_logit_fn)
     if not opts.use_teacher:
-        teacher_logits = None
+        teacher_logits = teacher_topk = None
     n = student_logits.shape[0]
+    teacher_topk = _checked_topk(teacher_topk, n, opts)
     if _requires_grad(student_logits):
-        loss, ce_sum, div_sum = _ChunkedLogitsKD.apply(student_logits, teacher_logits, targets,
-                                                       opts)
+        loss, ce_sum, div_sum = _ChunkedLogitsKD.apply(student_logits, teacher_logits, teacher_topk,
+                                                       targets, opts)
     else:
         acc = torch.promote_types(student_logits.dtype, torch.float32)
         loss = _zero(student_logits.device, acc)
@@ -579,8 +805,7 @@ def chunked_kd_loss_from_logits(student_logits: Tensor, teacher_logits: Tensor |
             for start in range(0, n, opts.chunk_size):
                 end = min(start + opts.chunk_size, n)
                 s = _as_float(student_logits[start:end, :v], opts.student_logit_fn)
-                t = None if teacher_logits is None else _as_float(teacher_logits[start:end, :v],
-                                                                  opts.teacher_logit_fn)
+                t = _teacher_logits_chunk(teacher_logits, teacher_topk, start, end, opts)
                 ce, div = _token_terms(s, t, targets[start:end], opts)
                 c, d = ce.sum(), None if div is None else div.sum()
                 loss += _combine(c, d, opts)
@@ -598,25 +823,24 @@ def dense_kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, targets
                   divergence: Divergence | str | None, temperature: float, alpha: float,
                   normalizer: float, vocab_size: int | None = None,
                   temperature_scaling: str = "t2", student_logit_fn: LogitFn | None = None,
-                  teacher_logit_fn: LogitFn | None = None) -> KDLossOutput:
+                  teacher_logit_fn: LogitFn | None = None,
+                  teacher_topk: TopKTeacher | None = None) -> KDLossOutput:
     """The plain, unchunked autograd implementation of the same loss (reference).
 
     Shapes as :func:`chunked_kd_loss_from_logits`. Every ``[N, V]`` temporary of the whole call
     is alive at once and autograd saves several for backward: memory grows with N × V. Use it
     for tests and benchmarks, not for training on real vocabularies.
     """
-    teacher_cols = _check_logits(student_logits, teacher_logits, targets, alpha)
+    teacher_cols = _check_logits(student_logits, teacher_logits, targets, alpha, teacher_topk)
     v = _resolve_vocab(vocab_size, student_logits.shape[1], teacher_cols)
     opts = _make_options(divergence=divergence, temperature=temperature, alpha=alpha,
                          normalizer=normalizer, vocab_size=v, chunk_size=1,
                          temperature_scaling=temperature_scaling,
                          student_logit_fn=student_logit_fn, teacher_logit_fn=teacher_logit_fn)
+    n = student_logits.shape[0]
+    teacher_topk = _checked_topk(teacher_topk if opts.use_teacher else None, n, opts)
     s = _as_float(student_logits[:, :v], opts.student_logit_fn)
-    t = None
-    if opts.use_teacher:
-        assert teacher_logits is not None
-        with torch.no_grad():
-            t = _as_float(teacher_logits[:, :v], opts.teacher_logit_fn)
+    t = _teacher_logits_chunk(teacher_logits, teacher_topk, 0, n, opts)
     ce, div = _token_terms(s, t, targets, opts)
     ce_sum = ce.sum()
     div_sum = None if div is None else div.sum()

@@ -200,7 +200,8 @@ def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None)
 # ------------------------------------------------------------------------------------------- resume checks
 #: Settings that do not change the trained weights: a resumed run may change them freely.
 RESUME_FREE_KEYS = ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
-                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes")
+                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes",
+                    "teacher_cache_dir")
 
 
 def newest_resume_state(folder: Path) -> tuple[Path, dict[str, Any]] | None:

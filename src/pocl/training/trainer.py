@@ -36,12 +36,13 @@ from pocl.config import DistillConfig
 from pocl.data import TokenizedDataset, TokenizedSample, collate
 from pocl.errors import CheckpointError, ConfigError, PoclError
 from pocl.generation import DecodingConfig
-from pocl.losses import (KDLossOutput, chunked_kd_loss_from_logits, count_target_tokens, fused_kd_loss,
-                         make_divergence, select_response_tokens)
+from pocl.losses import (KDLossOutput, TopKTeacher, auto_chunk_size, chunked_kd_loss_from_logits, count_target_tokens,
+                         fused_kd_loss, make_divergence, select_response_tokens, teacher_top_k)
 from pocl.models import (LMHead, hidden_states, load_training_weights, save_model_folder,
                          save_training_weights)
 from pocl.training import checkpoint as ckpt
 from pocl.training import onpolicy
+from pocl.training import teacher_cache as tcache
 from pocl.training.metrics import MetricsLogger
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
 from pocl.training.stages import Stage, check_stages
@@ -75,14 +76,17 @@ class StudentLoss(nn.Module):
                 teacher: dict[str, Any] | None, divergence, temperature: float, alpha: float,
                 normalizer: float) -> KDLossOutput:
         """``input_ids``/``attention_mask``/``labels``: [B, L]. ``teacher`` holds the teacher side of the
-        selected response positions: ``hidden`` [N, H_t] + ``head`` (fused) or ``logits`` [N, V]."""
+        selected response positions: ``hidden`` [N, H_t] + ``head`` (fused), ``logits`` [N, V], or
+        ``topk`` (a :class:`pocl.losses.TopKTeacher` read from the teacher cache)."""
+        teacher = teacher or {}
         opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, normalizer=normalizer,
-                    chunk_size=self.chunk_size, temperature_scaling=self.temperature_scaling)
+                    chunk_size=self.chunk_size, temperature_scaling=self.temperature_scaling,
+                    teacher_topk=teacher.get("topk"))
         if self.fused:
             hidden, targets = select_response_tokens(hidden_states(self.student, input_ids, attention_mask), labels)
             head = LMHead.from_model(self.student, self.vocab_size)
             t_hidden = t_w = t_b = t_fn = None
-            if teacher is not None:
+            if "hidden" in teacher:
                 t_hidden, t_head = teacher["hidden"], teacher["head"]
                 t_w, t_b, t_fn = t_head.weight, t_head.bias, t_head.logit_fn
             return fused_kd_loss(hidden, head.weight, head.bias, t_hidden, t_w, t_b, targets,
@@ -90,8 +94,7 @@ class StudentLoss(nn.Module):
                                  **opts)
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         sel, targets = select_response_tokens(logits[..., : self.vocab_size], labels)
-        t_logits = None if teacher is None else teacher["logits"]
-        return chunked_kd_loss_from_logits(sel, t_logits, targets, **opts)
+        return chunked_kd_loss_from_logits(sel, teacher.get("logits"), targets, **opts)
 
 
 @dataclasses.dataclass
@@ -215,7 +218,8 @@ class DistillTrainer:
             if hasattr(student.config, "use_cache"):
                 student.config.use_cache = False
         student.train()
-        self.module = StudentLoss(student, vocab_size, fused=fused, chunk_size=config.loss.chunk_size,
+        self.chunk_size = auto_chunk_size(config.loss.chunk_size, vocab_size)
+        self.module = StudentLoss(student, vocab_size, fused=fused, chunk_size=self.chunk_size,
                                   temperature_scaling=config.loss.temperature_scaling)
         self.module = accelerator.prepare_model(self.module)
         self.student = accelerator.unwrap_model(self.module).student
@@ -239,6 +243,9 @@ class DistillTrainer:
         self._stop_signal: int | None = None  # set by SIGINT/SIGTERM or request_stop()
         self.summary_extra: dict[str, Any] = {}  # added to summary.json (e.g. the ranking's timing)
         self._loss_cache: dict[tuple, Any] = {}
+        # The teacher caches of the training and dev data (pocl.training.teacher_cache), opened by train().
+        self.train_cache: tcache.TeacherCache | None = None
+        self.dev_cache: tcache.TeacherCache | None = None
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_stage(self, stage: Stage) -> list[int]:
@@ -349,14 +356,73 @@ class DistillTrainer:
         sel, _ = select_response_tokens(logits[..., : self.vocab_size], batch["labels"])
         return {"logits": sel}
 
+    def _teacher_top_k(self, batch: dict[str, Any], temperatures: Sequence[float]) -> TopKTeacher:
+        """The cache pass: the teacher's top-k logits and tails of a (CPU) batch's selected positions,
+        made from the same teacher side as the live loss."""
+        side = self._teacher_side(self._to_device(batch))
+        opts = dict(k=self.cfg.loss.teacher_cache_topk, temperatures=temperatures, vocab_size=self.vocab_size,
+                    chunk_size=self.chunk_size)
+        if "hidden" in side:
+            head = side["head"]
+            return teacher_top_k(side["hidden"], head.weight, head.bias, teacher_logit_fn=head.logit_fn, **opts)
+        return teacher_top_k(side["logits"], None, None, **opts)
+
+    def _teacher_cache_temperatures(self) -> list[float]:
+        """The temperatures of the stages with a KD term (every one is evaluated on the dev set, teacher
+        forced); empty when no step would read a cache (no teacher-forced KD step at all)."""
+        kd = [s for s in self.stages if s.alpha > 0]
+        if self.teacher is None or self.cfg.loss.teacher_cache != "on" or all(self._lambda_on(s) >= 1 for s in kd):
+            return []
+        return sorted({s.temperature for s in kd})
+
+    def _teacher_fingerprint(self) -> str:
+        """The pipeline's fingerprint of the teacher; without one (the trainer built directly), a hash
+        of its weights, so that a cache is never reused for another teacher."""
+        given = self.fingerprints.get("teacher")
+        if given:
+            return str(given)
+        h = hashlib.sha256()
+        for name, tensor in self.teacher.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return "weights-" + h.hexdigest()[:16]
+
+    def prepare_teacher_cache(self) -> None:
+        """Reuse, finish or build the teacher caches of the training and dev data (loss.teacher_cache on)."""
+        temperatures = self._teacher_cache_temperatures()
+        if not temperatures:
+            return
+        lc = self.cfg.loss
+        root = Path(lc.teacher_cache_dir) if lc.teacher_cache_dir else self.output_dir / "teacher_cache"
+        teacher = self._teacher_fingerprint()
+        dtype = str(next(self.teacher.parameters()).dtype).removeprefix("torch.")
+        infos = {}
+        for name, data in (("train", self.train_data), ("dev", self.dev_data)):
+            if data is None:
+                continue
+            stamp = tcache.cache_stamp(teacher_fingerprint=teacher, teacher_dtype=dtype,
+                                       data_fingerprint=tokenized_fingerprint(data), topk=lc.teacher_cache_topk,
+                                       temperatures=temperatures, dtype=lc.teacher_cache_dtype,
+                                       vocab_size=self.vocab_size)
+            cache, infos[name] = tcache.prepare_teacher_cache(
+                root / name, data, teacher_fn=lambda batch, t=stamp["temperatures"]: self._teacher_top_k(batch, t),
+                stamp=stamp, batch_size=self.cfg.train.micro_batch_size, pad_token_id=self.tokenizer.pad_token_id,
+                accelerator=self.accelerator, progress=self.cfg.train.progress, name=name)
+            setattr(self, f"{name}_cache", cache)
+        self.summary_extra["teacher_cache"] = infos
+
     def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float, *,
-                    on_policy: bool = False) -> KDLossOutput:
+                    on_policy: bool = False, cache: tcache.TeacherCache | None = None) -> KDLossOutput:
+        """The loss of one micro-batch; the teacher side comes from ``cache`` (by sample id) when given."""
         alpha = stage.alpha
         if on_policy and not self.cfg.loss.on_policy_ce and alpha > 0:
             # No CE on the student's own samples: alpha * s(T) * D / normalizer, computed as the engine's
             # alpha = 1 (CE weight 0) with the normaliser divided by alpha.
             alpha, normalizer = 1.0, normalizer / stage.alpha
-        teacher = self._teacher_side(batch) if alpha > 0 else None
+        teacher = None
+        if alpha > 0:
+            teacher = ({"topk": cache.lookup(batch["ids"]).to(self.device)} if cache is not None and not on_policy
+                       else self._teacher_side(batch))
         with self.accelerator.autocast():
             return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
                                divergence=self._divergence(stage), temperature=stage.temperature,
@@ -402,7 +468,7 @@ class DistillTrainer:
             last = j == len(micro) - 1
             ctx = acc.no_sync(self.module) if (world > 1 and not last) else _nullcontext()
             with ctx:
-                out = self._micro_loss(batch, stage, normalizer, on_policy=kind is not None)
+                out = self._micro_loss(batch, stage, normalizer, on_policy=kind is not None, cache=self.train_cache)
                 acc.backward(out.loss)
             loss_sum += float(out.loss.detach())
             ce_sum += float(out.ce_sum)
@@ -445,7 +511,7 @@ class DistillTrainer:
         samples = sorted((self.dev_data[i] for i in idx), key=lambda s: len(s.input_ids))
         for k in range(0, len(samples), bs):
             batch = self._to_device(collate(samples[k:k + bs], self.tokenizer.pad_token_id))
-            out = self._micro_loss(batch, stage, 1.0)
+            out = self._micro_loss(batch, stage, 1.0, cache=self.dev_cache)
             ce_sum += float(out.ce_sum)
             div_sum += float(out.divergence_sum)
             tokens += int(out.num_tokens)
@@ -629,6 +695,7 @@ class DistillTrainer:
         self._prepare_output_dir()
         self._resume_optimizer_from = None
         resumed = self._resume()
+        self.prepare_teacher_cache()  # after the resume check: a refused resume costs no teacher pass
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")

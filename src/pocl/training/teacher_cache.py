@@ -1,0 +1,321 @@
+"""The teacher-logit cache: the teacher runs once over the data; later passes read its top-k logits.
+
+POCL replays the easy samples in every stage (the default schedule makes 20 passes over the data),
+so a teacher-forced run evaluates the teacher on the same sample again and again. With
+``loss.teacher_cache on`` the trainer runs the teacher once over the training set (and the dev set)
+before the first step and stores, for every response token (the positions
+:func:`pocl.losses.select_response_tokens` selects), the teacher's k largest logits, their token
+ids, and the log-mass of all other tokens at every temperature of the schedule
+(:func:`pocl.losses.teacher_top_k`). Later steps read these rows instead of running the teacher,
+and the loss compares the two models on the k + 1 buckets (docs/losses.md, "A cached teacher");
+with k >= V it is the live loss. On-policy (GKD) steps score the student's own new samples and
+keep using the live teacher.
+
+Layout of one cache (``OUTPUT_DIR/teacher_cache/train/``, ``.../dev/``)::
+
+    shard-00000/        SHARD_SAMPLES samples of similar length, written atomically
+        token_ids.npy   [tokens, k] int32        the teacher's top-k token ids, ascending per row
+        logits.npy      [tokens, k]              their logits: float32, float16, or bfloat16 as uint16 bits
+        tail_lse.npy    [tokens, n_T] float32    logsumexp of z / T over the other tokens, per temperature
+        samples.json    the shard's sample ids and their token counts, in row order
+        manifest.json   size and sha256 of each file, the stamp hash and the shard number
+    manifest.json       written last: size and sha256 of every shard file, the stamp and its inputs
+
+Rows are found by **sample id** (never by step or position), so any shuffling, stage subset or
+micro-batch split reads the right rows. The **stamp** holds what the values depend on: the
+teacher's fingerprint and weight dtype, the tokenised data's fingerprint, k, the temperatures, the
+stored dtype, the vocabulary and the shard size. A cache whose stamp differs is rebuilt and the log
+says what changed.
+
+**Resumable and checked.** Every finished shard is a complete folder (temporary folder, manifest,
+rename: :func:`pocl.training.checkpoint.atomic_folder_write`). A pass killed midway leaves the
+finished shards and a temporary folder that the next start removes; that start computes only the
+shards that are missing. Every start verifies the sha256 of every file (the top manifest); a
+truncated or corrupt shard fails its checksum and is computed again, never read.
+
+**Several processes.** The main process checks the shards and broadcasts the list still to do; the
+processes compute them in rounds (shard ``round + rank``), the main process gathers and writes each
+round, the others wait at a barrier, and then every process reads the same cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pocl import __version__
+from pocl.configuration import stable_hash
+from pocl.data import TokenizedDataset, collate, group_by_length
+from pocl.errors import CheckpointError
+from pocl.losses import TopKTeacher
+from pocl.training import checkpoint as ckpt
+
+log = logging.getLogger("pocl.teacher_cache")
+
+FORMAT = "pocl-teacher-cache"
+FORMAT_VERSION = 1
+#: Samples per shard: the unit of atomic writing and of resuming. Shards hold samples of similar
+#: length (the length-sorted order of :func:`pocl.data.group_by_length`), so the cache pass pads
+#: little; a shard is about SHARD_SAMPLES x response tokens x k x 8 bytes (an int32 id and a float32
+#: logit; 6 with float16): ~13 MB for k = 64 and Dolly-length responses (~100 tokens).
+SHARD_SAMPLES = 256
+#: The stored dtypes of the logits (``loss.teacher_cache_dtype``); numpy has no bfloat16, so bfloat16
+#: logits are stored as their uint16 bits and viewed back as bfloat16 when read.
+DTYPES = ("float32", "float16", "bfloat16")
+
+__all__ = ["FORMAT_VERSION", "SHARD_SAMPLES", "TeacherCache", "cache_stamp", "prepare_teacher_cache", "shard_plan"]
+
+
+def cache_stamp(*, teacher_fingerprint: str, teacher_dtype: str, data_fingerprint: str | None, topk: int,
+                temperatures: Sequence[float], dtype: str, vocab_size: int) -> dict[str, Any]:
+    """What the cached values depend on (``k`` is the stored k: ``min(topk, vocab_size)``)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"teacher cache dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "teacher": teacher_fingerprint,
+            "teacher_dtype": teacher_dtype, "data": data_fingerprint, "k": min(int(topk), int(vocab_size)),
+            "temperatures": sorted({float(t) for t in temperatures}), "dtype": dtype,
+            "vocab_size": int(vocab_size), "shard_samples": SHARD_SAMPLES}
+
+
+def shard_plan(data: TokenizedDataset) -> list[list[int]]:
+    """Dataset indices of every shard: samples sorted by length (longest first, ties by index), cut
+    into SHARD_SAMPLES. A pure function of the data, so every process and every run agrees."""
+    return group_by_length(data.lengths, SHARD_SAMPLES)
+
+
+def _shard_name(j: int) -> str:
+    return f"shard-{j:05d}"
+
+
+def _stamp_hash(stamp: dict[str, Any]) -> str:
+    return stable_hash(stamp)[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    words = {"teacher": "teacher (fingerprint)", "data": "data (fingerprint)", "dtype": "stored dtype"}
+    parts = [f"{words.get(key, key)} {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new[key]]
+    return ", ".join(parts) or "another stamp"
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _compute_shard(indices: Sequence[int], data: TokenizedDataset, teacher_fn: Callable[[dict], TopKTeacher], *,
+                   batch_size: int, pad_token_id: int, dtype: str) -> dict[str, Any]:
+    """The teacher's rows of one shard's samples, in sample order: numpy arrays and the row index."""
+    ids, logits, tails, tokens = [], [], [], []
+    for start in range(0, len(indices), batch_size):
+        batch = collate([data[i] for i in indices[start:start + batch_size]], pad_token_id)
+        table = teacher_fn(batch)
+        # Rows per sample, by the rule of select_response_tokens (the next label is a target).
+        counts = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
+        if sum(counts) != table.num_tokens:
+            raise RuntimeError(f"teacher cache: the teacher returned {table.num_tokens} rows for {sum(counts)} "
+                               "response tokens")
+        tokens += counts
+        ids.append(table.token_ids.to(torch.int32).cpu())
+        stored = table.logits.to(getattr(torch, dtype)).cpu()
+        logits.append(stored.view(torch.uint16) if dtype == "bfloat16" else stored)
+        tails.append(table.tail_lse.to(torch.float32).cpu())
+    return {"token_ids": torch.cat(ids).numpy(), "logits": torch.cat(logits).numpy(),
+            "tail_lse": torch.cat(tails).numpy(), "ids": [data[i].id for i in indices], "tokens": tokens}
+
+
+def _write_shard(folder: Path, payload: dict[str, Any], *, stamp_hash: str, index: int) -> None:
+    def write(tmp: Path) -> None:
+        for name in ("token_ids", "logits", "tail_lse"):
+            np.save(tmp / f"{name}.npy", payload[name])
+        (tmp / "samples.json").write_text(json.dumps({"ids": payload["ids"], "tokens": payload["tokens"]}),
+                                          encoding="utf-8")
+
+    ckpt.atomic_folder_write(folder, write, manifest_extra={"stamp": stamp_hash, "shard": index,
+                                                             "tokens": int(sum(payload["tokens"]))})
+
+
+def _shard_is_sound(folder: Path, *, stamp_hash: str, index: int) -> bool:
+    """A finished shard of this stamp whose files match their checksums."""
+    manifest = _read_json(folder / ckpt.MANIFEST)
+    if manifest is None or manifest.get("stamp") != stamp_hash or manifest.get("shard") != index:
+        return False
+    try:
+        ckpt.verify_folder(folder)
+    except CheckpointError as exc:
+        log.warning("teacher cache: %s; computing the shard again", exc)
+        return False
+    return True
+
+
+def _shards_to_compute(root: Path, stamp: dict[str, Any], num_shards: int) -> tuple[list[int], str, str]:
+    """(shards to compute, action, why) from what is on disk; main process only.
+
+    ``action``: reused (complete and intact), repaired (damaged shards), rebuilt (another stamp),
+    resumed (an interrupted pass) or built."""
+    stamp_hash = _stamp_hash(stamp)
+    ckpt.clean_temporaries(root)  # the temporary folder of a shard whose write was killed
+    top = _read_json(root / ckpt.MANIFEST)
+    if top is not None and top.get("stamp") == stamp_hash:
+        try:
+            ckpt.verify_folder(root)
+            return [], "reused", "complete, every checksum matches"
+        except CheckpointError as exc:
+            action, why = "repaired", f"{exc}"
+    elif top is not None:
+        action, why = "rebuilt", f"it was built for another {_changes(top.get('stamp_inputs') or {}, stamp)}"
+    else:
+        action, why = "built", "no cache yet"
+    # From here on the folder is not a complete cache: the top manifest must not vouch for it.
+    (root / ckpt.MANIFEST).unlink(missing_ok=True)
+    todo = [j for j in range(num_shards) if not _shard_is_sound(root / _shard_name(j), stamp_hash=stamp_hash, index=j)]
+    if action == "built" and len(todo) < num_shards:
+        action, why = "resumed", f"an interrupted pass left {num_shards - len(todo)} of {num_shards} shards"
+    return todo, action, why
+
+
+def _finish(root: Path, stamp: dict[str, Any], num_shards: int) -> None:
+    """Drop folders of older plans, then write the top manifest (checksums of every shard file)."""
+    keep = {_shard_name(j) for j in range(num_shards)}
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("shard-") and p.name not in keep:
+            shutil.rmtree(p)
+    ckpt.write_manifest(root, {"kind": FORMAT, "stamp": _stamp_hash(stamp), "stamp_inputs": stamp,
+                               "shards": num_shards, "pocl_version": __version__})
+
+
+def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *, teacher_fn: Callable[[dict], TopKTeacher],
+                          stamp: dict[str, Any], batch_size: int, pad_token_id: int, accelerator=None,
+                          progress: bool = False, name: str = "train") -> tuple["TeacherCache", dict[str, Any]]:
+    """Reuse, complete or build the cache of ``data`` at ``root``; returns the reader and what was done.
+
+    ``teacher_fn(batch)`` runs the teacher on a collated batch (``input_ids``, ``attention_mask``,
+    ``labels`` [B, L]) and returns the :class:`TopKTeacher` of its selected positions (batch-major),
+    with ``stamp["k"]`` ids and the stamp's temperatures. Only the main process writes; with an
+    ``accelerator`` of several processes the shards are computed in rounds and gathered.
+
+    Returns ``(cache, info)``; ``info``: ``action`` (reused / built / resumed / repaired / rebuilt), ``reason``,
+    ``shards``, ``computed``, ``reused``, ``tokens``, ``seconds``, ``path``.
+    """
+    root = Path(root)
+    t0 = time.perf_counter()
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    main = rank == 0
+    plan = shard_plan(data)
+    stamp_hash = _stamp_hash(stamp)
+    todo, action, why = [], "", ""
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        todo, action, why = _shards_to_compute(root, stamp, len(plan))
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        todo, action, why = broadcast_object_list([todo, action, why])
+    if main and action != "reused":
+        log.info("teacher cache %s (%s data): %s; computing %d of %d shards", root, name, why, len(todo), len(plan))
+    bar = None
+    if progress and main and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(plan[j]) for j in todo), desc=f"teacher cache ({name})", unit="sample",
+                   dynamic_ncols=True, leave=False)
+    try:
+        for start in range(0, len(todo), world):
+            mine = todo[start + rank] if start + rank < len(todo) else None
+            payload = None if mine is None else _compute_shard(
+                plan[mine], data, teacher_fn, batch_size=batch_size, pad_token_id=pad_token_id, dtype=stamp["dtype"])
+            done = [(mine, payload)]
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                done = gather_object(done)  # one (shard, payload) per process, in rank order
+            if main:
+                for j, shard in done:
+                    if j is not None:
+                        _write_shard(root / _shard_name(j), shard, stamp_hash=stamp_hash, index=j)
+                        if bar is not None:
+                            bar.update(len(plan[j]))
+    finally:
+        if bar is not None:
+            bar.close()
+    if main and (todo or not (root / ckpt.MANIFEST).is_file()):
+        _finish(root, stamp, len(plan))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the others read only what the main process has finished
+    cache = TeacherCache(root)
+    info = {"action": action, "reason": why, "shards": len(plan), "computed": len(todo),
+            "reused": len(plan) - len(todo), "tokens": cache.num_tokens, "seconds": time.perf_counter() - t0,
+            "path": str(root)}
+    if main:
+        log.info("teacher cache %s (%s data): %s, %d shards (%d computed), %d tokens, k = %d, T in %s, %s, "
+                 "%.1f s", root, name, action, len(plan), len(todo), cache.num_tokens, stamp["k"],
+                 stamp["temperatures"], stamp["dtype"], info["seconds"])
+    return cache, info
+
+
+# ------------------------------------------------------------------------------------------- reading
+class TeacherCache:
+    """Read side of a complete cache: memory-mapped shards, rows looked up by sample id.
+
+    Opened only after :func:`prepare_teacher_cache` has verified (or written) every file.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest = _read_json(self.root / ckpt.MANIFEST)
+        if manifest is None or manifest.get("kind") != FORMAT:
+            raise CheckpointError(f"{self.root}: not a complete teacher cache (no readable {ckpt.MANIFEST})")
+        self.stamp: dict[str, Any] = manifest["stamp_inputs"]
+        self.temperatures = tuple(float(t) for t in self.stamp["temperatures"])
+        self._shards: list[dict[str, np.ndarray]] = []
+        self._where: dict[str, tuple[int, int, int]] = {}  # sample id -> (shard, first row, rows)
+        for j in range(int(manifest["shards"])):
+            folder = self.root / _shard_name(j)
+            index = json.loads((folder / "samples.json").read_text(encoding="utf-8"))
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                      for name in ("token_ids", "logits", "tail_lse")}
+            offsets = np.concatenate([[0], np.cumsum(index["tokens"], dtype=np.int64)])
+            for i, sample_id in enumerate(index["ids"]):
+                self._where[sample_id] = (j, int(offsets[i]), int(index["tokens"][i]))
+            self._shards.append(arrays)
+        self.num_tokens = sum(rows for _, _, rows in self._where.values())
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._where
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """Every cached sample id, in shard order."""
+        return list(self._where)
+
+    def lookup(self, sample_ids: Sequence[str]) -> TopKTeacher:
+        """The rows of these samples, concatenated in this order: the layout
+        :func:`pocl.losses.select_response_tokens` gives a batch of them (batch-major, then position).
+
+        Returns a CPU :class:`TopKTeacher`: ``token_ids`` [N, k] int64, ``logits`` [N, k] in the
+        stored dtype, ``tail_lse`` [N, n_T] float32.
+        """
+        parts = []
+        for sample_id in sample_ids:
+            if sample_id not in self._where:
+                raise KeyError(f"sample '{sample_id}' is not in the teacher cache {self.root}")
+            j, first, rows = self._where[sample_id]
+            parts.append({name: array[first:first + rows] for name, array in self._shards[j].items()})
+        token_ids = torch.from_numpy(np.concatenate([p["token_ids"] for p in parts])).long()
+        logits = torch.from_numpy(np.concatenate([p["logits"] for p in parts]))
+        if self.stamp["dtype"] == "bfloat16":
+            logits = logits.view(torch.bfloat16)
+        tail_lse = torch.from_numpy(np.concatenate([p["tail_lse"] for p in parts]))
+        return TopKTeacher(token_ids, logits, tail_lse, self.temperatures)
