@@ -5,9 +5,11 @@ states and LM-head weight: both LM heads, the softmaxes, the divergence (JSD, la
 backward. The transformer bodies are left out on purpose: their cost does not depend on the vocabulary and is the
 same for both implementations (see ``step_vs_trl.py`` for whole steps).
 
-* ``pocl_fused``  -- :func:`pocl.losses.fused_kd_loss` (its default ``chunk_size`` 512), forward + backward;
-* ``pocl_fused_chunk128`` -- the same with ``chunk_size`` 128 (128k-vocabulary cells up to 2048 tokens only: the
-  chunk's ``[chunk, V]`` temporaries dominate its memory there);
+* ``pocl_fused``  -- :func:`pocl.losses.fused_kd_loss` with the trainer's default chunk size
+  (:func:`pocl.losses.auto_chunk_size`: 512 tokens at 8k and 32k, 128 at 128k), forward + backward;
+* ``pocl_fused_chunk512`` -- the same with a fixed ``chunk_size`` 512, the default before the chunk size was chosen
+  from the vocabulary (128k-vocabulary cells up to 2048 tokens only: the chunk's ``[chunk, V]`` temporaries
+  dominate its memory there);
 * ``dense``       -- ``logits = hidden @ W.T`` for both models, :func:`pocl.losses.dense_kd_loss`, backward. Cells
   whose estimated dense peak exceeds ``--dense-limit-gib`` are skipped (the estimate is printed in the results).
 
@@ -46,7 +48,7 @@ DENSE_TENSORS = 14  # rough number of float32 [N, V] tensors alive at the dense 
 def worker(args) -> dict:
     import torch
 
-    from pocl.losses import dense_kd_loss, fused_kd_loss, make_divergence
+    from pocl.losses import auto_chunk_size, dense_kd_loss, fused_kd_loss, make_divergence
 
     torch.set_num_threads(args.threads)
     n, v = args.batch * args.length, args.vocab
@@ -57,7 +59,7 @@ def worker(args) -> dict:
     tw = torch.randn(v, H_TEACHER, generator=g) * 0.02
     targets = torch.randint(0, v, (n,), generator=g)
     div = make_divergence("jsd", lam=LAMBDA)
-    chunk = 128 if args.variant == "pocl_fused_chunk128" else 512
+    chunk = 512 if args.variant == "pocl_fused_chunk512" else auto_chunk_size(0, v)
 
     def step(m: int):
         sh.grad = sw.grad = None
@@ -108,10 +110,10 @@ def write_markdown(result: dict, path: Path) -> None:
               "teacher); N = batch x length tokens, all response tokens; float32; 1 torch thread. Memory = peak RSS "
               "increment over the inputs during the step.", "",
               "| vocab | length | batch | N | pocl fused s (median) | pocl MiB | dense s (median) | dense MiB | "
-              "dense / pocl time | fused chunk 128 s | chunk 128 MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "dense / pocl time | fused chunk 512 s | chunk 512 MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         f, d, f128 = c["variants"].get("pocl_fused", {}), c["variants"].get("dense", {}), \
-            c["variants"].get("pocl_fused_chunk128", {})
+            c["variants"].get("pocl_fused_chunk512", {})
 
         def cell(r, key):
             if not r:
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
         n = batch * length
         cell = {"vocab": vocab, "length": length, "batch": batch, "tokens": n, "variants": {}}
         repeats = args.large_repeats if n * vocab > 1e8 else args.repeats
-        variants = ["pocl_fused", "dense"] + (["pocl_fused_chunk128"] if vocab > 64000 and n <= 2048 else [])
+        variants = ["pocl_fused", "dense"] + (["pocl_fused_chunk512"] if vocab > 64000 and n <= 2048 else [])
         for variant in variants:
             est = DENSE_TENSORS * n * vocab * 4 / 2**30
             if variant == "dense" and est > args.dense_limit_gib:

@@ -127,6 +127,13 @@ class StepClock:
 
 
 # ---------------------------------------------------------------------------------------------- workers
+def _chunk(args) -> int:
+    """The chunk size pocl's trainer uses for this vocabulary (``--chunk-size 0``: its automatic choice)."""
+    from pocl.losses import auto_chunk_size
+
+    return auto_chunk_size(args.chunk_size, args.vocab)
+
+
 def worker_pocl_trainer(args, samples) -> dict:
     from pocl.config import DistillConfig
     from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
@@ -138,8 +145,10 @@ def worker_pocl_trainer(args, samples) -> dict:
                             TokenizationStats())
     out_dir = tempfile.mkdtemp(prefix="pocl-step-bench-")
     config = DistillConfig.from_dict({
+        # The live teacher at every step, like TRL's: the teacher-logit cache (on by default) would
+        # skip the teacher's forward pass and time a different step (benchmarks/teacher_cache.py).
         "loss": {"divergence": "jsd", "jsd_lambda": LAMBDA, "alpha": 1.0, "temperature": 1.0,
-                 "chunk_size": args.chunk_size},
+                 "chunk_size": args.chunk_size, "teacher_cache": "off"},
         "optim": {"lr": LR, "min_lr": LR, "weight_decay": 0.0, "lr_schedule": "constant", "max_grad_norm": 1.0},
         "train": {"output_dir": out_dir, "batch_size": args.batch, "micro_batch_size": args.batch,
                   "seed": 0, "progress": False, "tensorboard": False, "log_every": 10**6, "save_every": 10**6,
@@ -215,7 +224,7 @@ def worker_pocl_manual(args, samples) -> dict:
         t.append(time.perf_counter())
         out = fused_kd_loss(sh, s_head.weight, s_head.bias, th, t_head.weight, t_head.bias, targets, divergence=div,
                             temperature=1.0, alpha=1.0, normalizer=normalizer, vocab_size=args.vocab,
-                            chunk_size=args.chunk_size)
+                            chunk_size=_chunk(args))
         t.append(time.perf_counter())
         out.loss.backward()
         t.append(time.perf_counter())
@@ -231,7 +240,7 @@ def worker_pocl_manual(args, samples) -> dict:
     # forward, student head forward, and the two products of its backward (d hidden, d weight).
     head_seconds = []
     with torch.no_grad():
-        n, cs = th.shape[0], args.chunk_size
+        n, cs = th.shape[0], _chunk(args)
         g = torch.randn(min(cs, n), args.vocab)
         for _ in range(2):
             t0 = time.perf_counter()
@@ -406,7 +415,7 @@ def worker_verify(args, samples) -> dict:
     t_head, s_head = LMHead.from_model(teacher, args.vocab), LMHead.from_model(student, args.vocab)
     record("pocl_fused_jsd_lam_0.9", fused_kd_loss(sh, s_head.weight, None, th, t_head.weight, None, targets,
                                                    divergence=make_divergence("jsd", lam=LAMBDA), temperature=1.0,
-                                                   alpha=1.0, normalizer=n_tok, chunk_size=args.chunk_size).loss)
+                                                   alpha=1.0, normalizer=n_tok, chunk_size=_chunk(args)).loss)
     sh, _ = select_response_tokens(hidden_states(student, ids, mask), labels)
     div, _ = ChunkedDivergenceFunction.apply(sh, student.lm_head.weight, None, th, teacher.lm_head.weight, None,
                                              TRL_BETA, 1.0)
@@ -561,7 +570,8 @@ def main(argv=None) -> int:
     p.add_argument("--large-vocab-batch", type=int, default=4,
                    help="batch for vocab > 64k (batch 8 would need about 18 GiB for TRL's step on this 23 GiB machine)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--chunk-size", type=int, default=512, help="pocl's loss.chunk_size (its default)")
+    p.add_argument("--chunk-size", type=int, default=0, help="pocl's loss.chunk_size (default 0: chosen from the "
+                   "vocabulary, as pocl does: 512 at 32 000, 128 at 128 000)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON)
     p.add_argument("--verify-batch", type=int, default=2)
