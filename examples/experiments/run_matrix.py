@@ -733,6 +733,50 @@ def _cost_rows(records: list[dict], rows: list[str]) -> list[list[str]]:
     return out
 
 
+def paired_differences(records: list[dict], sets: list[str], metric: str = "rouge_l") -> list[dict]:
+    """KD + POCL minus plain KD, paired by divergence and training seed (the same seed gives both runs the
+    same initial order of the data and the same sampling seeds in evaluation): per set and Avg the mean and
+    sample std of the per-seed differences and the number of seeds on which POCL scored higher."""
+    kd = {(r["divergence"], r["seed"]): r for r in records
+          if r["group"] == "main" and r["method"] == "kd" and "scores" in r}
+    out = []
+    for div in dict.fromkeys(r["divergence"] for r in records if r["group"] == "main"):
+        pairs = [(r, kd[(div, r["seed"])]) for r in records
+                 if r["group"] == "main" and r["method"] == "pocl" and r["divergence"] == div and "scores" in r
+                 and (div, r["seed"]) in kd]
+        if not pairs:
+            continue
+        row = {"divergence": div, "seeds": [r["seed"] for r, _ in pairs], "cols": {}}
+        for col in sets + ["Avg"]:
+            d = [p["scores"][metric][col] - k["scores"][metric][col] for p, k in pairs]
+            mean = sum(d) / len(d)
+            std = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else float("nan")
+            row["cols"][col] = {"mean": mean, "std": std, "wins": sum(x > 0 for x in d), "n": len(d), "per_seed": d}
+        out.append(row)
+    return out
+
+
+def _paired_lines(records: list[dict], sets: list[str]) -> list[str]:
+    lines = []
+    for metric, title in (("rouge_l", "ROUGE-L"), ("exact_match", "exact match")):
+        rows = paired_differences(records, sets, metric)
+        if not rows:
+            continue
+        lines += [f"## KD + POCL minus KD, paired by seed ({title})", "",
+                  "Per divergence and set: mean ± sample std over the training seeds of (POCL run − KD run of the "
+                  "same seed), and on how many seeds POCL scored higher.", "",
+                  "| divergence | " + " | ".join(sets + ["Avg"]) + " |", "|" + "---|" * (len(sets) + 2)]
+        for r in rows:
+            cells = []
+            for col in sets + ["Avg"]:
+                c = r["cols"][col]
+                std = "" if math.isnan(c["std"]) else f" ± {c['std']:.2f}"
+                cells.append(f"{c['mean']:+.2f}{std} ({c['wins']}/{c['n']})")
+            lines.append(f"| {r['divergence'].upper()} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str]) -> str:
     from pocl.evaluation.report import results_table
 
@@ -747,6 +791,7 @@ def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str]) -> s
     for metric, title in (("rouge_l", "ROUGE-L"), ("exact_match", "Exact match")):
         text = results_table(table, metric)
         lines += [f"## {title}", "", text.replace("| model |", "| method |", 1), ""]
+    lines += _paired_lines(records, list(table["sets"]))
     header = ["method", "runs", "samples trained", "passes", "same budget as KD", "train s", "ranking s",
               "ranking share"]
     body = _cost_rows(records, rows)
@@ -807,6 +852,21 @@ def write_results(spec: Spec, plan: list[Run], evaluations: dict[str, dict | Non
             plot_eval_comparison([out / "tables" / f"{part}.json"], out / "plots" / f"{part}_rouge_l.png",
                                  title=f"ROUGE-L, {part} (error bars: std over training seeds)")
     return data
+
+
+def export_results(spec: Spec, dest: Path) -> list[Path]:
+    """Copy the matrix's results (tables, JSON, plots) into ``dest``, e.g. a documentation folder."""
+    written = []
+    for rel in ["results.md", "results.json"] + sorted(
+            str(p.relative_to(spec.output_dir)) for sub in ("tables", "plots")
+            for p in (spec.output_dir / sub).glob("*") if p.is_file()):
+        src, dst = spec.output_dir / rel, dest / rel
+        if not src.is_file():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        written.append(dst)
+    return written
 
 
 # ------------------------------------------------------------------------------------------ dry run
@@ -937,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-eval", action="store_true", help="Train only; the table shows cached evaluations.")
     p.add_argument("--table-only", action="store_true", help="No training or evaluation: rebuild the tables.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars in the evaluations.")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="Afterwards copy results.md, results.json, tables/ and plots/ into DIR (e.g. docs/results/).")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(message)s")
@@ -959,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_matrix: error: {exc}", file=sys.stderr)
         return 2
     print(f"results: {spec.output_dir / 'results.md'}, {spec.output_dir / 'results.json'}")
+    if args.export:
+        for path in export_results(spec, Path(args.export)):
+            print(f"exported {path}")
     return 0
 
 

@@ -125,6 +125,27 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
     assert (out / "plots" / "main_rouge_l.png").stat().st_size > 10_000
     assert (out / "plots" / "ablations_rouge_l.png").is_file()
 
+    # POCL - KD paired by seed, against the per-run scores; the Markdown shows it with the win count
+    for metric in ("rouge_l", "exact_match"):
+        paired = {r["divergence"]: r for r in rm.paired_differences(data["runs"], ["suite", "other"], metric)}
+        assert set(paired) == {"fkl", "rkl"}
+        for div, row in paired.items():
+            for col in ("suite", "other", "Avg"):
+                diffs = [runs[f"pocl-{div}-s{s}"]["scores"][metric][col] - runs[f"kd-{div}-s{s}"]["scores"][metric][col]
+                         for s in (1, 2)]
+                c = row["cols"][col]
+                assert c["per_seed"] == pytest.approx(diffs) and (c["mean"], c["std"]) == pytest.approx(mean_std(diffs))
+                assert c["wins"] == sum(d > 0 for d in diffs) and c["n"] == 2
+    c = rm.paired_differences(data["runs"], ["suite", "other"])[0]["cols"]["suite"]
+    assert "## KD + POCL minus KD, paired by seed (ROUGE-L)" in md
+    assert f"| FKL | {c['mean']:+.2f} ± {c['std']:.2f} ({c['wins']}/2) |" in md
+
+    # --export copies the tables and plots (e.g. into the documentation)
+    dest = tmp_path / "exported"
+    written = rm.export_results(rm.load_spec(spec_path), dest)
+    assert (dest / "results.md").read_text() == md and (dest / "plots" / "main_rouge_l.png").is_file()
+    assert (dest / "tables" / "main.json").is_file() and len(written) >= 6
+
     # a rerun trains nothing and evaluates nothing (cached), and rebuilds the same table
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("eval/*/results.json")}
     summaries = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
