@@ -29,10 +29,9 @@ from typing import Any
 import torch
 
 from pocl.config import DistillConfig
-from pocl.data import (TEMPLATE_PHRASES, build_tokenizer, generate_suite, get_template, load_records, suite_texts, tokenize_prompts,
+from pocl.data import (TEMPLATE_PHRASES, build_tokenizer, generate_suite, get_template, load_records, suite_texts,
                        tokenize_records)
-from pocl.evaluation import exact_match, rouge_l
-from pocl.generation import DecodingConfig, generate
+from pocl.generation import DecodingConfig
 from pocl.training import checkpoint as ckpt
 from pocl.training.stages import Stage
 from pocl.training.trainer import DistillTrainer
