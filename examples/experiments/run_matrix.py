@@ -560,7 +560,8 @@ def _add_options(folder: str, options: dict) -> None:
 
 
 def rank_config(spec: Spec, plan: list[Run]) -> dict:
-    """The ``pocl rank`` config: the first POCL run's, with the paper's measurer (both signals)."""
+    """The ``pocl rank`` config: the first POCL run's of ``plan``, with the paper's measurer (both signals).
+    Only the model, data and measurer settings matter for the ranking (they are its stamp)."""
     first = next(r for r in plan if r.is_pocl)
     config = _merge(first.config, {"train": {"output_dir": str(spec.output_dir / "ranking")},
                                    "curriculum": {"measurer": "rrf"}})
@@ -588,7 +589,8 @@ def train_all(spec: Spec, plan: list[Run], *, in_process: bool, rerun_changed: b
                           "Delete their folders under " + str(spec.output_dir / "runs") + " or pass --rerun-changed.")
     todo = [r for r in plan if r.config is not None and statuses[r.name][0] != "done"]
     if any(r.is_pocl for r in todo):
-        cfg = _write_yaml(spec.output_dir / "configs" / "ranking.yaml", rank_config(spec, plan))
+        # from the whole matrix, not this --only selection: ranking.yaml is then the same file on every call
+        cfg = _write_yaml(spec.output_dir / "configs" / "ranking.yaml", rank_config(spec, build_plan(spec)))
         if run_pocl(_command("rank", cfg, []), spec.output_dir / "logs" / "ranking.log", in_process=in_process):
             raise PoclError(f"pocl rank failed; see {spec.output_dir / 'logs' / 'ranking.log'}")
     result = {n: s for n, (s, _) in statuses.items()}
@@ -734,9 +736,10 @@ def _cost_rows(records: list[dict], rows: list[str]) -> list[list[str]]:
 
 
 def paired_differences(records: list[dict], sets: list[str], metric: str = "rouge_l") -> list[dict]:
-    """KD + POCL minus plain KD, paired by divergence and training seed (the same seed gives both runs the
-    same initial order of the data and the same sampling seeds in evaluation): per set and Avg the mean and
-    sample std of the per-seed differences and the number of seeds on which POCL scored higher."""
+    """KD + POCL minus plain KD, paired by divergence and training seed: per set and Avg the mean and
+    sample std of the per-seed differences and the number of seeds on which POCL scored higher. (All runs
+    start from the same initial student and use the same evaluation seeds; the training seed sets the
+    shuffling, so the pairing is a convention and the win count says whether the sign is consistent.)"""
     kd = {(r["divergence"], r["seed"]): r for r in records
           if r["group"] == "main" and r["method"] == "kd" and "scores" in r}
     out = []

@@ -165,6 +165,13 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
     assert {r["name"]: r for r in again["runs"]}["kd-rkl-s2"]["samples_trained"] == 120
     assert list(again["table"]["models"]) == rows  # runs outside --only keep their cached evaluations
 
+    # the ranking config comes from the whole matrix, whatever --only selects: the same file every time
+    ranking_yaml = (out / "configs" / "ranking.yaml").read_text()
+    shutil.rmtree(out / "runs" / "pocl-rkl-s2" / "final")  # another divergence and seed than the first POCL run
+    (out / "runs" / "pocl-rkl-s2" / "summary.json").unlink()
+    assert rm.main([str(spec_path), "--in-process", "--no-progress", "--only", "pocl-rkl-s2"]) == 0
+    assert (out / "configs" / "ranking.yaml").read_text() == ranking_yaml
+
     # a finished run whose config no longer matches the spec stops the runner with the differences
     changed = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out, models=models)
     values = yaml.safe_load(changed.read_text())
