@@ -98,6 +98,9 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
             assert table["models"][row]["avg"][metric]["mean"] == pytest.approx(sum(avg) / 2)
         cell = table["models"][row]["sets"]["suite"]["rouge_l"]
         assert f"| {row} | {cell['mean']:.2f} ± {cell['std']:.2f} |" in md
+    # a row with one training seed (the ablation) shows its score alone: a "± 0.00" would claim a spread
+    cell = table["models"]["FKL+POCL, random order"]["sets"]["suite"]["rouge_l"]
+    assert cell["seeds"] == [1] and f"| FKL+POCL, random order | {cell['mean']:.2f} | " in md
     teacher = json.loads((out / "eval" / "teacher" / "results.json").read_text())["models"]["teacher"]
     assert table["models"]["teacher"]["sets"]["other"]["rouge_l"]["mean"] == teacher["sets"]["other"]["rouge_l"]["mean"]
     assert teacher["sets"]["suite"]["n"] == 6 and teacher["sets"]["suite"]["rouge_l"]["seeds"] == [3, 4]

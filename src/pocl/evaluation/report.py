@@ -15,7 +15,8 @@ METRIC_TITLES = {"rouge_l": "ROUGE-L", "exact_match": "Exact match"}
 def _cell(entry: Mapping[str, Any] | None, digits: int = 2, with_std: bool = True) -> str:
     if not entry or entry.get("mean") is None:
         return "–"
-    if not with_std:
+    # one value (e.g. a row trained with one seed in a table of several): there is no spread to show
+    if not with_std or len(entry.get("seeds") or (None, None)) < 2:
         return f"{entry['mean']:.{digits}f}"
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
