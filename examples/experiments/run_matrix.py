@@ -740,6 +740,8 @@ def paired_differences(records: list[dict], sets: list[str], metric: str = "roug
     sample std of the per-seed differences and the number of seeds on which POCL scored higher. (All runs
     start from the same initial student and use the same evaluation seeds; the training seed sets the
     shuffling, so the pairing is a convention and the win count says whether the sign is consistent.)"""
+    from pocl.evaluation.metrics import mean_std
+
     kd = {(r["divergence"], r["seed"]): r for r in records
           if r["group"] == "main" and r["method"] == "kd" and "scores" in r}
     out = []
@@ -752,8 +754,8 @@ def paired_differences(records: list[dict], sets: list[str], metric: str = "roug
         row = {"divergence": div, "seeds": [r["seed"] for r, _ in pairs], "cols": {}}
         for col in sets + ["Avg"]:
             d = [p["scores"][metric][col] - k["scores"][metric][col] for p, k in pairs]
-            mean = sum(d) / len(d)
-            std = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else float("nan")
+            mean, std = mean_std(d)
+            std = std if len(d) > 1 else float("nan")  # one pair: no spread (not 0)
             row["cols"][col] = {"mean": mean, "std": std, "wins": sum(x > 0 for x in d), "n": len(d), "per_seed": d}
         out.append(row)
     return out
