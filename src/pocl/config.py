@@ -156,20 +156,35 @@ class LossConfig(ConfigSection):
         "auto", "fused: logits are computed chunk by chunk from hidden states (bounded memory); logits: the "
         "model's own full logits are used (for heads pocl cannot reproduce); auto: fused when a check at start "
         "shows it reproduces the model's logits.")
-    teacher_cache: Literal["off", "on"] = option(
-        "on", "on: run the teacher once over the training and dev data before the first step and store its top-k "
-        "logits per response token (plus the exact mass of the other tokens at every stage temperature) in "
-        "--teacher-cache-dir; later passes read them instead of running the teacher, and the divergence is taken "
-        "on the k + 1 buckets (exact when --teacher-cache-topk >= vocabulary; see docs/losses.md). On-policy "
-        "steps always use the live teacher. off: run the teacher at every step.")
+    teacher_cache: Literal["off", "hidden", "topk"] = option(
+        "hidden", "hidden (exact, the default): run the teacher once over the training and dev data before the first "
+        "step and store its final hidden states per response token in --teacher-cache-dir; later passes read them "
+        "and recompute the teacher's logits through its LM head inside the fused loss (the full-vocabulary "
+        "divergence at every temperature, without the teacher's body). topk (an APPROXIMATION): store the top-k "
+        "logits plus one tail bucket; the divergence becomes a lower bound whose gap grows with T, so it is measured "
+        "at every stage temperature and refused above --teacher-cache-max-error unless --accept-approximation "
+        "topk-cache. off: run the teacher at every step. On-policy steps always use the live teacher; with the "
+        "unfused loss path (--loss-path logits) hidden falls back to the live teacher.")
     teacher_cache_topk: int = option(
-        64, "Teacher tokens kept per response token in the teacher cache (the rest is one tail bucket); a value "
-        ">= the vocabulary size keeps every token (the live loss exactly, N x V values on disk).")
+        64, "topk cache: teacher tokens kept per response token (the rest is one tail bucket); a value >= the "
+        "vocabulary size keeps every token (exact, N x V values on disk).")
     teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = option(
-        "float32", "Storage dtype of the cached teacher logits (the tail masses are always float32).")
+        "float32", "Storage dtype of the cached hidden states or top-k logits (tails are always float32). float16 and "
+        "bfloat16 halve the disk and are approximations: their error is measured like topk's.")
     teacher_cache_dir: str | None = option(
-        None, "Folder of the teacher cache (default: OUTPUT_DIR/teacher_cache). Reused when its stamp (teacher, "
-        "data, k, temperatures, dtype) matches, rebuilt otherwise.", metavar="PATH")
+        None, "Folder of the teacher cache (default: OUTPUT_DIR/teacher_cache). Reused when its stamp (kind, teacher, "
+        "data, dtype; k and temperatures for topk) matches, rebuilt otherwise.", metavar="PATH")
+    teacher_cache_max_error: float = option(
+        0.01, "Largest relative error of the divergence (cached vs live teacher, measured on the first "
+        "--teacher-cache-check-samples training samples at every stage temperature with the initial student) that "
+        "an approximate cache may have; above it the run stops unless --accept-approximation names it.")
+    teacher_cache_check_samples: int = option(
+        16, "Training samples on which an approximate teacher cache is compared with the live teacher before "
+        "training (the errors are logged and written to summary.json).")
+    accept_approximation: Literal["none", "topk-cache", "half-precision-cache"] = option(
+        "none", "Accept a teacher signal that changes the objective by more than --teacher-cache-max-error: "
+        "topk-cache (--teacher-cache topk) or half-precision-cache (--teacher-cache-dtype float16/bfloat16). The "
+        "measured error is still logged and recorded.")
 
     def __post_init__(self) -> None:
         from pocl.losses import DIVERGENCES  # late import: the registry imports torch
@@ -177,9 +192,15 @@ class LossConfig(ConfigSection):
         self._check_literal("method")
         self._check_literal("temperature_scaling")
         self._check_literal("loss_path")
+        if self.teacher_cache in ("on", True):
+            raise ConfigError("loss.teacher_cache: 'on' was the top-k cache, an approximation of the objective; use "
+                              "hidden (exact, the default), topk (an approximation) or off")
         self._check_literal("teacher_cache")
         self._check_literal("teacher_cache_dtype")
+        self._check_literal("accept_approximation")
         self._check(self.teacher_cache_topk >= 1, "teacher_cache_topk", "must be >= 1")
+        self._check(self.teacher_cache_max_error >= 0, "teacher_cache_max_error", "must be >= 0")
+        self._check(self.teacher_cache_check_samples >= 1, "teacher_cache_check_samples", "must be >= 1")
         if self.divergence not in DIVERGENCES:
             DIVERGENCES.canonical(self.divergence)  # raises UnknownNameError with a suggestion
         self._check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
@@ -482,6 +503,8 @@ class DistillConfig:
             # these fields existed (such checkpoints resume).
             for key in ("teacher_cache", "teacher_cache_topk", "teacher_cache_dtype"):
                 values["loss"].pop(key, None)
+        for key in ("teacher_cache_max_error", "teacher_cache_check_samples", "accept_approximation"):
+            values["loss"].pop(key, None)  # checks before training: they stop a run or not, never change its weights
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
         return stable_hash(values)

@@ -201,7 +201,8 @@ def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None)
 #: Settings that do not change the trained weights: a resumed run may change them freely.
 RESUME_FREE_KEYS = ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
                     "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes",
-                    "teacher_cache_dir")
+                    "teacher_cache_dir", "teacher_cache_max_error", "teacher_cache_check_samples",
+                    "accept_approximation")
 
 
 def newest_resume_state(folder: Path) -> tuple[Path, dict[str, Any]] | None:

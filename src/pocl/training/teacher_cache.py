@@ -1,31 +1,41 @@
-"""The teacher-logit cache: the teacher runs once over the data; later passes read its top-k logits.
+"""The teacher cache: the teacher runs once over the data; later passes read what it stored.
 
 POCL replays the easy samples in every stage (the default schedule makes 20 passes over the data),
-so a teacher-forced run evaluates the teacher on the same sample again and again. With
-``loss.teacher_cache on`` the trainer runs the teacher once over the training set (and the dev set)
-before the first step and stores, for every response token (the positions
-:func:`pocl.losses.select_response_tokens` selects), the teacher's k largest logits, their token
-ids, and the log-mass of all other tokens at every temperature of the schedule
-(:func:`pocl.losses.teacher_top_k`). Later steps read these rows instead of running the teacher,
-and the loss compares the two models on the k + 1 buckets (docs/losses.md, "A cached teacher");
-with k >= V it is the live loss. On-policy (GKD) steps score the student's own new samples and
-keep using the live teacher.
+so a teacher-forced run evaluates the teacher on the same sample again and again. With a teacher
+cache (``loss.teacher_cache``) the trainer runs the teacher once over the training set (and the
+dev set) before the first step and stores, for every response token (the positions
+:func:`pocl.losses.select_response_tokens` selects), one of two things:
+
+``hidden`` (the default; exact)
+    the teacher's final hidden states ``[tokens, H]``. The loss recomputes the teacher's logits
+    through its LM head inside each fused loss chunk, so the divergence is the full-vocabulary one
+    at any temperature; only the teacher's body is skipped. Stored in float32 this is the live
+    loss up to float reordering; float16 / bfloat16 are declared approximations whose error is
+    measured and logged (:mod:`pocl.training.teacher_signal`).
+``topk`` (a declared approximation)
+    the teacher's k largest logits, their ids, and the log-mass of all other tokens at every
+    temperature of the schedule (:func:`pocl.losses.teacher_top_k`). The divergence is then taken
+    on k + 1 buckets: a lower bound of the real one whose gap grows with T (docs/losses.md).
+
+On-policy (GKD) steps score the student's own new samples and keep using the live teacher.
 
 Layout of one cache (``OUTPUT_DIR/teacher_cache/train/``, ``.../dev/``)::
 
     shard-00000/        SHARD_SAMPLES samples of similar length, written atomically
-        token_ids.npy   [tokens, k] int32        the teacher's top-k token ids, ascending per row
-        logits.npy      [tokens, k]              their logits: float32, float16, or bfloat16 as uint16 bits
-        tail_lse.npy    [tokens, n_T] float32    logsumexp of z / T over the other tokens, per temperature
+        hidden.npy      [tokens, H]      (hidden) the teacher's final hidden states
+        token_ids.npy   [tokens, k] int32 (topk) the teacher's top-k token ids, ascending per row
+        logits.npy      [tokens, k]      (topk) their logits
+        tail_lse.npy    [tokens, n_T] float32 (topk) logsumexp of z / T over the other tokens, per T
         samples.json    the shard's sample ids and their token counts, in row order
         manifest.json   size and sha256 of each file, the stamp hash and the shard number
     manifest.json       written last: size and sha256 of every shard file, the stamp and its inputs
 
-Rows are found by **sample id** (never by step or position), so any shuffling, stage subset or
-micro-batch split reads the right rows. The **stamp** holds what the values depend on: the
-teacher's fingerprint and weight dtype, the tokenised data's fingerprint, k, the temperatures, the
-stored dtype, the vocabulary and the shard size. A cache whose stamp differs is rebuilt and the log
-says what changed.
+Float arrays are stored in the stamp's dtype (float32, float16, or bfloat16 as uint16 bits: numpy
+has no bfloat16). Rows are found by **sample id** (never by step or position), so any shuffling,
+stage subset or micro-batch split reads the right rows. The **stamp** holds what the values depend
+on: the kind, the teacher's fingerprint and weight dtype, the tokenised data's fingerprint, the
+stored dtype, the vocabulary, the shard size, and for ``topk`` k and the temperatures. A cache
+whose stamp differs is rebuilt and the log says what changed.
 
 **Resumable and checked.** Every finished shard is a complete folder (temporary folder, manifest,
 rename: :func:`pocl.training.checkpoint.atomic_folder_write`). A pass killed midway leaves the
@@ -61,28 +71,47 @@ from pocl.training import checkpoint as ckpt
 log = logging.getLogger("pocl.teacher_cache")
 
 FORMAT = "pocl-teacher-cache"
-FORMAT_VERSION = 1
+#: 2: the ``kind`` (hidden or topk) and the arrays per kind (version 1 stored top-k rows only).
+FORMAT_VERSION = 2
 #: Samples per shard: the unit of atomic writing and of resuming. Shards hold samples of similar
 #: length (the length-sorted order of :func:`pocl.data.group_by_length`), so the cache pass pads
-#: little; a shard is about SHARD_SAMPLES x response tokens x k x 8 bytes (an int32 id and a float32
-#: logit; 6 with float16): ~13 MB for k = 64 and Dolly-length responses (~100 tokens).
+#: little. A shard is about SHARD_SAMPLES x response tokens x bytes per token: 4 H for ``hidden``
+#: in float32 (2 H in float16), 8 k for ``topk`` in float32; ~60 MB for H = 576 and Dolly-length
+#: responses (~100 tokens) in float32.
 SHARD_SAMPLES = 256
-#: The stored dtypes of the logits (``loss.teacher_cache_dtype``); numpy has no bfloat16, so bfloat16
-#: logits are stored as their uint16 bits and viewed back as bfloat16 when read.
+#: The stored dtypes of the float arrays (``loss.teacher_cache_dtype``); numpy has no bfloat16, so
+#: bfloat16 values are stored as their uint16 bits and viewed back as bfloat16 when read.
 DTYPES = ("float32", "float16", "bfloat16")
+#: What a cache can hold, and the arrays of each kind (all with one row per response token).
+KINDS = ("hidden", "topk")
+ARRAYS = {"hidden": ("hidden",), "topk": ("token_ids", "logits", "tail_lse")}
+#: Arrays kept in a fixed dtype whatever the stored dtype (ids, and the tails whose exp is the mass).
+_FIXED = {"token_ids": torch.int32, "tail_lse": torch.float32}
 
-__all__ = ["FORMAT_VERSION", "SHARD_SAMPLES", "TeacherCache", "cache_stamp", "prepare_teacher_cache", "shard_plan"]
+__all__ = ["ARRAYS", "FORMAT_VERSION", "KINDS", "SHARD_SAMPLES", "TeacherCache", "cache_stamp",
+           "prepare_teacher_cache", "shard_plan"]
 
 
-def cache_stamp(*, teacher_fingerprint: str, teacher_dtype: str, data_fingerprint: str | None, topk: int,
-                temperatures: Sequence[float], dtype: str, vocab_size: int) -> dict[str, Any]:
-    """What the cached values depend on (``k`` is the stored k: ``min(topk, vocab_size)``)."""
+def cache_stamp(*, kind: str, teacher_fingerprint: str, teacher_dtype: str, data_fingerprint: str | None,
+                dtype: str, vocab_size: int, topk: int | None = None,
+                temperatures: Sequence[float] = ()) -> dict[str, Any]:
+    """What the cached values depend on.
+
+    ``hidden`` depends on neither k nor the temperatures (the logits are recomputed in the loss);
+    ``topk`` stores ``k = min(topk, vocab_size)`` and one tail column per temperature.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"teacher cache kind must be one of {', '.join(KINDS)}; got {kind!r}")
     if dtype not in DTYPES:
         raise ValueError(f"teacher cache dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "teacher": teacher_fingerprint,
-            "teacher_dtype": teacher_dtype, "data": data_fingerprint, "k": min(int(topk), int(vocab_size)),
-            "temperatures": sorted({float(t) for t in temperatures}), "dtype": dtype,
-            "vocab_size": int(vocab_size), "shard_samples": SHARD_SAMPLES}
+    stamp: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+                             "teacher": teacher_fingerprint, "teacher_dtype": teacher_dtype, "data": data_fingerprint,
+                             "dtype": dtype, "vocab_size": int(vocab_size), "shard_samples": SHARD_SAMPLES}
+    if kind == "topk":
+        if topk is None or not temperatures:
+            raise ValueError("a topk teacher cache needs k and the temperatures of the schedule")
+        stamp.update(k=min(int(topk), int(vocab_size)), temperatures=sorted({float(t) for t in temperatures}))
+    return stamp
 
 
 def shard_plan(data: TokenizedDataset) -> list[list[int]]:
@@ -114,31 +143,34 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _compute_shard(indices: Sequence[int], data: TokenizedDataset, teacher_fn: Callable[[dict], TopKTeacher], *,
-                   batch_size: int, pad_token_id: int, dtype: str) -> dict[str, Any]:
+def _compute_shard(indices: Sequence[int], data: TokenizedDataset, teacher_fn: Callable[[dict], dict[str, torch.Tensor]],
+                   *, batch_size: int, pad_token_id: int, kind: str, dtype: str) -> dict[str, Any]:
     """The teacher's rows of one shard's samples, in sample order: numpy arrays and the row index."""
-    ids, logits, tails, tokens = [], [], [], []
+    names = ARRAYS[kind]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    tokens: list[int] = []
     for start in range(0, len(indices), batch_size):
         batch = collate([data[i] for i in indices[start:start + batch_size]], pad_token_id)
-        table = teacher_fn(batch)
+        rows = teacher_fn(batch)
         # Rows per sample, by the rule of select_response_tokens (the next label is a target).
         counts = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
-        if sum(counts) != table.num_tokens:
-            raise RuntimeError(f"teacher cache: the teacher returned {table.num_tokens} rows for {sum(counts)} "
-                               "response tokens")
+        for name in names:
+            if rows[name].shape[0] != sum(counts):
+                raise RuntimeError(f"teacher cache: the teacher returned {rows[name].shape[0]} rows of {name} for "
+                                   f"{sum(counts)} response tokens")
+            stored = rows[name].to(_FIXED.get(name, getattr(torch, dtype))).cpu()
+            parts[name].append(stored.view(torch.uint16) if stored.dtype == torch.bfloat16 else stored)
         tokens += counts
-        ids.append(table.token_ids.to(torch.int32).cpu())
-        stored = table.logits.to(getattr(torch, dtype)).cpu()
-        logits.append(stored.view(torch.uint16) if dtype == "bfloat16" else stored)
-        tails.append(table.tail_lse.to(torch.float32).cpu())
-    return {"token_ids": torch.cat(ids).numpy(), "logits": torch.cat(logits).numpy(),
-            "tail_lse": torch.cat(tails).numpy(), "ids": [data[i].id for i in indices], "tokens": tokens}
+    payload: dict[str, Any] = {name: torch.cat(parts[name]).numpy() for name in names}
+    payload.update(ids=[data[i].id for i in indices], tokens=tokens)
+    return payload
 
 
 def _write_shard(folder: Path, payload: dict[str, Any], *, stamp_hash: str, index: int) -> None:
     def write(tmp: Path) -> None:
-        for name in ("token_ids", "logits", "tail_lse"):
-            np.save(tmp / f"{name}.npy", payload[name])
+        for name, value in payload.items():
+            if isinstance(value, np.ndarray):
+                np.save(tmp / f"{name}.npy", value)
         (tmp / "samples.json").write_text(json.dumps({"ids": payload["ids"], "tokens": payload["tokens"]}),
                                           encoding="utf-8")
 
@@ -195,14 +227,16 @@ def _finish(root: Path, stamp: dict[str, Any], num_shards: int) -> None:
                                "shards": num_shards, "pocl_version": __version__})
 
 
-def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *, teacher_fn: Callable[[dict], TopKTeacher],
+def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *,
+                          teacher_fn: Callable[[dict], dict[str, torch.Tensor]],
                           stamp: dict[str, Any], batch_size: int, pad_token_id: int, accelerator=None,
                           progress: bool = False, name: str = "train") -> tuple["TeacherCache", dict[str, Any]]:
     """Reuse, complete or build the cache of ``data`` at ``root``; returns the reader and what was done.
 
     ``teacher_fn(batch)`` runs the teacher on a collated batch (``input_ids``, ``attention_mask``,
-    ``labels`` [B, L]) and returns the :class:`TopKTeacher` of its selected positions (batch-major),
-    with ``stamp["k"]`` ids and the stamp's temperatures. Only the main process writes; with an
+    ``labels`` [B, L]) and returns the arrays of the stamp's kind (:data:`ARRAYS`) for its selected
+    positions (batch-major, one row per response token): ``hidden`` [N, H], or ``token_ids`` [N, k],
+    ``logits`` [N, k] and ``tail_lse`` [N, n_T] with the stamp's k and temperatures. Only the main process writes; with an
     ``accelerator`` of several processes the shards are computed in rounds and gathered.
 
     Returns ``(cache, info)``; ``info``: ``action`` (reused / built / resumed / repaired / rebuilt), ``reason``,
@@ -235,7 +269,8 @@ def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *, teacher_f
         for start in range(0, len(todo), world):
             mine = todo[start + rank] if start + rank < len(todo) else None
             payload = None if mine is None else _compute_shard(
-                plan[mine], data, teacher_fn, batch_size=batch_size, pad_token_id=pad_token_id, dtype=stamp["dtype"])
+                plan[mine], data, teacher_fn, batch_size=batch_size, pad_token_id=pad_token_id, kind=stamp["kind"],
+                dtype=stamp["dtype"])
             done = [(mine, payload)]
             if world > 1:
                 from accelerate.utils import gather_object
@@ -257,11 +292,14 @@ def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *, teacher_f
     cache = TeacherCache(root)
     info = {"action": action, "reason": why, "shards": len(plan), "computed": len(todo),
             "reused": len(plan) - len(todo), "tokens": cache.num_tokens, "seconds": time.perf_counter() - t0,
-            "path": str(root)}
+            "bytes": cache.nbytes, "bytes_per_token": cache.nbytes / max(cache.num_tokens, 1), "kind": stamp["kind"],
+            "dtype": stamp["dtype"], "path": str(root)}
     if main:
-        log.info("teacher cache %s (%s data): %s, %d shards (%d computed), %d tokens, k = %d, T in %s, %s, "
-                 "%.1f s", root, name, action, len(plan), len(todo), cache.num_tokens, stamp["k"],
-                 stamp["temperatures"], stamp["dtype"], info["seconds"])
+        what = ("final hidden states" if stamp["kind"] == "hidden" else
+                f"top-{stamp['k']} logits + tails at T in {stamp['temperatures']}")
+        log.info("teacher cache %s (%s data): %s, %d shards (%d computed), %d tokens, %s, %s, %.1f s, %.1f MB",
+                 root, name, action, len(plan), len(todo), cache.num_tokens, what, stamp["dtype"], info["seconds"],
+                 cache.nbytes / 1e6)
     return cache, info
 
 
@@ -278,14 +316,16 @@ class TeacherCache:
         if manifest is None or manifest.get("kind") != FORMAT:
             raise CheckpointError(f"{self.root}: not a complete teacher cache (no readable {ckpt.MANIFEST})")
         self.stamp: dict[str, Any] = manifest["stamp_inputs"]
-        self.temperatures = tuple(float(t) for t in self.stamp["temperatures"])
+        self.kind: str = self.stamp["kind"]
+        self.temperatures = tuple(float(t) for t in self.stamp.get("temperatures", ()))
         self._shards: list[dict[str, np.ndarray]] = []
         self._where: dict[str, tuple[int, int, int]] = {}  # sample id -> (shard, first row, rows)
+        self.nbytes = 0
         for j in range(int(manifest["shards"])):
             folder = self.root / _shard_name(j)
             index = json.loads((folder / "samples.json").read_text(encoding="utf-8"))
-            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
-                      for name in ("token_ids", "logits", "tail_lse")}
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS[self.kind]}
+            self.nbytes += sum(int(a.nbytes) for a in arrays.values())
             offsets = np.concatenate([[0], np.cumsum(index["tokens"], dtype=np.int64)])
             for i, sample_id in enumerate(index["ids"]):
                 self._where[sample_id] = (j, int(offsets[i]), int(index["tokens"][i]))
@@ -300,12 +340,12 @@ class TeacherCache:
         """Every cached sample id, in shard order."""
         return list(self._where)
 
-    def lookup(self, sample_ids: Sequence[str]) -> TopKTeacher:
-        """The rows of these samples, concatenated in this order: the layout
+    def rows(self, sample_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The arrays of these samples' rows, concatenated in this order: the layout
         :func:`pocl.losses.select_response_tokens` gives a batch of them (batch-major, then position).
 
-        Returns a CPU :class:`TopKTeacher`: ``token_ids`` [N, k] int64, ``logits`` [N, k] in the
-        stored dtype, ``tail_lse`` [N, n_T] float32.
+        Returns CPU tensors, by kind: ``hidden`` [N, H] in the stored dtype; or ``token_ids`` [N, k]
+        int64, ``logits`` [N, k] in the stored dtype and ``tail_lse`` [N, n_T] float32.
         """
         parts = []
         for sample_id in sample_ids:
@@ -313,9 +353,19 @@ class TeacherCache:
                 raise KeyError(f"sample '{sample_id}' is not in the teacher cache {self.root}")
             j, first, rows = self._where[sample_id]
             parts.append({name: array[first:first + rows] for name, array in self._shards[j].items()})
-        token_ids = torch.from_numpy(np.concatenate([p["token_ids"] for p in parts])).long()
-        logits = torch.from_numpy(np.concatenate([p["logits"] for p in parts]))
-        if self.stamp["dtype"] == "bfloat16":
-            logits = logits.view(torch.bfloat16)
-        tail_lse = torch.from_numpy(np.concatenate([p["tail_lse"] for p in parts]))
-        return TopKTeacher(token_ids, logits, tail_lse, self.temperatures)
+        out = {}
+        for name in ARRAYS[self.kind]:
+            value = torch.from_numpy(np.concatenate([p[name] for p in parts]))
+            if name == "token_ids":
+                value = value.long()
+            elif value.dtype == torch.uint16:  # bfloat16 bits
+                value = value.view(torch.bfloat16)
+            out[name] = value
+        return out
+
+    def lookup(self, sample_ids: Sequence[str]) -> TopKTeacher:
+        """The :class:`TopKTeacher` of these samples' rows (a ``topk`` cache only; see :meth:`rows`)."""
+        if self.kind != "topk":
+            raise ValueError(f"{self.root} is a {self.kind} cache, not a topk cache")
+        rows = self.rows(sample_ids)
+        return TopKTeacher(rows["token_ids"], rows["logits"], rows["tail_lse"], self.temperatures)

@@ -36,13 +36,15 @@ from pocl.config import DistillConfig
 from pocl.data import TokenizedDataset, TokenizedSample, collate
 from pocl.errors import CheckpointError, ConfigError, PoclError
 from pocl.generation import DecodingConfig
-from pocl.losses import (KDLossOutput, TopKTeacher, auto_chunk_size, chunked_kd_loss_from_logits, count_target_tokens,
-                         fused_kd_loss, make_divergence, select_response_tokens, teacher_top_k)
+from pocl.losses import (KDLossOutput, auto_chunk_size, chunked_kd_loss_from_logits, count_target_tokens,
+                         fused_kd_loss, make_divergence, select_response_tokens)
 from pocl.models import (LMHead, hidden_states, load_training_weights, save_model_folder,
                          save_training_weights)
 from pocl.training import checkpoint as ckpt
 from pocl.training import onpolicy
 from pocl.training import teacher_cache as tcache
+from pocl.training import teacher_signal as tsignal
+from pocl.training.teacher_signal import TeacherSide, TeacherSignal
 from pocl.training.metrics import MetricsLogger
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
 from pocl.training.stages import Stage, check_stages
@@ -73,28 +75,32 @@ class StudentLoss(nn.Module):
         self.temperature_scaling = temperature_scaling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                teacher: dict[str, Any] | None, divergence, temperature: float, alpha: float,
+                teacher: TeacherSide | None, divergence, temperature: float, alpha: float,
                 normalizer: float) -> KDLossOutput:
-        """``input_ids``/``attention_mask``/``labels``: [B, L]. ``teacher`` holds the teacher side of the
-        selected response positions: ``hidden`` [N, H_t] + ``head`` (fused), ``logits`` [N, V], or
-        ``topk`` (a :class:`pocl.losses.TopKTeacher` read from the teacher cache)."""
-        teacher = teacher or {}
+        """``input_ids``/``attention_mask``/``labels``: [B, L]. ``teacher``: the teacher side of the
+        selected response positions (:class:`pocl.training.teacher_signal.TeacherSide`), None when
+        alpha = 0."""
+        topk = None if teacher is None else teacher.topk
         opts = dict(divergence=divergence, temperature=temperature, alpha=alpha, normalizer=normalizer,
-                    chunk_size=self.chunk_size, temperature_scaling=self.temperature_scaling,
-                    teacher_topk=teacher.get("topk"))
+                    chunk_size=self.chunk_size, temperature_scaling=self.temperature_scaling, teacher_topk=topk)
         if self.fused:
             hidden, targets = select_response_tokens(hidden_states(self.student, input_ids, attention_mask), labels)
             head = LMHead.from_model(self.student, self.vocab_size)
             t_hidden = t_w = t_b = t_fn = None
-            if "hidden" in teacher:
-                t_hidden, t_head = teacher["hidden"], teacher["head"]
-                t_w, t_b, t_fn = t_head.weight, t_head.bias, t_head.logit_fn
+            if teacher is not None and teacher.hidden is not None:
+                t_hidden, t_w, t_b, t_fn = teacher.hidden, teacher.head.weight, teacher.head.bias, teacher.head.logit_fn
             return fused_kd_loss(hidden, head.weight, head.bias, t_hidden, t_w, t_b, targets,
                                  vocab_size=self.vocab_size, student_logit_fn=head.logit_fn, teacher_logit_fn=t_fn,
                                  **opts)
         logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         sel, targets = select_response_tokens(logits[..., : self.vocab_size], labels)
-        return chunked_kd_loss_from_logits(sel, teacher.get("logits"), targets, **opts)
+        t_logits = None
+        if teacher is not None and teacher.topk is None:
+            if teacher.logits is None:  # hidden states given to the unfused path: make the logits here
+                t_logits = teacher.head.logits(teacher.hidden)
+            else:
+                t_logits = teacher.logits
+        return chunked_kd_loss_from_logits(sel, t_logits, targets, **opts)
 
 
 @dataclasses.dataclass
@@ -225,12 +231,16 @@ class DistillTrainer:
         self.student = accelerator.unwrap_model(self.module).student
         self.teacher = teacher
         self.teacher_head = None
+        # Where the teacher side of the loss comes from: live until prepare_teacher_cache() opens a cache;
+        # on-policy steps always score the student's new samples live.
+        self.live_teacher: tsignal.LiveTeacher | None = None
         if teacher is not None:
             teacher.to(self.device)
             teacher.eval()
             teacher.requires_grad_(False)
             if fused:
                 self.teacher_head = LMHead.from_model(teacher, vocab_size)
+            self.live_teacher = tsignal.LiveTeacher(teacher, self.teacher_head, vocab_size)
         self.optimizer = accelerator.prepare_optimizer(build_optimizer(self.student, config.optim))
         self.scheduler = None
         self.state = TrainState()
@@ -243,9 +253,10 @@ class DistillTrainer:
         self._stop_signal: int | None = None  # set by SIGINT/SIGTERM or request_stop()
         self.summary_extra: dict[str, Any] = {}  # added to summary.json (e.g. the ranking's timing)
         self._loss_cache: dict[tuple, Any] = {}
-        # The teacher caches of the training and dev data (pocl.training.teacher_cache), opened by train().
-        self.train_cache: tcache.TeacherCache | None = None
-        self.dev_cache: tcache.TeacherCache | None = None
+        # The teacher signals of teacher-forced steps on the training and dev data (pocl.training.teacher_signal):
+        # the live teacher, or a teacher cache opened by prepare_teacher_cache() in train().
+        self.train_signal: TeacherSignal | None = self.live_teacher
+        self.dev_signal: TeacherSignal | None = self.live_teacher
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_stage(self, stage: Stage) -> list[int]:
@@ -344,34 +355,11 @@ class DistillTrainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    @torch.no_grad()
-    def _teacher_side(self, batch: dict[str, Any]) -> dict[str, Any]:
-        assert self.teacher is not None
-        if self.fused:
-            h = hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
-            sel, _ = select_response_tokens(h, batch["labels"])
-            return {"hidden": sel, "head": self.teacher_head}
-        logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).logits
-        sel, _ = select_response_tokens(logits[..., : self.vocab_size], batch["labels"])
-        return {"logits": sel}
-
-    def _teacher_top_k(self, batch: dict[str, Any], temperatures: Sequence[float]) -> TopKTeacher:
-        """The cache pass: the teacher's top-k logits and tails of a (CPU) batch's selected positions,
-        made from the same teacher side as the live loss."""
-        side = self._teacher_side(self._to_device(batch))
-        opts = dict(k=self.cfg.loss.teacher_cache_topk, temperatures=temperatures, vocab_size=self.vocab_size,
-                    chunk_size=self.chunk_size)
-        if "hidden" in side:
-            head = side["head"]
-            return teacher_top_k(side["hidden"], head.weight, head.bias, teacher_logit_fn=head.logit_fn, **opts)
-        return teacher_top_k(side["logits"], None, None, **opts)
-
     def _teacher_cache_temperatures(self) -> list[float]:
         """The temperatures of the stages with a KD term (every one is evaluated on the dev set, teacher
         forced); empty when no step would read a cache (no teacher-forced KD step at all)."""
         kd = [s for s in self.stages if s.alpha > 0]
-        if self.teacher is None or self.cfg.loss.teacher_cache != "on" or all(self._lambda_on(s) >= 1 for s in kd):
+        if self.teacher is None or self.cfg.loss.teacher_cache == "off" or all(self._lambda_on(s) >= 1 for s in kd):
             return []
         return sorted({s.temperature for s in kd})
 
@@ -388,32 +376,88 @@ class DistillTrainer:
         return "weights-" + h.hexdigest()[:16]
 
     def prepare_teacher_cache(self) -> None:
-        """Reuse, finish or build the teacher caches of the training and dev data (loss.teacher_cache on)."""
+        """Reuse, finish or build the teacher caches of the training and dev data (``loss.teacher_cache``
+        hidden or topk), switch the teacher-forced signals to them, and measure an approximate cache
+        against the live teacher (refused above ``loss.teacher_cache_max_error`` unless accepted)."""
         temperatures = self._teacher_cache_temperatures()
         if not temperatures:
             return
         lc = self.cfg.loss
+        kind = lc.teacher_cache
+        if kind == "hidden" and self.teacher_head is None:
+            log.info("teacher cache hidden: the unfused loss path has no teacher LM head to recompute the logits "
+                     "with; the live teacher is used")
+            return
         root = Path(lc.teacher_cache_dir) if lc.teacher_cache_dir else self.output_dir / "teacher_cache"
         teacher = self._teacher_fingerprint()
         dtype = str(next(self.teacher.parameters()).dtype).removeprefix("torch.")
-        infos = {}
+        live = self.live_teacher
+        if kind == "hidden":
+            def rows(batch):
+                return live.hidden_rows(self._to_device(batch))
+        else:
+            def rows(batch):
+                return live.topk_rows(self._to_device(batch), k=lc.teacher_cache_topk, temperatures=temperatures,
+                                      chunk_size=self.chunk_size)
+        infos: dict[str, Any] = {}
         for name, data in (("train", self.train_data), ("dev", self.dev_data)):
             if data is None:
                 continue
-            stamp = tcache.cache_stamp(teacher_fingerprint=teacher, teacher_dtype=dtype,
-                                       data_fingerprint=tokenized_fingerprint(data), topk=lc.teacher_cache_topk,
-                                       temperatures=temperatures, dtype=lc.teacher_cache_dtype,
-                                       vocab_size=self.vocab_size)
+            stamp = tcache.cache_stamp(kind=kind, teacher_fingerprint=teacher, teacher_dtype=dtype,
+                                       data_fingerprint=tokenized_fingerprint(data), dtype=lc.teacher_cache_dtype,
+                                       vocab_size=self.vocab_size, topk=lc.teacher_cache_topk,
+                                       temperatures=temperatures)
             cache, infos[name] = tcache.prepare_teacher_cache(
-                root / name, data, teacher_fn=lambda batch, t=stamp["temperatures"]: self._teacher_top_k(batch, t),
-                stamp=stamp, batch_size=self.cfg.train.micro_batch_size, pad_token_id=self.tokenizer.pad_token_id,
-                accelerator=self.accelerator, progress=self.cfg.train.progress, name=name)
-            setattr(self, f"{name}_cache", cache)
+                root / name, data, teacher_fn=rows, stamp=stamp, batch_size=self.cfg.train.micro_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id, accelerator=self.accelerator,
+                progress=self.cfg.train.progress, name=name)
+            signal = (tsignal.CachedHiddenTeacher(cache, self.teacher_head, self.device) if kind == "hidden"
+                      else tsignal.CachedTopKTeacher(cache, self.device))
+            setattr(self, f"{name}_signal", signal)
+        infos["signal"] = self.train_signal.name
+        infos["exact"] = self.train_signal.exact
+        if not self.train_signal.exact:
+            errors = self._measure_signal_error(self.train_signal)
+            infos["error_vs_live"] = [e.to_dict() for e in errors]
+            self.summary_extra["teacher_cache"] = infos
+            tsignal.check_signal_error(self.train_signal, errors, max_error=lc.teacher_cache_max_error,
+                                       accepted=[lc.accept_approximation])
         self.summary_extra["teacher_cache"] = infos
 
+    def _measure_signal_error(self, signal: TeacherSignal) -> list[tsignal.SignalError]:
+        """``signal`` against the live teacher on the first training samples, with the student as it
+        is now, at the (temperature, divergence) of every KD stage."""
+        samples = [self.train_data[i] for i in range(min(self.cfg.loss.teacher_cache_check_samples,
+                                                         len(self.train_data)))]
+        size = self.cfg.train.micro_batch_size
+        batches = [self._to_device(collate(samples[i:i + size], self.tokenizer.pad_token_id))
+                   for i in range(0, len(samples), size)]
+        # One check per distinct (temperature, divergence) of the KD stages, labelled as in the log.
+        checks: dict[tuple[float, str], Stage] = {}
+        for stage in self.stages:
+            if stage.alpha > 0:
+                label = self.cfg.loss.divergence + ("" if stage.skew is None else f"(skew={stage.skew:g})")
+                checks.setdefault((stage.temperature, label), stage)
+
+        def divergence_sum(batch, side, temperature, label):
+            with self.accelerator.autocast():
+                out = self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=side,
+                                  divergence=self._divergence(checks[temperature, label]), temperature=temperature,
+                                  alpha=1.0, normalizer=1.0)
+            return float(out.divergence_sum), int(out.num_tokens)
+
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return tsignal.measure_signal_error(signal, self.live_teacher, batches, checks=sorted(checks),
+                                                divergence_sum=divergence_sum)
+        finally:
+            self.module.train(was_training)
+
     def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float, *,
-                    on_policy: bool = False, cache: tcache.TeacherCache | None = None) -> KDLossOutput:
-        """The loss of one micro-batch; the teacher side comes from ``cache`` (by sample id) when given."""
+                    on_policy: bool = False, signal: TeacherSignal | None = None) -> KDLossOutput:
+        """The loss of one micro-batch; the teacher side comes from ``signal`` (the live teacher on
+        on-policy steps, whose samples no cache holds)."""
         alpha = stage.alpha
         if on_policy and not self.cfg.loss.on_policy_ce and alpha > 0:
             # No CE on the student's own samples: alpha * s(T) * D / normalizer, computed as the engine's
@@ -421,8 +465,7 @@ class DistillTrainer:
             alpha, normalizer = 1.0, normalizer / stage.alpha
         teacher = None
         if alpha > 0:
-            teacher = ({"topk": cache.lookup(batch["ids"]).to(self.device)} if cache is not None and not on_policy
-                       else self._teacher_side(batch))
+            teacher = (self.live_teacher if on_policy else signal).side(batch)
         with self.accelerator.autocast():
             return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
                                divergence=self._divergence(stage), temperature=stage.temperature,
@@ -468,7 +511,7 @@ class DistillTrainer:
             last = j == len(micro) - 1
             ctx = acc.no_sync(self.module) if (world > 1 and not last) else _nullcontext()
             with ctx:
-                out = self._micro_loss(batch, stage, normalizer, on_policy=kind is not None, cache=self.train_cache)
+                out = self._micro_loss(batch, stage, normalizer, on_policy=kind is not None, signal=self.train_signal)
                 acc.backward(out.loss)
             loss_sum += float(out.loss.detach())
             ce_sum += float(out.ce_sum)
@@ -511,7 +554,7 @@ class DistillTrainer:
         samples = sorted((self.dev_data[i] for i in idx), key=lambda s: len(s.input_ids))
         for k in range(0, len(samples), bs):
             batch = self._to_device(collate(samples[k:k + bs], self.tokenizer.pad_token_id))
-            out = self._micro_loss(batch, stage, 1.0, cache=self.dev_cache)
+            out = self._micro_loss(batch, stage, 1.0, signal=self.dev_signal)
             ce_sum += float(out.ce_sum)
             div_sum += float(out.divergence_sum)
             tokens += int(out.num_tokens)
