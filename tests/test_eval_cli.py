@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,17 @@ def test_eval_smoke(tmp_path, tiny_pair, sets, capsys):
     assert data["schema"] == "pocl.eval/1" and data["seeds"] == [3, 4] and data["std"] == "sample"
     assert data["decoding"] == {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                 "no_repeat_ngram_size": 6, "max_new_tokens": 6, "repetition_penalty": 1.0}
+    # the settings handed to transformers' generate, explicitly: no top-k is top_k 0 (None would be 50)
+    gen = data["generation_config"]
+    assert gen["transformers_version"] == data["versions"]["transformers"]
+    settings = gen["settings"]
+    assert settings["top_k"] == 0 and settings["top_p"] == 1.0 and settings["temperature"] == 1.0
+    assert settings["no_repeat_ngram_size"] == 6 and settings["max_new_tokens"] == 6 and settings["do_sample"] is True
+    assert settings["typical_p"] == 1.0 and settings["min_p"] is None and settings["epsilon_cutoff"] == 0.0
+    assert settings["repetition_penalty"] == 1.0 and settings["num_beams"] == 1
+    per_model = data["models"]["student"]["generation_config"]
+    assert per_model == {**settings, "eos_token_id": 0, "pad_token_id": per_model["pad_token_id"]}
+    assert data["em_normalization"] == "squad"
     assert list(data["models"]) == ["teacher", "student"] and list(data["sets"]) == ["suite", "multi"]
     assert data["sets"]["multi"]["references_per_sample"] == 2 and data["sets"]["suite"]["n"] == 6
     entry = data["models"]["student"]["sets"]["multi"]
@@ -62,9 +74,35 @@ def test_eval_smoke(tmp_path, tiny_pair, sets, capsys):
     assert (tmp_path / "p" / "eval_rouge_l.png").stat().st_size > 10_000
 
 
+def rank(student, data, out, *extra) -> Path:
+    """`pocl rank` of ``data`` (the random measurer: the file and its sample hashes are what matter)."""
+    assert main(["rank", "--student", str(student), "--train-file", str(data), "--measurer", "random", "--seed", "1",
+                 "--max-length", "48", "--max-prompt-length", "32", "--output-dir", str(out), "--no-progress",
+                 *extra]) == 0
+    return out / "ranking.jsonl"
+
+
+@pytest.fixture(scope="module")
+def no_id_sets(tmp_path_factory, tiny_data):
+    """Rows without ids (as DollyEval and most released sets): the test and the training file both
+    number their rows 000000, 000001 ..."""
+    root = tmp_path_factory.mktemp("no_id_sets")
+    strip = [[{k: v for k, v in json.loads(line).items() if k != "id"} for line in path.read_text().splitlines()]
+             for path in (tiny_data[0], tiny_data[2])]
+    return write_jsonl(root / "train.jsonl", strip[0][:6]), write_jsonl(root / "test.jsonl", strip[1][:6])
+
+
+@pytest.fixture()
+def no_generation(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("generation started although the ranking is wrong")
+
+    monkeypatch.setattr("pocl.evaluation.runner.generate", forbidden)
+
+
 def test_yaml_config_greedy_and_ranking_breakdown(tmp_path, tiny_pair, sets, capsys):
     _, student = tiny_pair
-    ranking = write_jsonl(tmp_path / "ranking.jsonl", [{"id": f"test-{k:06d}", "rank": k + 1} for k in range(4)])
+    ranking = rank(student, sets[0], tmp_path / "rank")
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"model: {{student: {student}}}\n"  # other sections are ignored
                    f"eval:\n  models: [s={student}]\n  data: ['{sets[0]}']\n  greedy: true\n  seeds: [7, 8]\n"
@@ -74,20 +112,123 @@ def test_yaml_config_greedy_and_ranking_breakdown(tmp_path, tiny_pair, sets, cap
     data = json.loads((out / "results.json").read_text())
     assert data["seeds"] == [7] and data["decoding"]["do_sample"] is False  # greedy: one pass
     bd = data["breakdown"]["s"]["suite"]
-    assert bd["coverage"]["covered"] == 4 and bd["coverage"]["evaluated"] == 6
-    assert [b["n"] for b in bd["buckets"]] == [2, 2]
+    assert bd["coverage"]["covered"] == 6 and bd["coverage"]["evaluated"] == 6
+    assert [b["n"] for b in bd["buckets"]] == [3, 3]
     md = (out / "results.md").read_text()
-    assert "By difficulty" in md and "covers 4 of 6" in md and "B1 (easiest)" in md
+    assert "By difficulty" in md and "covers 6 of 6" in md and "B1 (easiest)" in md
     assert "one pass, seed 7" in md
 
 
-def test_training_ranking_for_a_test_set_fails_before_generation(tmp_path, tiny_pair, sets, capsys):
+def test_matching_ranking_is_accepted_with_another_template_and_a_subset(tmp_path, tiny_pair, no_id_sets, capsys):
+    """The hashes are computed with the template stamped in the ranking's metadata (here alpaca), so
+    evaluating with another prompt template still recognises the ranking; evaluating the first rows
+    of a ranked set is fine too."""
+    _, student = tiny_pair
+    ranking = rank(student, no_id_sets[1], tmp_path / "rank")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(student), "--data", str(no_id_sets[1]), "--ranking", str(ranking),
+                 "--template", "plain", "--max-samples", "4", "--num-buckets", "2", "--seeds", "1",
+                 "--max-new-tokens", "2", "--max-prompt-length", "32", "--output-dir", str(out), "--no-progress"]) == 0
+    bd = json.loads((out / "results.json").read_text())["breakdown"]["student"]["test"]
+    assert bd["coverage"]["covered"] == bd["coverage"]["evaluated"] == 4 and [b["n"] for b in bd["buckets"]] == [2, 2]
+
+
+def test_training_ranking_for_a_test_set_fails_before_generation(tmp_path, tiny_pair, sets, capsys, no_generation):
     ranking = write_jsonl(tmp_path / "ranking.jsonl", [{"id": "train-000001", "rank": 1}])
     code = main(["eval", "--model", str(tiny_pair[1]), "--data", str(sets[0]), "--ranking", str(ranking),
                  "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "pocl rank --student INITIAL_STUDENT --train-file" in err and "Traceback" not in err
+    assert "6 of the 6 evaluated samples are not in the ranking" in err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_ranking_of_another_set_with_the_same_ids_is_refused(tmp_path, tiny_pair, no_id_sets, capsys, no_generation):
+    """The bug: rows without ids are 000000 ... in both files, so a training ranking 'covered' the test set."""
+    _, student = tiny_pair
+    train, test = no_id_sets
+    ranking = rank(student, train, tmp_path / "rank")
+    ids = [json.loads(line)["id"] for line in ranking.read_text().splitlines()]
+    assert sorted(ids) == [f"{k:06d}" for k in range(6)]  # the same ids as the test set's
+    capsys.readouterr()
+    code = main(["eval", "--model", str(student), "--data", str(test), "--ranking", str(ranking),
+                 "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"the ranking {ranking} does not rank evaluation set 'test' ({test})" in err
+    assert "6 have the same id but another sample hash" in err and "'000000'" in err
+    assert f"pocl rank --student INITIAL_STUDENT --train-file {test}" in err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_ranking_of_a_changed_or_larger_set_is_refused(tmp_path, tiny_pair, no_id_sets, capsys, no_generation):
+    _, student = tiny_pair
+    test = no_id_sets[1]
+    ranking = rank(student, test, tmp_path / "rank", "--max-train-samples", "3")
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    capsys.readouterr()
+    # a ranking of the first 3 rows does not cover the 6 evaluated ones
+    assert main(["eval", "--model", str(student), "--data", str(test), "--ranking", str(ranking),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "3 of the 6 evaluated samples are not in the ranking ('000003', '000004', '000005')" in \
+        capsys.readouterr().err
+    # the same rows with one reference edited: that one sample is named
+    rows[1]["output"] = rows[1]["output"] + " changed"
+    edited = write_jsonl(tmp_path / "edited.jsonl", rows[:3])
+    assert main(["eval", "--model", str(student), "--data", str(edited), "--ranking", str(ranking),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "1 have the same id but another sample hash" in err and "('000001')" in err and str(edited) in err
+    # a hand-written ranking without hashes cannot be checked
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"id": f"{k:06d}", "rank": k + 1} for k in range(3)])
+    assert main(["eval", "--model", str(student), "--data", str(edited), "--ranking", str(bare),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "3 have no sample_hash in the ranking" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_ranking_without_metadata_is_hashed_with_the_evaluation_template(tmp_path, tiny_pair, no_id_sets, capsys,
+                                                                          no_generation):
+    _, student = tiny_pair
+    test = no_id_sets[1]
+    alone = tmp_path / "copied" / "ranking.jsonl"  # the .jsonl copied without its ranking.meta.json
+    alone.parent.mkdir()
+    alone.write_bytes(rank(student, test, tmp_path / "rank").read_bytes())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(student), "--data", str(test), "--ranking", str(alone), "--template", "plain",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "6 have the same id but another sample hash" in err
+    assert "template 'plain' (the evaluation's; the ranking has no metadata file)" in err
+
+
+def test_exact_match_normalization_option(tmp_path, tiny_pair, sets, monkeypatch):
+    """squad (the default) forgives case, punctuation and articles; whitespace does not."""
+    from pocl.generation import Generation
+
+    refs = [json.loads(line)["output"] for line in sets[0].read_text().splitlines()]
+
+    def shouting(model, tokenizer, prompts, decoding, *, batch_size, seed, progress=None):
+        # evaluate_records hands over the prompts in the order of the rows; the answer of each is its
+        # reference in capitals, after an article and with a full stop: "THE 2 3 8."
+        assert len(prompts) == len(refs)
+        return [Generation([1], f"THE {r.upper()}.", True) for r in refs]
+
+    monkeypatch.setattr("pocl.evaluation.runner.generate", shouting)
+    common = ["--model", str(tiny_pair[1]), "--data", str(sets[0]), "--seeds", "1", "--no-progress"]
+    assert main(["eval", *common, "--output-dir", str(tmp_path / "squad")]) == 0
+    assert main(["eval", *common, "--em-normalization", "whitespace", "--output-dir", str(tmp_path / "ws")]) == 0
+    squad = json.loads((tmp_path / "squad" / "results.json").read_text())
+    ws = json.loads((tmp_path / "ws" / "results.json").read_text())
+    assert squad["em_normalization"] == "squad" and ws["em_normalization"] == "whitespace"
+    assert squad["models"]["student"]["sets"]["suite"]["exact_match"]["mean"] == 100.0
+    assert ws["models"]["student"]["sets"]["suite"]["exact_match"]["mean"] == 0.0
+    assert "exact match after squad normalisation" in (tmp_path / "squad" / "results.md").read_text()
+    with pytest.raises(SystemExit) as exc:  # argparse choices
+        main(["eval", *common, "--em-normalization", "lower", "--output-dir", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    with pytest.raises(ConfigError, match="eval.em_normalization"):
+        EvalConfig.from_dict({"em_normalization": "lower"})  # the YAML key
 
 
 def test_help_lists_every_option(capsys):

@@ -70,4 +70,6 @@ def test_decoding_validation():
     with pytest.raises(ConfigError):
         DecodingConfig(top_p=1.5)
     hf = DecodingConfig().to_hf(eos_token_id=0, pad_token_id=1)
-    assert hf.do_sample and hf.top_k is None and hf.no_repeat_ngram_size == 6 and hf.max_new_tokens == 256
+    # top_k 0 (not None: transformers would fill in the model's value or 50; see test_generation_settings.py)
+    assert hf.do_sample and hf.top_k == 0 and hf.no_repeat_ngram_size == 6 and hf.max_new_tokens == 256
+    assert DecodingConfig(no_repeat_ngram_size=0).to_hf(eos_token_id=0, pad_token_id=1).no_repeat_ngram_size == 0

@@ -41,7 +41,8 @@ import torch
 from pocl.configuration import stable_hash
 from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
 from pocl.errors import CheckpointError, ConfigError
-from pocl.generation import DecodingConfig, Generation, generate, length_sorted_batches
+from pocl.generation import (DecodingConfig, Generation, effective_settings, generate, length_sorted_batches,
+                             special_token_ids)
 from pocl.training.onpolicy import generated_sample
 from pocl.training.stages import Stage
 from pocl.training.trainer import SEQKD_ORIGIN
@@ -95,12 +96,16 @@ def _stamp_inputs(*, teacher_fingerprint: str | None, tokenizer, samples: Sequen
                   decoding: DecodingConfig, batch_size: int) -> dict[str, Any]:
     from pocl.curriculum.ranking import tokenizer_fingerprint
 
+    eos, pad = special_token_ids(tokenizer)
     return {
         "teacher": teacher_fingerprint,
         "data": {"samples": len(samples), "prompts": _prompt_hash(samples),
                  "first_id": samples[0].id if samples else None, "last_id": samples[-1].id if samples else None},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "generation": {**dataclasses.asdict(decoding), "batch_size": batch_size, "seed": SEQKD_SEED},
+        # What generate hands to transformers. Caches written before pocl set every knob explicitly
+        # lack it: they may hold answers sampled with top-k 50 or the teacher's generation_config.
+        "transformers_generate": effective_settings(decoding, eos_token_id=eos, pad_token_id=pad),
     }
 
 
@@ -157,7 +162,14 @@ def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> str:
         return "the tokenizer changed"
     o, n = old.get("generation") or {}, new["generation"]
     changed = [f"{k} {o.get(k)!r} -> {n[k]!r}" for k in n if o.get(k) != n[k]]
-    return "settings changed: " + ", ".join(changed)
+    if changed:
+        return "settings changed: " + ", ".join(changed)
+    if "transformers_generate" not in old:
+        return ("the file was written before pocl passed every decoding setting to transformers explicitly (its "
+                "answers may have used top-k 50 or the teacher's own generation_config)")
+    o, n = old.get("transformers_generate") or {}, new["transformers_generate"]
+    return "the settings handed to transformers changed: " + ", ".join(
+        f"{k} {o.get(k)!r} -> {n.get(k)!r}" for k in dict.fromkeys([*n, *o]) if o.get(k) != n.get(k))
 
 
 def _generate_sharded(teacher, tokenizer, prompts: list[list[int]], decoding: DecodingConfig, batch_size: int,

@@ -1,17 +1,30 @@
 """Batched generation: prompts grouped by length, left padding, KV cache, early stop at EOS.
 
-Used by the difficulty measurer (near-greedy answers of the initial student) and by evaluation
-(sampled answers over several seeds). Decoding settings are always passed explicitly, so a model's
-own ``generation_config`` (SmolLM2 ships temperature 0.2, transformers defaults to top-k 50) never
-changes the protocol silently.
+Used by the difficulty measurer (near-greedy answers of the initial student), by evaluation
+(sampled answers over several seeds), by SeqKD and by on-policy training.
+
+**Decoding settings are explicit.** transformers' ``generate`` fills every setting that the
+``GenerationConfig`` it is given leaves at ``None`` from the model's own ``generation_config``, then
+from its global defaults (``top_k=50``!). A SmolLM2 checkpoint ships temperature 0.2 and top-p 0.9,
+so ``top_k=None`` meant "top-k 50" (or the model's top-k), not "no top-k". Two measures keep the
+protocol ours:
+
+1. :meth:`DecodingConfig.hf_settings` gives a value to every knob that has an "off" value
+   (``top_k=0``, ``no_repeat_ngram_size=0``, ``typical_p=1``, cutoffs 0, penalties 1, ...);
+2. during :func:`generate`, the model's ``generation_config`` is replaced by an empty one, because
+   some knobs can only be switched off with ``None`` (``min_p``, ``top_h``, ``bad_words_ids``,
+   ``suppress_tokens``, ``forced_eos_token_id``, ``sequence_bias``, assisted decoding ...), and
+   ``None`` is exactly what transformers fills in from the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,16 +61,97 @@ class DecodingConfig:
     def greedy(cls, **kw) -> "DecodingConfig":
         return cls(do_sample=False, **kw)
 
-    def to_hf(self, *, eos_token_id: int, pad_token_id: int):
+    def hf_settings(self, *, eos_token_id: int | None, pad_token_id: int | None) -> dict[str, Any]:
+        """Every setting handed to transformers' ``GenerationConfig``, each with an explicit value.
+
+        A value of ``None`` here is deliberate (the knob is off and has no other "off" value); it is
+        not inherited from the model because :func:`generate` hides the model's own
+        ``generation_config`` (see the module docstring). ``top_k=0`` and ``no_repeat_ngram_size=0``
+        are passed as 0: transformers reads 0 as "off", whereas ``None`` would mean "take the
+        model's value, else top-k 50".
+        """
+        settings: dict[str, Any] = dict(
+            # length: at most max_new_tokens new tokens, no minimum (EOS may come first); min_new_tokens
+            # stays unset because transformers warns when both minimums are given
+            max_new_tokens=self.max_new_tokens, min_length=0, min_new_tokens=None, max_time=None,
+            stop_strings=None,
+            # mode: one sequence per prompt, no beams, no assistant, plain sampling or greedy
+            do_sample=self.do_sample, num_beams=1, num_return_sequences=1, early_stopping=False,
+            length_penalty=1.0, penalty_alpha=None, dola_layers=None, prompt_lookup_num_tokens=None,
+            # logits processors applied in both modes
+            repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            encoder_repetition_penalty=1.0, encoder_no_repeat_ngram_size=0, guidance_scale=1.0,
+            bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None,
+            forced_bos_token_id=None, forced_eos_token_id=None, exponential_decay_length_penalty=None,
+            renormalize_logits=False, remove_invalid_values=False, watermarking_config=None,
+            # tokens, cache, outputs (generate must return the plain [B, P + N] tensor)
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True, cache_implementation=None,
+            return_dict_in_generate=False, output_scores=False, output_logits=False, output_attentions=False,
+            output_hidden_states=False,
+        )
+        if self.do_sample:
+            # the warpers (transformers applies them only when sampling): all off except ours
+            settings.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=None,
+                            top_h=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        # Greedy: the warpers are not applied, and setting them would make transformers warn that
+        # sampling flags are set without do_sample; they stay unset.
+        return settings
+
+    def to_hf(self, *, eos_token_id: int | None, pad_token_id: int | None):
+        """The ``transformers.GenerationConfig`` of these settings (:meth:`hf_settings`)."""
         from transformers import GenerationConfig
 
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                      no_repeat_ngram_size=self.no_repeat_ngram_size or None,
-                      repetition_penalty=self.repetition_penalty, eos_token_id=eos_token_id,
-                      pad_token_id=pad_token_id, num_beams=1, use_cache=True)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
-        return GenerationConfig(**kwargs)
+        settings = self.hf_settings(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        supported = set(GenerationConfig().__dict__)
+        # a knob this transformers does not know would land in the config as a stray attribute:
+        # keep only the known ones (the installed version is recorded with the settings)
+        return GenerationConfig(**{k: v for k, v in settings.items() if k in supported})
+
+
+def effective_settings(decoding: DecodingConfig, *, eos_token_id: int | None,
+                       pad_token_id: int | None) -> dict[str, Any]:
+    """The settings that :func:`generate` hands to transformers for ``decoding``, as JSON-able data.
+
+    They are read back from the ``GenerationConfig`` object that ``generate`` receives (not from
+    ``decoding``), so a knob that the installed transformers drops or converts shows as it is used.
+    """
+    hf_config = decoding.to_hf(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    out: dict[str, Any] = {}
+    for name in decoding.hf_settings(eos_token_id=eos_token_id, pad_token_id=pad_token_id):
+        if hasattr(hf_config, name):
+            value = getattr(hf_config, name)
+            out[name] = value if value is None or isinstance(value, (bool, int, float, str, list, dict)) else str(value)
+    return out
+
+
+@contextlib.contextmanager
+def model_generation_config_hidden(model: nn.Module) -> Iterator[None]:
+    """Replace the ``generation_config`` of every generating module inside ``model`` by an empty one
+    (restored on exit), so that ``generate`` cannot fill unset knobs from the checkpoint's file.
+
+    Every submodule is visited because wrappers (PEFT, compiled modules) call ``generate`` of the
+    transformers model they hold, and that model's ``generation_config`` is the one consulted.
+    """
+    from transformers import GenerationConfig
+
+    saved = []
+    for module in model.modules():
+        # only modules that hold the attribute themselves: a wrapper that forwards attribute access
+        # to the model inside (PEFT) would otherwise keep a copy of it after the restore
+        if isinstance(vars(module).get("generation_config"), GenerationConfig):
+            saved.append((module, module.generation_config))
+            module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, config in saved:
+            module.generation_config = config
+
+
+def special_token_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(EOS id, padding id) that :func:`generate` uses: the tokenizer's, padding falling back to EOS."""
+    eos = tokenizer.eos_token_id
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
 @dataclasses.dataclass
@@ -104,35 +198,35 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], deco
     """
     if batch_size <= 0:
         raise ConfigError(f"generation batch size must be > 0 (got {batch_size})")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos, pad = special_token_ids(tokenizer)
     device = next(model.parameters()).device
     hf_config = decoding.to_hf(eos_token_id=eos, pad_token_id=pad)
     was_training = model.training
     model.eval()
     results: list[Generation | None] = [None] * len(prompts)
+    if batch_plan is None:
+        batch_plan = list(enumerate(length_sorted_batches([len(p) for p in prompts], batch_size)))
     try:
-        if batch_plan is None:
-            batch_plan = list(enumerate(length_sorted_batches([len(p) for p in prompts], batch_size)))
-        for b, batch in batch_plan:
-            ids, mask = left_pad([prompts[i] for i in batch], pad, device)
-            torch.manual_seed(seed * 1_000_003 + b)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config)
-            new = out[:, ids.shape[1]:].tolist()
-            for row, i in enumerate(batch):
-                tokens = new[row]
-                stopped = eos in tokens
-                if stopped:
-                    tokens = tokens[:tokens.index(eos)]
-                else:
-                    # Sequences that finished early are padded by generate; strip the padding only
-                    # when pad differs from EOS (otherwise it was handled above).
-                    while tokens and tokens[-1] == pad and pad != eos:
-                        tokens.pop()
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                results[i] = Generation(tokens, text, stopped)
-            if progress is not None:
-                progress(len(batch))
+        with model_generation_config_hidden(model):
+            for b, batch in batch_plan:
+                ids, mask = left_pad([prompts[i] for i in batch], pad, device)  # [B, P] each
+                torch.manual_seed(seed * 1_000_003 + b)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config)  # [B, P + N]
+                new = out[:, ids.shape[1]:].tolist()
+                for row, i in enumerate(batch):
+                    tokens = new[row]
+                    stopped = eos in tokens
+                    if stopped:
+                        tokens = tokens[:tokens.index(eos)]
+                    else:
+                        # Sequences that finished early are padded by generate; strip the padding
+                        # only when pad differs from EOS (otherwise it was handled above).
+                        while tokens and tokens[-1] == pad and pad != eos:
+                            tokens.pop()
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    results[i] = Generation(tokens, text, stopped)
+                if progress is not None:
+                    progress(len(batch))
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]

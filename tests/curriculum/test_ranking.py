@@ -149,7 +149,9 @@ def test_changed_settings_invalidate(ranked, records, suite_tokenizer, student, 
     calls = Calls(monkeypatch)
     _, info = compute(path, records, suite_tokenizer, student, rank_temperature=0.1)
     assert info["action"] == "computed" and calls.generate == 2
-    assert info["reason"] == "settings changed: rank_temperature 0.01 -> 0.1"
+    # the setting, and what transformers' generate receives because of it
+    assert info["reason"] == ("settings changed: rank_temperature 0.01 -> 0.1, "
+                              "transformers_generate.temperature 0.01 -> 0.1")
     _, info = compute(path, records, suite_tokenizer, student, rank_temperature=0.1,
                       settings={**SETTINGS, "max_length": 36})
     assert info["reason"] == "data settings changed: max_length 40 -> 36"

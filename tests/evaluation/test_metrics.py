@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import pytest
 from rouge_score import rouge_scorer
 
-from pocl.evaluation import exact_match, mean_std, rouge_l
+from pocl.evaluation import EM_NORMALIZATIONS, exact_match, mean_std, normalize_answer, rouge_l
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -63,11 +64,47 @@ def test_stemming_and_case():
     assert rouge_l("ran", "run") == 0.0  # irregular forms are not stemmed together
 
 
-def test_exact_match():
-    assert exact_match("  Paris \n", "Paris") == 100.0
-    assert exact_match("paris", "Paris") == 0.0  # case-sensitive
-    assert exact_match("b", ["a", "b"]) == 100.0
-    assert exact_match("", "a") == 0.0
+def test_exact_match_whitespace_normalization():
+    em = functools.partial(exact_match, normalization="whitespace")
+    assert em("  Paris \n", "Paris") == 100.0
+    assert em("paris", "Paris") == 0.0  # case-sensitive
+    assert em("Paris.", "Paris") == 0.0 and em("the Paris", "Paris") == 0.0
+    assert em("b", ["a", "b"]) == 100.0
+    assert em("", "a") == 0.0
+
+
+# (text, SQuAD v1.1 normalize_answer(text)), worked by hand: lowercase, drop ASCII punctuation,
+# articles -> space, collapse whitespace
+SQUAD_CASES = [
+    ("The Cat sat on a mat.", "cat sat on mat"),
+    ("An apple, an orange & THE pear!", "apple orange pear"),
+    ("  Hello\tWorld \n", "hello world"),
+    ("theory another anthem", "theory another anthem"),  # articles only as whole words
+    ("U.S.A.", "usa"),
+    ("it's a-ok", "its aok"),  # punctuation goes first: "a-ok" -> "aok" is no article
+    ("the", ""),
+    # typographic quotes and dashes are not ASCII punctuation
+    ("\u201cParis\u201d \u2014 yes", "\u201cparis\u201d \u2014 yes"),
+]
+
+
+@pytest.mark.parametrize("text,expected", SQUAD_CASES)
+def test_normalize_answer_by_hand(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_exact_match_squad_normalization_is_the_default():
+    assert exact_match("paris", "Paris") == 100.0  # default: squad
+    assert exact_match("Paris.", "paris") == 100.0
+    assert exact_match("The Eiffel tower", "eiffel Tower!") == 100.0
+    assert exact_match("The answer is Paris", "Paris") == 0.0
+    assert exact_match("cat sat", ["a dog", "The cat, sat."]) == 100.0
+    assert exact_match("", "An.") == 100.0  # both normalise to "" (as in the SQuAD script)
+    assert exact_match("", "a b") == 0.0
+    assert exact_match("x", "X", normalization="squad") == 100.0
+    assert set(EM_NORMALIZATIONS) == {"squad", "whitespace"}
+    with pytest.raises(ValueError, match="unknown exact-match normalization"):
+        exact_match("a", "a", normalization="lower")
 
 
 def test_mean_std_conventions():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pocl.data import Record, load_records
-from pocl.errors import DataError
+from pocl.errors import ConfigError, DataError
 from pocl.evaluation import rouge_l
 from pocl.evaluation.runner import average_over_sets, evaluate_records, generation_rows
 from pocl.generation import DecodingConfig, Generation
@@ -108,6 +108,24 @@ def test_scoring_and_aggregation(monkeypatch, suite_tokenizer):
     avg = average_over_sets([res, other], "rouge_l")
     assert avg["per_seed"] == pytest.approx([v / 2 for v in per_seed]) and avg["sets"] == ["toy", "other"]
     assert avg["std"] == pytest.approx(statistics.stdev([v / 2 for v in per_seed]))
+
+
+def test_exact_match_normalization(monkeypatch, suite_tokenizer):
+    recs = [Record(id="a", instruction="x", output="Paris"), Record(id="b", instruction="y", output="the red cat"),
+            Record(id="c", instruction="z", output="blue")]
+    texts = ["paris.", "Red cat!", "blue"]
+
+    def fake_generate(model, tokenizer, prompts, decoding, *, batch_size, seed, progress=None):
+        return [Generation(token_ids=[1], text=t, stopped_at_eos=True) for t in texts]
+
+    monkeypatch.setattr("pocl.evaluation.runner.generate", fake_generate)
+    squad = evaluate_records(None, suite_tokenizer, recs, seeds=[1])  # default: the papers' squad normalisation
+    ws = evaluate_records(None, suite_tokenizer, recs, seeds=[1], em_normalization="whitespace")
+    assert [s.exact_match for s in squad.samples] == [[100.0], [100.0], [100.0]] and squad.em_normalization == "squad"
+    assert [s.exact_match for s in ws.samples] == [[0.0], [0.0], [100.0]] and ws.exact_match == pytest.approx(100 / 3)
+    assert squad.rouge_l == ws.rouge_l  # ROUGE-L does not depend on it
+    with pytest.raises(ConfigError, match="em_normalization"):
+        evaluate_records(None, suite_tokenizer, recs, seeds=[1], em_normalization="lower")
 
 
 def test_rejects_records_without_references(model, suite_tokenizer):

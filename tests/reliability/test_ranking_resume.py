@@ -250,7 +250,7 @@ def test_sharded_processes_resume_from_the_same_partial_file(tmp_path, records, 
     results, errors = {}, []
     settings, template = ranking_mod._settings(SETTINGS, suite_tokenizer)
     curriculum = CurriculumConfig(rank_max_new_tokens=4, rank_batch_size=BATCH)
-    hashes = ranking_mod._sample_hashes(records, template)
+    hashes = ranking_mod.sample_hashes(records, template)
     sig_hash = ranking_mod._hash(ranking_mod.signals_inputs(
         records=records, tokenizer=suite_tokenizer, model_fingerprint="student-a", curriculum=curriculum,
         data_settings=settings, _hashes=hashes))

@@ -14,8 +14,10 @@ def register(sub) -> None:
         "eval", help="Evaluate models on instruction test sets (ROUGE-L, exact match, over seeds).",
         description="Generate an answer for every sample of every evaluation set with every model, once per seed, "
                     "and score it against the references: ROUGE-L F x 100 (rouge-score, Porter stemmer, max over "
-                    "references) and exact match. Defaults are the POCL protocol: sampling at T=1, top-p 1, no "
-                    "top-k, no_repeat_ngram_size 6, at most 256 new tokens, seeds 10 20 30 40 50. Writes "
+                    "references) and exact match (after SQuAD answer normalisation by default). Defaults are the "
+                    "POCL protocol: sampling at T=1, top-p 1, no top-k, no_repeat_ngram_size 6, at most 256 new "
+                    "tokens, seeds 10 20 30 40 50; every decoding setting is passed to transformers explicitly "
+                    "(the model's own generation_config is ignored) and recorded in results.json. Writes "
                     "generations.jsonl, results.json and results.md to --output-dir and prints the table. Every "
                     "option can also be set in the 'eval:' section of a YAML file (--config); flags override it.")
     p.add_argument("--config", metavar="FILE", help="YAML file with an 'eval:' section (other sections are ignored).")
@@ -32,7 +34,9 @@ def register(sub) -> None:
                    help="Sampling seeds (default: 10 20 30 40 50); the score is the mean over seeds.")
     p.add_argument("--ranking", dest="eval__ranking", action="append", metavar="[SET=]FILE", default=argparse.SUPPRESS,
                    help="A ranking.jsonl of an evaluated set, written by `pocl rank --train-file EVAL_FILE` "
-                        "(repeatable; SET may be left out with one set): adds ROUGE-L per difficulty quartile.")
+                        "(repeatable; SET may be left out with one set): adds ROUGE-L per difficulty quartile. "
+                        "Every evaluated sample must be in it with the same sample hash (id, prompt, references); "
+                        "a ranking of another data set stops the run before any generation.")
     add_section_flags(p, EvalConfig, "evaluation options")
     p.set_defaults(func=run)
 

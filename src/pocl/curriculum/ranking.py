@@ -47,6 +47,7 @@ from pocl import __version__
 from pocl.configuration import stable_hash
 from pocl.data import Record, get_template
 from pocl.errors import CheckpointError, ConfigError
+from pocl.generation import effective_settings, special_token_ids
 
 from .difficulty import (SIGNALS, RankedSample, SampleDifficulty, difficulties_from_ranking, measure_difficulty,
                          measurer_needs, rank_samples, ranking_decoding)
@@ -118,7 +119,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample_hashes(records: Sequence[Record], template) -> list[str]:
+def sample_hashes(records: Sequence[Record], template) -> list[str]:
+    """One hash per record of its id, rendered prompt and references (what ``ranking.jsonl`` stores as
+    ``sample_hash``; ``pocl eval --ranking`` checks a ranking against its evaluation set with it)."""
     out = []
     for r in records:
         blob = json.dumps([r.id, template.render(r), r.references], ensure_ascii=False)
@@ -126,11 +129,15 @@ def _sample_hashes(records: Sequence[Record], template) -> list[str]:
     return out
 
 
-def _generation_inputs(curriculum) -> dict[str, Any]:
+def _generation_inputs(curriculum, tokenizer) -> dict[str, Any]:
     d = ranking_decoding(curriculum)
+    eos, pad = special_token_ids(tokenizer)
     return {"rank_temperature": d.temperature, "rank_top_p": d.top_p, "rank_top_k": d.top_k,
             "rank_no_repeat_ngram_size": d.no_repeat_ngram_size, "rank_max_new_tokens": d.max_new_tokens,
-            "rank_batch_size": curriculum.rank_batch_size, "generation_seed": GENERATION_SEED}
+            "rank_batch_size": curriculum.rank_batch_size, "generation_seed": GENERATION_SEED,
+            # What transformers' generate really receives: a ranking made when a missing top_k was filled in
+            # with 50 (or from the student's generation_config) has another stamp and is measured again.
+            "transformers_generate": effective_settings(d, eos_token_id=eos, pad_token_id=pad)}
 
 
 def signals_inputs(*, records: Sequence[Record], tokenizer, model_fingerprint: str, curriculum,
@@ -138,13 +145,13 @@ def signals_inputs(*, records: Sequence[Record], tokenizer, model_fingerprint: s
     """The readable inputs of ``signals_hash``: student, data, generation settings."""
     settings, template = _settings(data_settings, tokenizer)
     if _hashes is None:
-        _hashes = _sample_hashes(records, template)
+        _hashes = sample_hashes(records, template)
     return {
         "student": model_fingerprint,
         "data": {"samples": len(records), "hash": hashlib.sha256("".join(_hashes).encode()).hexdigest()[:16],
                  "first_id": records[0].id if records else None, "last_id": records[-1].id if records else None,
                  "settings": settings, "tokenizer": tokenizer_fingerprint(tokenizer)},
-        "generation": _generation_inputs(curriculum),
+        "generation": _generation_inputs(curriculum, tokenizer),
     }
 
 
@@ -427,9 +434,21 @@ def _fmt(value) -> str:
     return "None" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
 
 
-def _changes(old: dict, new: dict) -> list[str]:
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key old -> new`` for every differing key; nested dicts by their own keys (``a.b 1 -> 2``)."""
     keys = [k for k in new if k in old] + [k for k in new if k not in old] + [k for k in old if k not in new]
-    return [f"{k} {_fmt(old.get(k))} -> {_fmt(new.get(k))}" for k in dict.fromkeys(keys) if old.get(k) != new.get(k)]
+    out = []
+    for k in dict.fromkeys(keys):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{k}.")
+        elif a is None and isinstance(b, dict):  # a stamp from before the key existed
+            out.append(f"{prefix}{k} not recorded -> {len(b)} settings")
+        else:
+            out.append(f"{prefix}{k} {_fmt(a)} -> {_fmt(b)}")
+    return out
 
 
 def _why_signals_differ(old: dict, new: dict, old_hashes: dict[str, str], new_hashes: dict[str, str]) -> str:
@@ -513,7 +532,7 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
     dist.barrier()  # every process decides on the same file state (none is written before the gather)
     needs = measurer_needs(curriculum.measurer)
     settings, template = _settings(data_settings, tokenizer)
-    hashes = _sample_hashes(records, template)
+    hashes = sample_hashes(records, template)
     new_hashes = {r.id: h for r, h in zip(records, hashes)}
     sig_in = signals_inputs(records=records, tokenizer=tokenizer, model_fingerprint=model_fingerprint,
                             curriculum=curriculum, data_settings=settings, _hashes=hashes)

@@ -1,7 +1,8 @@
 """Evaluation: text metrics, evaluation-set formats, generation-based scoring over seeds,
 per-difficulty breakdowns and reports (``pocl eval``; see docs/evaluation.md)."""
 
-from pocl.evaluation.metrics import exact_match, mean_std, normalize_whitespace, rouge_l
+from pocl.evaluation.metrics import (EM_NORMALIZATIONS, exact_match, mean_std, normalize_answer, normalize_whitespace,
+                                     rouge_l)
 
 _LAZY = {
     "EvalConfig": "pocl.evaluation.config",
@@ -30,4 +31,5 @@ def __getattr__(name):  # lazy: the metrics stay importable without torch and tr
     raise AttributeError(f"module 'pocl.evaluation' has no attribute {name!r}")
 
 
-__all__ = ["exact_match", "mean_std", "normalize_whitespace", "rouge_l", *_LAZY]
+__all__ = ["EM_NORMALIZATIONS", "exact_match", "mean_std", "normalize_answer", "normalize_whitespace", "rouge_l",
+           *_LAZY]

@@ -13,6 +13,14 @@ bucket's samples is computed, then mean and std over seeds, as for the whole set
 Coverage: evaluated ids missing from the ranking are left out of the breakdown and counted. If no
 evaluated id is in the ranking (for example a *training-set* ranking given for a test set), a
 :class:`pocl.errors.DataError` explains how to make an evaluation-set ranking.
+
+``pocl eval`` is stricter (:func:`verify_ranking`, before anything is generated): every evaluated
+sample must be in the ranking **with the same sample hash** (``sample_hash``, which ``pocl rank``
+writes on every line: a hash of the id, the rendered prompt and the references, computed by
+:func:`pocl.curriculum.ranking.sample_hashes`). Ids alone prove nothing: rows without an ``id`` are
+numbered ``000000``, ``000001`` ... in every file, so a training-set ranking would otherwise "cover"
+a test set. A ranking that lacks an evaluated sample, has no hash for it, or has another hash stops
+the run with a :class:`pocl.errors.CheckpointError` naming both files and the samples.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pocl.data import id_sort_key
-from pocl.errors import ConfigError, DataError
+from pocl.errors import CheckpointError, ConfigError, DataError
 from pocl.evaluation.metrics import mean_std
 
 
@@ -122,6 +130,74 @@ def check_coverage(ranking: Ranking, evaluated_ids: Sequence[str], *, set_name: 
             path=ranking.path)
     return {"evaluated": len(evaluated), "covered": len(covered), "fraction": len(covered) / len(evaluated),
             "missing_ids": missing[:20], "missing": len(missing)}
+
+
+def ranking_settings(path: str | Path) -> dict[str, Any] | None:
+    """The data settings (``template``, ``use_prompt_field`` ...) that ``pocl rank`` stamped into the
+    ``ranking.meta.json`` next to ``path``, or None when there is no readable metadata file."""
+    from pocl.curriculum.ranking import meta_path
+
+    mpath = meta_path(Path(path).expanduser())
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    settings = ((meta.get("signals_inputs") or {}).get("data") or {}).get("settings")
+    return dict(settings) if isinstance(settings, Mapping) and settings.get("template") else None
+
+
+def _examples(ids: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in ids[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def verify_ranking(ranking: Ranking, records: Sequence, template, *, set_name: str = "",
+                   set_path: str = "EVAL_FILE", template_note: str = "") -> dict[str, Any]:
+    """Check that ``ranking`` ranks exactly these evaluated ``records`` (pocl Records): every record's
+    id is in it, with the ``sample_hash`` that ``pocl rank`` computes for the record rendered with
+    ``template``. Raises :class:`CheckpointError` naming the ranking file, the data file and the
+    mismatching samples; returns the coverage (all evaluated samples) otherwise.
+
+    ``template`` must be the prompt template the ranking was made with (its ``ranking.meta.json``
+    says which), since the rendered prompt is part of the hash.
+    """
+    from pocl.curriculum.ranking import sample_hashes  # the hash pocl rank writes; one definition
+
+    records = list(records)
+    hashes = sample_hashes(records, template)
+    missing, unhashed, differ = [], [], []
+    for record, expected in zip(records, hashes):
+        if record.id not in ranking.ranks:
+            missing.append(record.id)
+            continue
+        stored = ranking.rows[record.id].get("sample_hash")
+        if not stored:
+            unhashed.append(record.id)
+        elif stored != expected:
+            differ.append(record.id)
+    if missing or unhashed or differ:
+        what = f"evaluation set '{set_name}' ({set_path})" if set_name else f"the evaluation set {set_path}"
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of the {len(records)} evaluated samples are not in the ranking "
+                            f"({_examples(missing)})")
+        if differ:
+            problems.append(f"{len(differ)} have the same id but another sample hash, i.e. another prompt or "
+                            f"reference: the ranking was made from other rows ({_examples(differ)})")
+        if unhashed:
+            problems.append(f"{len(unhashed)} have no sample_hash in the ranking, so they cannot be checked "
+                            f"({_examples(unhashed)})")
+        raise CheckpointError(
+            f"the ranking {ranking.path} does not rank {what}: " + "; ".join(problems) + ". "
+            f"Sample hashes cover the id, the prompt rendered with the template{template_note} and the references; "
+            f"rows without an id are numbered 000000, 000001 ... in every file, so equal ids alone do not make "
+            f"a ranking of this set (a training-set ranking cannot grade a test set). Make a ranking of the "
+            f"evaluation set with the initial student: `pocl rank --student INITIAL_STUDENT --train-file "
+            f"{set_path}`, and pass that file to --ranking.")
+    return {"evaluated": len(records), "covered": len(records), "fraction": 1.0, "missing_ids": [], "missing": 0,
+            "hash_checked": len(records)}
 
 
 def bucket_names(num_buckets: int) -> list[str]:

@@ -2,8 +2,9 @@
 
 Defaults follow the evaluation protocol of the POCL spec (section 5): sampling at T = 1, top-p 1,
 no top-k, ``no_repeat_ngram_size=6``, at most 256 new tokens, seeds 10 20 30 40 50, Alpaca
-prompts. Every field is also a flag of ``pocl eval`` (``--max-new-tokens`` ...); ``models`` and
-``data`` are the repeatable ``--model`` and ``--data`` flags and ``seeds`` is ``--seeds 10 20 30``.
+prompts, exact match after SQuAD answer normalisation. Every field is also a flag of ``pocl eval``
+(``--max-new-tokens`` ...); ``models`` and ``data`` are the repeatable ``--model`` and ``--data``
+flags and ``seeds`` is ``--seeds 10 20 30``.
 
 YAML example::
 
@@ -58,10 +59,16 @@ class EvalConfig(ConfigSection):
     max_samples: int | None = option(None, "Evaluate only the first N samples of each set.")
     ranking: list[str] = option(default_factory=list, help="Difficulty rankings of the evaluated sets, each "
                                 "[SET=]FILE: a ranking.jsonl written by `pocl rank` on that evaluation set (SET may "
-                                "be left out when there is one set). Adds scores per difficulty bucket.", cli=False)
+                                "be left out when there is one set). Adds scores per difficulty bucket. Every "
+                                "evaluated sample must be in the ranking with the same sample hash (checked before "
+                                "generating).", cli=False)
     num_buckets: int = option(4, "Number of difficulty buckets of the breakdown (4: quartiles of rank).")
     std: Literal["sample", "population"] = option(
         "sample", "Standard deviation over seeds: sample (divides by n - 1) or population (divides by n).")
+    em_normalization: Literal["squad", "whitespace"] = option(
+        "squad", "Text normalisation before exact match. squad (the papers' protocol): SQuAD v1.1 normalize_answer "
+        "(lowercase, drop punctuation and the articles a/an/the, collapse whitespace); whitespace: only collapse "
+        "whitespace (case, punctuation and articles count).")
     tokenizer: str | None = option(None, "Tokenizer for every model (default: each model's own).", metavar="PATH")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Model weight dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it, else float16.")
@@ -73,6 +80,7 @@ class EvalConfig(ConfigSection):
     def __post_init__(self) -> None:
         self._check_literal("dtype")
         self._check_literal("std")
+        self._check_literal("em_normalization")
         self.models = list(self.models)
         self.data = list(self.data)
         self.ranking = list(self.ranking)

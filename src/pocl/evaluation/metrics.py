@@ -1,11 +1,23 @@
 """Text metrics of the evaluation protocol: ROUGE-L F-measure (rouge-score, Porter stemmer) x 100,
-maximised over references, and exact match after whitespace normalisation; mean and standard
-deviation over seeds."""
+maximised over references, and exact match after answer normalisation; mean and standard
+deviation over seeds.
+
+Exact-match normalisations (``EM_NORMALIZATIONS``):
+
+* ``"squad"`` (the default, the papers' protocol): ``normalize_answer`` of the SQuAD v1.1
+  evaluation script, which the MiniLLM / DistiLLM / POCL evaluation code (via the
+  Super-NaturalInstructions metric script) uses: lowercase, delete ASCII punctuation, replace the
+  articles a/an/the (whole words) by a space, collapse whitespace.
+* ``"whitespace"``: collapse runs of whitespace and strip the ends; case, punctuation and articles
+  count (what pocl did before the option existed).
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import re
+import string
+from collections.abc import Callable, Sequence
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,13 +47,43 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
 
 
 def normalize_whitespace(text: str) -> str:
+    """Runs of whitespace to one space, ends stripped (the ``"whitespace"`` normalisation)."""
     return " ".join(text.split())
 
 
-def exact_match(prediction: str, references: str | Sequence[str]) -> float:
-    """100 if ``prediction`` equals one of ``references`` after whitespace normalisation, else 0."""
-    pred = normalize_whitespace(prediction)
-    return 100.0 * any(pred == normalize_whitespace(r) for r in _refs(references))
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 ``normalize_answer``: lowercase, remove punctuation, remove articles, collapse
+    whitespace, in this order (``"squad"``).
+
+    Punctuation is ``string.punctuation`` (ASCII only: typographic quotes and dashes stay); an
+    article is replaced by a space, so ``"a-b"`` becomes ``"ab"`` but ``"the cat"`` becomes ``"cat"``.
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+#: name -> normalisation applied to the prediction and to every reference before comparing
+EM_NORMALIZATIONS: dict[str, Callable[[str], str]] = {"squad": normalize_answer, "whitespace": normalize_whitespace}
+DEFAULT_EM_NORMALIZATION = "squad"
+
+
+def exact_match(prediction: str, references: str | Sequence[str], *,
+                normalization: str = DEFAULT_EM_NORMALIZATION) -> float:
+    """100 if ``prediction`` equals one of ``references`` after ``normalization`` (a key of
+    ``EM_NORMALIZATIONS``: ``"squad"``, the default, or ``"whitespace"``), else 0."""
+    try:
+        norm = EM_NORMALIZATIONS[normalization]
+    except KeyError:
+        raise ValueError(f"unknown exact-match normalization {normalization!r}; known: "
+                         f"{', '.join(EM_NORMALIZATIONS)}") from None
+    pred = norm(prediction)
+    return 100.0 * any(pred == norm(r) for r in _refs(references))
 
 
 def mean_std(values: Sequence[float], *, std: str = "sample") -> tuple[float, float]:

@@ -84,8 +84,11 @@ def markdown_report(data: Mapping[str, Any]) -> str:
     n = ", ".join(f"{name} {info['n']}" for name, info in data.get("sets", {}).items())
     spread = (f"mean ± {data.get('std', 'sample')} std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
               if len(seeds) > 1 else f"one pass, seed {seeds[0] if seeds else '?'}")
+    # results.json files written before the option existed compared whitespace-normalised text
+    em_norm = data.get("em_normalization", "whitespace")
     lines = ["# Evaluation results", "",
-             f"{decoding}; {spread}. Samples per set: {n}. Scores × 100; Avg = mean over sets.", "",
+             f"{decoding}; {spread}. Samples per set: {n}. Scores × 100; Avg = mean over sets; exact match after "
+             f"{em_norm} normalisation.", "",
              f"## {METRIC_TITLES['rouge_l']}", "", results_table(data, "rouge_l"), "",
              f"## {METRIC_TITLES['exact_match']}", "", results_table(data, "exact_match"), ""]
     bd = breakdown_tables(data, "rouge_l")

@@ -5,9 +5,10 @@ dev ROUGE-L. :func:`run_eval` is ``pocl eval``: several models x several sets, p
 breakdowns, and the output files (``generations.jsonl``, ``results.json``, ``results.md``).
 
 Scores: for each seed, the ROUGE-L F-measure x 100 (max over a sample's references) and the exact
-match x 100 are averaged over the samples; the reported score is the mean of these per-seed values
-and the spread is their standard deviation over seeds (``std="sample"``: divide by n - 1, the
-default; ``"population"``: divide by n; one seed: 0).
+match x 100 (after the ``em_normalization``, SQuAD's by default) are averaged over the samples; the
+reported score is the mean of these per-seed values and the spread is their standard deviation
+over seeds (``std="sample"``: divide by n - 1, the default; ``"population"``: divide by n; one
+seed: 0).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 from pocl.data import PromptTemplate, Record, get_template, tokenize_prompts
 from pocl.errors import ConfigError, DataError
-from pocl.evaluation.metrics import exact_match, mean_std, rouge_l
-from pocl.generation import DecodingConfig, generate
+from pocl.evaluation.metrics import DEFAULT_EM_NORMALIZATION, EM_NORMALIZATIONS, exact_match, mean_std, rouge_l
+from pocl.generation import DecodingConfig, effective_settings, generate, special_token_ids
 
 log = logging.getLogger("pocl.eval")
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." at INFO
@@ -76,6 +77,7 @@ class SetResult:
     samples: list[SampleResult]
     decoding: dict[str, Any]
     std: str = "sample"
+    em_normalization: str = DEFAULT_EM_NORMALIZATION
 
     @property
     def n(self) -> int:
@@ -144,7 +146,8 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record
                      template: str | PromptTemplate = "alpaca", decoding: DecodingConfig | None = None,
                      seeds: Sequence[int] = (10, 20, 30, 40, 50), batch_size: int = 32,
                      max_prompt_length: int = 256, truncation_side: str = "left", std: str = "sample",
-                     name: str = "", progress: bool | Callable[[int], None] = False) -> SetResult:
+                     em_normalization: str = DEFAULT_EM_NORMALIZATION, name: str = "",
+                     progress: bool | Callable[[int], None] = False) -> SetResult:
     """Generate an answer to every record once per seed and score it against the record's references.
 
     Generation is batched (prompts grouped by length, left padding, KV cache; see
@@ -152,8 +155,10 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record
     size and seed. ``template`` renders prompts (a record's ready-made ``prompt`` field is used with
     the Alpaca template, as in training); prompts longer than ``max_prompt_length`` tokens keep
     their end. ``decoding`` defaults to the spec's protocol (sampling at T = 1, top-p 1, no top-k,
-    ``no_repeat_ngram_size=6``, 256 new tokens). ``progress``: True for a progress bar, or a
-    callable called with the number of generations done after each batch.
+    ``no_repeat_ngram_size=6``, 256 new tokens). ``em_normalization``: how answers and references
+    are normalised before exact match (``"squad"``, the papers' protocol, or ``"whitespace"``; see
+    :mod:`pocl.evaluation.metrics`). ``progress``: True for a progress bar, or a callable called with
+    the number of generations done after each batch.
     """
     records = list(records)
     if not records:
@@ -167,6 +172,8 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record
         raise ConfigError("evaluate_records needs at least one seed")
     if std not in ("sample", "population"):
         raise ConfigError(f"std must be 'sample' or 'population', got {std!r}")
+    if em_normalization not in EM_NORMALIZATIONS:
+        raise ConfigError(f"em_normalization must be one of {', '.join(EM_NORMALIZATIONS)}, got {em_normalization!r}")
     decoding = decoding or DecodingConfig()
     template = template if isinstance(template, PromptTemplate) else get_template(template, tokenizer=tokenizer)
     texts = [template.render(r) for r in records]
@@ -207,7 +214,7 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record
             for s, g in zip(samples, gens):
                 s.generations.append(g.text)
                 s.rouge_l.append(rouge_l(g.text, s.references))
-                s.exact_match.append(exact_match(g.text, s.references))
+                s.exact_match.append(exact_match(g.text, s.references, normalization=em_normalization))
                 s.generated_tokens.append(len(g.token_ids))
                 s.stopped_at_eos.append(g.stopped_at_eos)
             k = len(per_seed)
@@ -220,7 +227,7 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record
         if bar is not None:
             bar.close()
     return SetResult(name=name, seeds=seeds, per_seed=per_seed, samples=samples, decoding=decoding_dict(decoding),
-                     std=std)
+                     std=std, em_normalization=em_normalization)
 
 
 def average_over_sets(results: Sequence[SetResult], metric: str, *, std: str = "sample") -> dict[str, Any]:
@@ -299,9 +306,48 @@ def _device(cpu: bool) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
 
 
+def generation_record(decoding: DecodingConfig) -> dict[str, Any]:
+    """The ``generation_config`` entry of results.json: the settings handed to transformers'
+    ``generate`` (read back from the ``GenerationConfig`` pocl builds; the token ids, which depend on
+    each model's tokenizer, are in each model's entry), and the transformers version that read them."""
+    import transformers
+
+    settings = effective_settings(decoding, eos_token_id=None, pad_token_id=None)
+    for key in ("eos_token_id", "pad_token_id"):
+        settings.pop(key, None)
+    return {"transformers_version": transformers.__version__,
+            "model_generation_config": "ignored: hidden during generation, every setting is pocl's",
+            "settings": settings}
+
+
+def _ranking_template(path: str, config, models: Sequence[tuple[str, str]], tokenizers: dict[str, Any]):
+    """The prompt template a ranking's sample hashes were computed with: the one stamped in its
+    ``ranking.meta.json`` (template name and ``use_prompt_field``), else the evaluation's own. A
+    template that needs a tokenizer (``chat``) gets the evaluation's (``--tokenizer``, else the
+    first model's). Returns (template, a note for error messages)."""
+    from pocl.evaluation.breakdown import ranking_settings
+    from pocl.models import load_tokenizer
+
+    settings = ranking_settings(path)
+    if settings is not None:
+        name, use_prompt_field = settings["template"], settings.get("use_prompt_field")
+        note = f" '{name}' (from the ranking's metadata)"
+    else:
+        name, use_prompt_field = config.template, config.use_prompt_field
+        note = f" '{name}' (the evaluation's; the ranking has no metadata file)"
+    try:
+        return get_template(name, use_prompt_field=use_prompt_field), note
+    except ConfigError:  # needs a tokenizer
+        spec = config.tokenizer or models[0][1]
+        if spec not in tokenizers:
+            tokenizers[spec] = load_tokenizer(spec, local_files_only=config.local_files_only,
+                                              trust_remote_code=config.trust_remote_code)
+        return get_template(name, tokenizer=tokenizers[spec], use_prompt_field=use_prompt_field), note
+
+
 def run_eval(config) -> EvalReport:
     """``pocl eval``: every model on every set, then the output files. ``config`` is an EvalConfig."""
-    from pocl.evaluation.breakdown import breakdown, check_coverage, load_ranking, ranking_specs
+    from pocl.evaluation.breakdown import breakdown, load_ranking, ranking_specs, verify_ranking
     from pocl.evaluation.config import default_model_name, named_specs
     from pocl.evaluation.formats import describe, load_eval_set
     from pocl.evaluation.report import markdown_report
@@ -320,16 +366,18 @@ def run_eval(config) -> EvalReport:
     for s in sets:
         log.info("%s", describe(s))
 
-    # Rankings are checked before any generation, so a wrong file fails in seconds, not hours.
+    # Rankings are checked before any generation, so a wrong file fails in seconds, not hours: every
+    # evaluated sample must be in the ranking with the sample hash that `pocl rank` wrote for it.
     rankings = {}
+    tokenizers: dict[str, Any] = {}
     for set_name, path in ranking_specs(config.ranking, [s.name for s in sets]).items():
         ranking = load_ranking(path)
         eval_set = next(s for s in sets if s.name == set_name)
-        coverage = check_coverage(ranking, [r.id for r in eval_set.records], set_name=set_name,
-                                  set_path=eval_set.path)
-        if coverage["covered"] < coverage["evaluated"]:
-            log.warning("ranking %s covers %d of the %d evaluated samples of '%s'; the breakdown uses those",
-                        path, coverage["covered"], coverage["evaluated"], set_name)
+        template, note = _ranking_template(path, config, models, tokenizers)
+        coverage = verify_ranking(ranking, eval_set.records, template, set_name=set_name, set_path=eval_set.path,
+                                  template_note=note)
+        log.info("ranking %s: all %d evaluated samples of '%s' are ranked, with matching sample hashes", path,
+                 coverage["evaluated"], set_name)
         rankings[set_name] = ranking
 
     device = _device(config.cpu)
@@ -352,8 +400,12 @@ def run_eval(config) -> EvalReport:
                 model.eval()
                 load_seconds = time.perf_counter() - t0
                 template = get_template(config.template, tokenizer=tokenizer, use_prompt_field=config.use_prompt_field)
+                eos, pad = special_token_ids(tokenizer)
                 model_info[model_name] = {"path": spec, "parameters": count_parameters(model),
-                                          "load_seconds": load_seconds}
+                                          "load_seconds": load_seconds,
+                                          # exactly what pocl.generation.generate hands to transformers
+                                          "generation_config": effective_settings(decoding, eos_token_id=eos,
+                                                                                  pad_token_id=pad)}
                 log.info("model %s: %s (%s parameters, %s, %s)", model_name, spec,
                          f"{model_info[model_name]['parameters']:,}", str(dtype).replace("torch.", ""), device)
                 results[model_name] = {}
@@ -361,7 +413,8 @@ def run_eval(config) -> EvalReport:
                     res = evaluate_records(model, tokenizer, eval_set.records, template=template, decoding=decoding,
                                            seeds=seeds, batch_size=config.batch_size,
                                            max_prompt_length=config.max_prompt_length, std=config.std,
-                                           name=eval_set.name, progress=config.progress)
+                                           em_normalization=config.em_normalization, name=eval_set.name,
+                                           progress=config.progress)
                     results[model_name][eval_set.name] = res
                     for row in generation_rows(model_name, res):
                         gen_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -390,8 +443,10 @@ def run_eval(config) -> EvalReport:
         "command": " ".join(sys.argv),
         "settings": config.to_dict(),
         "decoding": decoding_dict(decoding),
+        "generation_config": generation_record(decoding),
         "seeds": seeds,
         "std": config.std,
+        "em_normalization": config.em_normalization,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "versions": versions(),
