@@ -119,15 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
         curriculum = {"rank_max_new_tokens": s.eval_max_new_tokens, "rank_batch_size": s.generation_batch_size}
         if pocl:
             curriculum.update(curriculum="pocl", num_stages=n_stages, stage_epochs=stage_epochs)
+        train = {"output_dir": str(out / name), "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
+                 "epochs": args.epochs, "seed": s.seed, "log_every": 20, "save_total_limit": 1,
+                 "progress": args.progress, "tensorboard": False}
+        if pocl:
+            # The stages set alpha (0.7 -> 1), T (1 -> 2) and their length (stage_epochs: the same budget).
+            loss = {k: v for k, v in loss.items() if k not in ("alpha", "temperature")}
+            train.pop("epochs")
         return DistillConfig.from_dict({
             "model": {"teacher": str(paths["teacher"]), "student": str(paths["student"])},
             "data": {"train_file": str(paths["train"]), "dev_file": str(paths["dev"]), "max_length": s.max_length,
                      "max_prompt_length": s.max_prompt_length},
             "loss": loss,
             "optim": {"lr": s.kd_lr, "min_lr": s.kd_lr * 0.05},
-            "train": {"output_dir": str(out / name), "batch_size": s.batch_size,
-                      "micro_batch_size": s.micro_batch_size, "epochs": args.epochs, "seed": s.seed,
-                      "log_every": 20, "save_total_limit": 1, "progress": args.progress, "tensorboard": False},
+            "train": train,
             "curriculum": curriculum,
         })
 

@@ -81,4 +81,10 @@ def tiny_config(tmp_path: Path, tiny_pair, tiny_data, **sections):
     }
     for section, items in sections.items():
         values.setdefault(section, {}).update(items)
+    if values.get("curriculum", {}).get("curriculum") == "pocl":
+        # The stages set their own alpha, T and length: the plain-KD values above would override every
+        # stage (alpha, temperature) or be refused (epochs).
+        for section, key in (("train", "epochs"), ("loss", "alpha"), ("loss", "temperature")):
+            if key not in sections.get(section, {}):
+                values[section].pop(key, None)
     return DistillConfig.from_dict(values)

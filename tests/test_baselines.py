@@ -10,6 +10,7 @@ import pocl.baselines as baselines
 from pocl.data import IGNORE_INDEX
 from pocl.errors import ConfigError
 from pocl.pipeline import distill, prepare_run
+from pocl.training.teacher_signal import LiveTeacher
 from pocl.training.trainer import DistillTrainer
 from tests.conftest import tiny_config
 
@@ -91,7 +92,7 @@ def test_sft_end_to_end_never_evaluates_the_teacher(tmp_path, tiny_pair, tiny_da
     def no_teacher(self, batch):
         raise AssertionError("the teacher was evaluated")
 
-    monkeypatch.setattr(DistillTrainer, "_teacher_side", no_teacher)
+    monkeypatch.setattr(LiveTeacher, "side", no_teacher)
     result = distill(cfg)
     assert result.status == "completed" and result.summary["method"] == "sft"
     assert [s["alpha"] for s in result.summary["stages"]] == [0.0, 0.0]

@@ -116,3 +116,25 @@ def test_example_configs_load():
     assert examples
     for path in examples:
         DistillConfig.from_yaml(path)
+
+
+def test_every_selection_metric_has_a_known_direction():
+    import typing
+
+    from pocl.configuration import literal_choices
+    from pocl.training.selection import METRICS, SELECTABLE, is_better
+
+    choices = literal_choices(typing.get_type_hints(TrainConfig)["selection_metric"])
+    assert set(choices) == set(SELECTABLE) <= set(METRICS) and TrainConfig().selection_metric == "dev_rouge_l"
+    assert is_better("dev_rouge_l", 30.0, 20.0) and not is_better("dev_rouge_l", 20.0, 30.0)
+    assert is_better("dev_ce", 1.0, 2.0) and not is_better("dev_ce", 2.0, 1.0)
+    assert not is_better("dev_rouge_l", 20.0, 20.0) and is_better("dev_loss", 5.0, None)
+
+
+def test_the_given_settings_are_known():
+    cfg = DistillConfig.from_dict({"loss": {"alpha": 1.0}, "train": {"epochs": 20}, "eval": {"seeds": [1]}})
+    assert cfg.given_values() == {"loss": {"alpha": 1.0}, "train": {"epochs": 20.0}}  # eval: ignored
+    assert cfg.replace(optim={"lr": 0.1}).given_values()["optim"] == {"lr": 0.1}
+    assert cfg.replace(optim={"lr": 0.1}).is_given("loss.alpha")
+    assert DistillConfig().given_values() == {}
+    assert DistillConfig(loss=LossConfig(alpha=0.5)).given_values() == {"loss": {"alpha": 0.5}}

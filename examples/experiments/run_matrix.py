@@ -387,6 +387,11 @@ def build_plan(spec: Spec) -> list[Run]:
         else:
             extra = _merge(extra, {"curriculum": {"curriculum": "none"}})
         config = _merge(base, extra)
+        if method == "pocl":
+            # The stages carry their own length (stage_epochs: the same budget), alpha and T; the plain-KD
+            # values of the base would be refused (epochs) or override every stage (alpha, temperature).
+            config["train"] = {k: v for k, v in (config.get("train") or {}).items() if k != "epochs"}
+            config["loss"] = {k: v for k, v in (config.get("loss") or {}).items() if k not in ("alpha", "temperature")}
         try:
             DistillConfig.from_dict(config)  # pocl's own checks, with its messages
         except PoclError as exc:

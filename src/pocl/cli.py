@@ -72,7 +72,8 @@ def _parser_for(hint: Any, name: str):
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """``{section: {field: value}}`` of the flags the user actually gave."""
+    """``{section: {field: value}}`` of the flags the user actually gave (flags default to
+    ``argparse.SUPPRESS``: a flag that was not given is absent)."""
     out: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if "__" in key:
@@ -98,7 +99,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def build_config(args: argparse.Namespace, sections=None):
-    """The DistillConfig of a command: defaults < --config YAML < flags."""
+    """The DistillConfig of a command: defaults < --config YAML < flags. The config remembers which
+    settings the file and the flags gave (``DistillConfig.given()``), as opposed to defaults; an
+    ``eval:`` section of the file (read by `pocl eval`) is ignored."""
     from pocl.config import DistillConfig
 
     overrides = collect_overrides(args)

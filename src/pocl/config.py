@@ -111,8 +111,10 @@ class LossConfig(ConfigSection):
         "--curriculum pocl (every stage then has alpha 0 for seqkd and sft).")
     divergence: str = option("fkl", "Divergence D: fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd (exact names; see "
                              "docs/losses.md).")
-    alpha: float = option(1.0, "KD weight alpha in (1 - alpha) * CE + alpha * D; 0 = plain SFT, 1 = pure KD.")
-    temperature: float = option(1.0, "Distillation temperature T applied to both teacher and student logits.")
+    alpha: float = option(1.0, "KD weight alpha in (1 - alpha) * CE + alpha * D; 0 = plain SFT, 1 = pure KD. With "
+                          "--curriculum pocl, given explicitly: the same alpha in every stage (logged).")
+    temperature: float = option(1.0, "Distillation temperature T applied to both teacher and student logits. With "
+                                "--curriculum pocl, given explicitly: the same T in every stage (logged).")
     temperature_scaling: Literal["t2", "none"] = option(
         "t2", "How the divergence is scaled by temperature: t2 multiplies every divergence by T^2 (keeps gradient "
         "size comparable across temperatures); none leaves it unscaled.")
@@ -276,8 +278,12 @@ class TrainConfig(ConfigSection):
     batch_size: int = option(64, "Global batch size (samples per optimizer step, over all processes).")
     micro_batch_size: int = option(8, "Samples per forward/backward pass on one process; gradient accumulation "
                                    "makes up the global batch.")
-    epochs: float = option(20, "Passes over the training data (fractions allowed).")
-    max_steps: int | None = option(None, "Stop after this many optimizer steps (overrides epochs for the schedule).")
+    epochs: float = option(20, "Passes over the training data (fractions allowed). Plain KD only: with "
+                           "--curriculum pocl every stage runs --stage-epochs, and --epochs is refused.")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps (overrides epochs for the schedule). "
+                                   "With --curriculum pocl: a cap on the optimizer steps of the whole run; the "
+                                   "stage it falls in is cut short (its learning-rate schedule too) and later "
+                                   "stages do not run.")
     seed: int = option(10, "Seed of initialisation, shuffling and sampling.")
     eval_every: int = option(0, "Evaluate on the dev set every N optimizer steps (0: at the end of every epoch).")
     eval_batch_size: int = option(16, "Samples per forward pass during dev evaluation.")
@@ -296,12 +302,20 @@ class TrainConfig(ConfigSection):
                                       "after this many in a row.")
     sort_micro_batches: bool = option(True, "Within a step, group samples of similar length into micro-batches "
                                       "(less padding; the step's gradient is unchanged).")
-    dev_rouge_samples: int = option(0, "At every dev evaluation also generate answers for the first N dev samples "
-                                    "(sampling at T = 1, one seed: the run's) and log dev ROUGE-L (0: off).")
-    dev_rouge_max_new_tokens: int = option(256, "Maximum new tokens of the dev ROUGE-L generations.")
-    selection_metric: Literal["dev_ce", "dev_rouge_l"] = option(
-        "dev_ce", "How the best model (OUTPUT_DIR/best) is chosen, and what a stage's plateau is measured on: dev_ce "
-        "(reference cross-entropy, lower is better) or dev_rouge_l (needs --dev-rouge-samples; higher is better).")
+    dev_rouge_samples: int = option(
+        0, "Dev samples whose answers are generated (sampling at T = 1, one seed: the run's; at most "
+        "--dev-rouge-max-new-tokens tokens) at every dev evaluation to compute dev ROUGE-L: the first N. 0: all "
+        "dev samples when --selection-metric is dev_rouge_l (the authors select on the whole dev set), none "
+        "otherwise. Generating is most of the cost of a dev evaluation (docs/training.md, \"Evaluation and model "
+        "selection\"); --selection-metric dev_ce needs none.")
+    dev_rouge_max_new_tokens: int = option(256, "Maximum new tokens of the dev ROUGE-L generations (the "
+                                           "evaluation protocol's 256).")
+    selection_metric: Literal["dev_rouge_l", "dev_ce", "dev_loss"] = option(
+        "dev_rouge_l", "How the best model (OUTPUT_DIR/best) is chosen, and what a stage's plateau "
+        "(--plateau-patience) is measured on: dev_rouge_l (ROUGE-L of sampled dev answers, higher is better; "
+        "the spec's choice), dev_ce (reference cross-entropy at T = 1, lower is better; no generation) or "
+        "dev_loss (the training loss at the stage's T and alpha, lower is better; not comparable across "
+        "curriculum stages). Needs a dev set (--dev-file); without one no best/ is written.")
     num_processes: int = option(1, "Data-parallel processes to launch (GPUs: accelerate launch, one per GPU; "
                                 "CPU: torchrun with the gloo backend). Or start pocl yourself with "
                                 "`accelerate launch -m pocl distill ...`.")
@@ -324,8 +338,6 @@ class TrainConfig(ConfigSection):
         self._check_literal("selection_metric")
         self._check(self.dev_rouge_samples >= 0, "dev_rouge_samples", "must be >= 0")
         self._check(self.dev_rouge_max_new_tokens > 0, "dev_rouge_max_new_tokens", "must be > 0")
-        self._check(self.selection_metric != "dev_rouge_l" or self.dev_rouge_samples > 0, "selection_metric",
-                    "dev_rouge_l needs --dev-rouge-samples > 0")
 
 
 @dataclasses.dataclass
@@ -347,15 +359,19 @@ class CurriculumConfig(ConfigSection):
                                       "data and settings.", metavar="PATH")
     num_stages: int = option(4, "Number of stages n: the ranked data is cut into n equal slices and stage s "
                              "trains on the easiest s slices.")
-    stage_epochs: float = option(8, "Epochs per stage (over that stage's subset).")
-    t_start: float = option(1.0, "Distillation temperature of the first stage.")
+    stage_epochs: float = option(8, "Epochs per stage (over that stage's subset); --epochs is refused with the "
+                                 "curriculum.")
+    t_start: float = option(1.0, "Distillation temperature of the first stage. (--temperature given with the "
+                            "curriculum: that temperature in every stage instead, logged.)")
     t_max: float = option(2.0, "Distillation temperature of the last stage (linear in between).")
-    alpha_start: float = option(0.7, "KD weight alpha of the first stage.")
+    alpha_start: float = option(0.7, "KD weight alpha of the first stage. (--alpha given with the curriculum: "
+                                "that alpha in every stage instead, logged.)")
     alpha_end: float = option(1.0, "KD weight alpha of the last stage (linear in between).")
     skew_last_stage: float | None = option(0.12, "Skew coefficient of skl/srkl in the last stage (the authors' "
                                            "scripts: 0.12; the others use --skew). Empty: --skew everywhere.")
-    plateau_patience: int | None = option(None, "Advance to the next stage when the dev CE has not improved for "
-                                          "this many evaluations (empty: fixed epochs per stage).")
+    plateau_patience: int | None = option(None, "Advance to the next stage when the selection metric "
+                                          "(--selection-metric, dev ROUGE-L by default) has not improved for this "
+                                          "many dev evaluations (empty: fixed epochs per stage).")
     on_policy_fraction_start: float | None = option(
         None, "GKD inside the curriculum: on-policy fraction lambda_on of the first stage, rising linearly to "
         "--on-policy-fraction-end (empty: --on-policy-fraction in every stage).")
@@ -443,6 +459,18 @@ SECTIONS: dict[str, type[ConfigSection]] = {
     "curriculum": CurriculumConfig,
 }
 
+#: Top-level sections of other subcommands. One YAML file may hold the sections of every subcommand:
+#: ``pocl distill`` and ``pocl rank`` accept these and ignore them (``pocl eval --config`` reads ``eval:``).
+OTHER_SECTIONS: dict[str, str] = {"eval": "pocl eval"}
+
+#: Settings of plain KD that the POCL curriculum sets per stage: (what a given value does under the
+#: curriculum, the per-stage settings that conflict with it).
+CURRICULUM_GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "loss.alpha": ("the same alpha in every stage", ("curriculum.alpha_start", "curriculum.alpha_end")),
+    "loss.temperature": ("the same temperature in every stage", ("curriculum.t_start", "curriculum.t_max")),
+    "train.max_steps": ("a cap on the optimizer steps of the whole run", ()),
+}
+
 
 @dataclasses.dataclass
 class DistillConfig:
@@ -457,16 +485,22 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
+        """Sections from a mapping (a YAML file's top level). The sections of other subcommands
+        (:data:`OTHER_SECTIONS`: ``eval``) are accepted and ignored; any other unknown section is an error."""
         kwargs = {}
         for key, section_values in values.items():
+            if key in OTHER_SECTIONS:
+                continue
             if key not in SECTIONS:
-                raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; sections: "
-                                  f"{', '.join(SECTIONS)}")
+                raise ConfigError(f"unknown config section '{key}'{suggest(str(key), [*SECTIONS, *OTHER_SECTIONS])}; "
+                                  f"sections: {', '.join(SECTIONS)} (and "
+                                  + ", ".join(f"'{k}', read by `{v}`" for k, v in OTHER_SECTIONS.items()) + ")")
             kwargs[key] = coerce(section_values or {}, SECTIONS[key], key)
         return cls(**kwargs)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> "DistillConfig":
+        """The file's sections with ``overrides`` (the flags) on top; its ``eval:`` section is ignored."""
         values = load_yaml(path)
         for section, items in (overrides or {}).items():
             merged = dict(values.get(section) or {})
@@ -483,13 +517,75 @@ class DistillConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, **sections: dict[str, Any]) -> "DistillConfig":
-        """A copy with some fields changed, validated: ``cfg.replace(train={"epochs": 2})``."""
+        """A copy with some fields changed, validated: ``cfg.replace(train={"epochs": 2})``. The fields
+        given in this config stay given, and the changed fields become given."""
         values = self.to_dict()
         for section, items in sections.items():
             if section not in SECTIONS:
                 raise ConfigError(f"unknown config section '{section}'{suggest(section, SECTIONS)}")
             values[section].update(items)
-        return DistillConfig.from_dict(values)
+        new = DistillConfig.from_dict(values)
+        for name, given in self.given().items():
+            getattr(new, name)._set_given(given | set(sections.get(name, {})))
+        return new
+
+    # -- what the user gave ---------------------------------------------------------------------------
+    def given(self) -> dict[str, frozenset[str]]:
+        """Per section, the fields that were given (in YAML, as flags or to ``from_dict``) rather than
+        left at their defaults; see :meth:`pocl.configuration.ConfigSection.given_fields`."""
+        return {name: getattr(self, name).given_fields() for name in SECTIONS}
+
+    def given_values(self) -> dict[str, dict[str, Any]]:
+        """``{section: {field: value}}`` of the given fields (what a YAML file plus flags said)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, fields in self.given().items():
+            values = getattr(self, name).to_dict()
+            if fields:
+                out[name] = {k: values[k] for k in sorted(fields)}
+        return out
+
+    def is_given(self, dotted: str) -> bool:
+        """``cfg.is_given("loss.alpha")``."""
+        section, name = dotted.split(".", 1)
+        return name in self.given()[section]
+
+    def curriculum_flag_overrides(self) -> dict[str, Any]:
+        """Global settings given for a ``curriculum: pocl`` run, which then hold in every stage:
+        ``{"alpha": ..., "temperature": ..., "max_steps": ...}`` (only those given). Empty for plain KD.
+
+        Refused (ConfigError naming the per-stage settings to use): ``train.epochs`` (each stage runs
+        ``curriculum.stage_epochs`` or ``curriculum.stages[i].epochs``), and ``loss.alpha`` or
+        ``loss.temperature`` given together with a per-stage value of the same knob."""
+        if self.curriculum.curriculum != "pocl":
+            return {}
+        given = self.given()
+        if "epochs" in given["train"]:
+            raise ConfigError(
+                f"train.epochs: --epochs ({self.train.epochs:g}) is not used by --curriculum pocl, whose stages run "
+                f"their own epochs: use --stage-epochs N (curriculum.stage_epochs, every stage; now "
+                f"{self.curriculum.stage_epochs:g}) or curriculum.stages[i].epochs (YAML, one stage), or --max-steps "
+                "N to cap the whole run; remove --epochs / train.epochs")
+        out: dict[str, Any] = {}
+        for dotted, (meaning, per_stage) in CURRICULUM_GLOBAL_FLAGS.items():
+            section, name = dotted.split(".")
+            if name not in given[section] or getattr(getattr(self, section), name) is None:
+                continue
+            conflicts = [k for k in per_stage if k.split(".")[1] in given["curriculum"]]
+            conflicts += [f"curriculum.stages[{i}].{name}" for i, st in enumerate(self.curriculum.stages)
+                          if name in st]
+            flag = "--" + name.replace("_", "-")
+            if conflicts:
+                raise ConfigError(f"{dotted}: {flag} ({getattr(getattr(self, section), name):g}) with --curriculum "
+                                  f"pocl would mean {meaning}, but {', '.join(conflicts)} "
+                                  f"{'is' if len(conflicts) == 1 else 'are'} given too: give only one of them")
+            out[name] = getattr(getattr(self, section), name)
+        return out
+
+    def unused_curriculum_settings(self) -> list[str]:
+        """Curriculum settings given for a plain KD run (``curriculum: none``), which it does not use."""
+        if self.curriculum.curriculum == "pocl":
+            return []
+        return sorted(f"curriculum.{k}" for k in self.given()["curriculum"] if k != "curriculum")
 
     def training_hash(self) -> str:
         """Hash of the settings that change the trained weights (not logging or output options)."""
@@ -503,6 +599,8 @@ class DistillConfig:
             # these fields existed (such checkpoints resume).
             for key in ("teacher_cache", "teacher_cache_topk", "teacher_cache_dtype"):
                 values["loss"].pop(key, None)
+        elif values["loss"]["teacher_cache"] == "hidden":
+            values["loss"].pop("teacher_cache_topk", None)  # k is a setting of the topk cache only
         for key in ("teacher_cache_max_error", "teacher_cache_check_samples", "accept_approximation"):
             values["loss"].pop(key, None)  # checks before training: they stop a run or not, never change its weights
         if values["curriculum"]["curriculum"] == "none":

@@ -6,6 +6,11 @@ key of the same name. Sections validate their values on construction (``__post_i
 :class:`pocl.errors.ConfigError` naming ``section.field``.
 
 Precedence when building a config: dataclass defaults < YAML file < command-line flags.
+
+A section built by :meth:`ConfigSection.from_dict` (YAML files, flags, ``DistillConfig.from_dict``)
+remembers which fields were *given* (:meth:`ConfigSection.given_fields`), as opposed to left at
+their defaults: some settings mean something else, or nothing, in some runs (``--epochs`` under the
+POCL curriculum), and a value the user gave must never be ignored without a word.
 """
 
 from __future__ import annotations
@@ -59,7 +64,39 @@ class ConfigSection:
                 raise ConfigError(f"unknown key '{prefix}.{key}'{suggest(key, fields)}; valid keys: "
                                   f"{', '.join(fields)}")
             kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
-        return cls(**kwargs)
+        section = cls(**kwargs)
+        section._set_given(kwargs)
+        return section
+
+    # -- which values were given ----------------------------------------------------------------
+    _GIVEN_ATTR: typing.ClassVar[str] = "_pocl_given_fields"
+
+    def _set_given(self, names) -> None:
+        object.__setattr__(self, self._GIVEN_ATTR, frozenset(names))
+
+    def given_fields(self) -> frozenset[str]:
+        """The names of the fields that were given rather than left at their defaults.
+
+        Exact for a section built by :meth:`from_dict` (YAML, flags, ``DistillConfig.from_dict``):
+        the keys it was given, whatever their values. For a section constructed directly
+        (``LossConfig(alpha=0.5)``) the keyword arguments are not recorded; the fields whose values
+        differ from the defaults are reported (a value given equal to its default cannot be told
+        apart from a default)."""
+        given = self.__dict__.get(self._GIVEN_ATTR)
+        if given is not None:
+            return given
+        out = set()
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                out.add(f.name)
+                continue
+            if getattr(self, f.name) != default:
+                out.add(f.name)
+        return frozenset(out)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -24,6 +24,7 @@ from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teac
                          model_fingerprint, resolve_dtype, shared_vocab_size)
 from pocl.training.stages import Stage
 from pocl.training import checkpoint as ckpt
+from pocl.training import selection
 from pocl.training.trainer import DistillTrainer, TrainResult, tokenized_fingerprint
 
 log = logging.getLogger("pocl")
@@ -185,19 +186,83 @@ def check_resume_before_ranking(config: DistillConfig, inputs: RunInputs, accele
         raise CheckpointError(ckpt.resume_refusal_message(folder, problems))
 
 
+def resolve_selection(config: DistillConfig, inputs: RunInputs) -> int:
+    """How ``best/`` will be chosen, said in the log; returns the number of dev samples whose answers
+    are generated at every dev evaluation (``train.dev_rouge_samples`` 0 with dev ROUGE-L as the
+    selection metric: all of them)."""
+    tc = config.train
+    if inputs.dev_data is None or len(inputs.dev_data) == 0:
+        log.info("no dev set: no dev evaluation and no best/ model (final/ is the run's model); give --dev-file "
+                 "to choose best/ by %s", tc.selection_metric)
+        return 0
+    n = selection.dev_rouge_count(tc, len(inputs.dev_records or []))
+    metric = selection.metric(tc.selection_metric)
+    log.info("best/: the student with the best %s (%s) over the dev evaluations%s", metric.name, metric.direction,
+             f"; dev ROUGE-L generates answers to {n} of {len(inputs.dev_data)} dev prompts (at most "
+             f"{tc.dev_rouge_max_new_tokens} new tokens) at every dev evaluation" if n else "")
+    return n
+
+
+def make_trainer(config: DistillConfig, inputs: RunInputs, stages: list[Stage], *, accelerator=None) -> DistillTrainer:
+    """The trainer of a run (its dev ROUGE-L samples: :func:`pocl.training.selection.dev_rouge_count`)."""
+    trainer = DistillTrainer(config=config, student=inputs.student, tokenizer=inputs.tokenizer,
+                             teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
+                             stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
+                             fingerprints=inputs.fingerprints, accelerator=accelerator,
+                             dev_records=inputs.dev_records)
+    if inputs.dev_data is not None and len(inputs.dev_data) > 0:
+        trainer.summary_extra["dev_rouge_samples"] = len(trainer.dev_records)
+    return trainer
+
+
+def curriculum_overrides(config: DistillConfig, stages: list[Stage]) -> tuple[list[Stage], dict[str, Any]]:
+    """Apply the global settings given with the curriculum (``DistillConfig.curriculum_flag_overrides``):
+    ``--alpha``/``--temperature`` hold in every stage, ``--max-steps`` caps the whole run. Each is
+    logged; the returned record goes to summary.json (``curriculum_overrides``)."""
+    from pocl.curriculum.schedule import cap_total_steps, override_every_stage
+
+    flags = config.curriculum_flag_overrides()
+    record: dict[str, Any] = {}
+    cc = config.curriculum
+    for key, start, end, per_stage in (("alpha", cc.alpha_start, cc.alpha_end, "--alpha-start/--alpha-end"),
+                                       ("temperature", cc.t_start, cc.t_max, "--t-start/--t-max")):
+        if key in flags:
+            log.warning("--%s %g (loss.%s) overrides every stage of the curriculum: %s %g in all %d stages instead of "
+                        "%g -> %g (per stage: %s, curriculum.stages[i].%s)", key, flags[key], key, key, flags[key],
+                        len(stages), start, end, per_stage, key)
+            stages = override_every_stage(stages, **{key: flags[key]})
+            record[key] = flags[key]
+    if "max_steps" in flags:
+        planned = sum(st.total_steps(len(st.sample_ids), config.train.batch_size) for st in stages)
+        stages, notes = cap_total_steps(stages, flags["max_steps"], config.train.batch_size)
+        if notes:
+            log.warning("--max-steps %d caps the whole curriculum (%d planned optimizer steps): %s", flags["max_steps"],
+                        planned, "; ".join(notes))
+        else:
+            log.info("--max-steps %d: the curriculum's %d planned optimizer steps are within the cap",
+                     flags["max_steps"], planned)
+        record["max_steps"] = flags["max_steps"]
+        record["max_steps_changes"] = notes
+    return stages, record
+
+
 def curriculum_stages(config: DistillConfig, inputs: RunInputs) -> tuple[list[Stage], dict[str, Any]]:
     """POCL: rank the training data with the initial student (or reuse the ranking file), then the
-    Baby Step stages. Runs before the trainer restores any checkpoint, so the measured and
-    fingerprinted student is always the initial one."""
+    Baby Step stages, with the global settings given with the curriculum applied
+    (:func:`curriculum_overrides`; the record is in ``info["overrides"]``). Runs before the trainer
+    restores any checkpoint, so the measured and fingerprinted student is always the initial one."""
     from pocl.curriculum import format_schedule, prepare_curriculum
 
     stages, _, info = prepare_curriculum(config, records=inputs.train_records, tokenizer=inputs.tokenizer,
                                          model=inputs.student, model_fingerprint=inputs.fingerprints["student_init"],
                                          device=_device(config))
-    log.info("POCL schedule:\n%s", format_schedule(stages))
+    stages, overrides = curriculum_overrides(config, stages)
+    log.info("POCL schedule:\n%s", format_schedule(stages, len(inputs.train_data),
+                                                    batch_size=config.train.batch_size))
     info = {k: v for k, v in info.items() if k != "meta"}  # the stamp inputs stay in the ranking's meta file
     # What producing the ranking cost, also when it was reused now (from the measurement's timings).
     info["measure_seconds"] = sum(float(v) for v in (info.get("timings") or {}).values())
+    info["overrides"] = overrides
     return stages, info
 
 
@@ -208,10 +273,16 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     Returns where the final and best models are and the run summary."""
     from pocl.launch import make_accelerator
 
+    if stages is None:
+        config.curriculum_flag_overrides()  # a refused setting (--epochs with the curriculum) stops before any work
+        unused = config.unused_curriculum_settings()
+        if unused:
+            log.warning("not used without --curriculum pocl (plain KD over all the data): %s", ", ".join(unused))
     # Created first: it sets up the process group that the ranking pass also uses.
     accelerator = accelerator or make_accelerator(config)
     check_supported_distribution(accelerator)
     inputs = inputs or prepare_run(config, need_teacher=config.loss.method != "sft")
+    resolve_selection(config, inputs)  # says how best/ will be chosen, before the ranking pass
     check_resume_before_ranking(config, inputs, accelerator)
     from pocl.baselines import apply_method
 
@@ -222,13 +293,12 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
         extra["seqkd"] = method_info
     if stages is None and config.curriculum.curriculum == "pocl":
         stages, info = curriculum_stages(config, inputs)
+        overrides = info.pop("overrides")
         extra.update(measurer=config.curriculum.measurer, ranking=info)
+        if overrides:
+            extra["curriculum_overrides"] = overrides
     stages = stages or kd_stages(config)
-    trainer = DistillTrainer(config=config, student=inputs.student, tokenizer=inputs.tokenizer,
-                             teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
-                             stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
-                             fingerprints=inputs.fingerprints, accelerator=accelerator,
-                             dev_records=inputs.dev_records)
+    trainer = make_trainer(config, inputs, stages, accelerator=accelerator)
     trainer.summary_extra.update(extra)
     return trainer.train()
 

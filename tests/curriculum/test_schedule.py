@@ -117,3 +117,23 @@ def test_schedule_table_and_budget():
     assert "stage4" in text and "budget: 20 passes" in text
     with_steps = [Stage("a", sample_ids=("x",), max_steps=5), Stage("b", sample_ids=("x", "y"), epochs=2)]
     assert budget_passes(with_steps, batch_size=2) == pytest.approx(5 * 2 / 2 + 2)
+
+
+def test_global_settings_override_every_stage_and_cap_the_whole_run():
+    from pocl.curriculum.schedule import cap_total_steps, override_every_stage
+
+    stages = baby_step_stages(IDS, CurriculumConfig(curriculum="pocl", stage_epochs=2), base_skew=0.1)
+    fixed = override_every_stage(stages, alpha=1.0)
+    assert [s.alpha for s in fixed] == [1.0] * 4 and [s.temperature for s in fixed] == [s.temperature for s in stages]
+    assert [s.alpha for s in stages] == pytest.approx([0.7, 0.8, 0.9, 1.0])  # the input is not changed
+    # 5, 10, 15, 20 samples, batch 4, 2 epochs: 4 + 6 + 8 + 10 = 28 planned steps
+    capped, notes = cap_total_steps(stages, 15, batch_size=4)
+    assert [s.total_steps(len(s.sample_ids), 4) for s in capped] == [4, 6, 5]
+    assert notes == ["stage3: 5 of 8 planned steps", "stage4: not run (planned 10 steps)"]
+    # 2 epochs x 5/20 + 2 epochs x 10/20 + 5 steps x 4 samples / 20
+    assert budget_passes(capped, 20, batch_size=4) == pytest.approx(0.5 + 1.0 + 1.0)
+    assert "budget: 2.5 passes" in format_schedule(capped, 20, batch_size=4)
+    same, none = cap_total_steps(stages, 28, batch_size=4)
+    assert same == stages and none == []
+    with pytest.raises(ConfigError, match="max_steps"):
+        cap_total_steps(stages, 0, batch_size=4)

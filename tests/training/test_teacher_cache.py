@@ -492,6 +492,10 @@ def test_resume_rules_of_the_cache_settings():
     assert differences(on, on.replace(loss={"teacher_cache_dtype": "bfloat16"})) == [
         "loss.teacher_cache_dtype: 'float32' -> 'bfloat16'"]
     assert differences(off, off.replace(loss={"teacher_cache_topk": 16, "teacher_cache_dtype": "float16"})) == []
+    hidden = on.replace(loss={"teacher_cache": "hidden"})
+    assert differences(hidden, hidden.replace(loss={"teacher_cache_topk": 16})) == []  # hidden does not read k
+    assert differences(hidden, hidden.replace(loss={"teacher_cache_dtype": "float16"})) == [
+        "loss.teacher_cache_dtype: 'float32' -> 'float16'"]
     assert differences(on, off) == ["loss.teacher_cache: 'topk' -> 'off'"]
 
 

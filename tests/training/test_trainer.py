@@ -199,7 +199,8 @@ def test_resume_refuses_changed_config(tmp_path, tiny_pair, tiny_data):
 def test_outputs_are_hf_folders_and_metrics(tmp_path, tiny_pair, tiny_data):
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"tensorboard": True, "eval_every": 3})
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"tensorboard": True, "eval_every": 3,
+                                                             "dev_rouge_max_new_tokens": 4})
     result = distill(cfg)
     run = tmp_path / "run"
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
@@ -213,7 +214,10 @@ def test_outputs_are_hf_folders_and_metrics(tmp_path, tiny_pair, tiny_data):
         assert math.isfinite(r["dev_ce"]) and r["dev_kd"] >= 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_steps"] == 6
-    assert summary["best_metric"] == min(r["dev_ce"] for r in dev) and summary["selection_metric"] == "dev_ce"
+    # by default best/ is chosen by dev ROUGE-L (spec section 3), a real value, higher is better
+    assert summary["selection_metric"] == "dev_rouge_l" and summary["selection_direction"] == "higher is better"
+    best = max(dev, key=lambda r: (r["dev_rouge_l"], -r["step"]))
+    assert summary["best_metric"] == best["dev_rouge_l"] >= 0 and summary["best_step"] == best["step"]
 
 
 def test_dev_rouge_l_selects_the_best_model(tmp_path, tiny_pair, tiny_data):
@@ -230,17 +234,145 @@ def test_dev_rouge_l_selects_the_best_model(tmp_path, tiny_pair, tiny_data):
     assert manifest["step"] == best["step"] and manifest["dev_rouge_l"] == best["dev_rouge_l"]
 
 
-def test_dev_rouge_l_selection_needs_samples():
-    from pocl.config import DistillConfig
-    from pocl.errors import ConfigError
+def test_dev_rouge_l_by_default_on_every_dev_sample(tmp_path, tiny_pair, tiny_data, monkeypatch):
+    """No flag: dev ROUGE-L is computed on all 16 dev samples (0 = all); summary.json says how many, and
+    the saved config keeps 0 (a run resumed by a trainer built directly has the same config)."""
+    import yaml
 
-    with pytest.raises(ConfigError, match="selection_metric: dev_rouge_l needs --dev-rouge-samples"):
-        DistillConfig.from_dict({"train": {"selection_metric": "dev_rouge_l"}})
+    import pocl.evaluation.runner as runner
+
+    seen = []
+    real = runner.evaluate_records
+
+    def counting(model, tokenizer, records, **kw):
+        seen.append(len(records))
+        return real(model, tokenizer, records, **kw)
+
+    monkeypatch.setattr(runner, "evaluate_records", counting)
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 3, "dev_rouge_max_new_tokens": 4})
+    assert cfg.train.dev_rouge_samples == 0 and cfg.train.selection_metric == "dev_rouge_l"
+    result = distill(cfg)
+    assert seen == [16, 16]  # two evaluations, every dev sample
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["dev_rouge_samples"] == 0 and saved["train"]["selection_metric"] == "dev_rouge_l"
+    assert result.summary["dev_rouge_samples"] == 16
+    assert result.best_dir is not None
+    manifest = json.loads((result.best_dir / "manifest.json").read_text())
+    assert manifest["selection_metric"] == "dev_rouge_l" and manifest["step"] == result.summary["best_step"]
+    assert "by dev_rouge_l, higher is better" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_dev_ce_is_still_choosable_and_generates_nothing(tmp_path, tiny_pair, tiny_data, monkeypatch):
+    import pocl.evaluation.runner as runner
+
+    def forbidden(*a, **k):
+        raise AssertionError("dev answers were generated")
+
+    monkeypatch.setattr(runner, "evaluate_records", forbidden)
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 2, "selection_metric": "dev_ce"})
+    result = distill(cfg)
+    dev = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    assert [r["step"] for r in dev] == [2, 4, 6] and not any("dev_rouge_l" in r for r in dev)
+    best = min(dev, key=lambda r: (r["dev_ce"], r["step"]))
+    assert result.summary["selection_metric"] == "dev_ce" and result.summary["selection_direction"] == "lower is better"
+    assert result.summary["best_metric"] == best["dev_ce"] and result.summary["best_step"] == best["step"]
+
+
+def test_no_dev_set_writes_no_best_model(tmp_path, tiny_pair, tiny_data, capsys):
+    from pocl.cli import main
+
+    teacher, student = tiny_pair
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher", str(teacher), "--student", str(student), "--train-file", str(tiny_data[0]),
+                 "--max-length", "48", "--max-prompt-length", "32", "--batch-size", "8", "--micro-batch-size", "4",
+                 "--max-steps", "2", "--output-dir", str(out), "--no-progress", "--no-tensorboard"])
+    printed = capsys.readouterr().out
+    assert code == 0 and (out / "final").is_dir() and not (out / "best").exists()
+    assert "best model: no dev set" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_metric"] is None and summary["best_step"] is None and "no dev set" in summary["best_note"]
+    assert "best model: no dev set" in (out / "summary.md").read_text()
+
+
+def test_best_rouge_is_kept_across_a_resume_and_old_negated_checkpoints_are_converted(tmp_path, tiny_pair,
+                                                                                      tiny_data, monkeypatch):
+    """Stop mid-run, resume: best/ and summary.json as uninterrupted. A checkpoint of an older pocl (dev
+    ROUGE-L stored negated, no selection_metric) resumes with the real value."""
+    from types import SimpleNamespace
+
+    import pocl.evaluation.runner as runner
+    from pocl.training import checkpoint as ckpt
+
+    def weight_rouge(model, tokenizer, records, **kw):
+        # The tiny random student scores ROUGE-L 0 everywhere; a deterministic function of its weights
+        # (reproduced exactly by a resume) gives values that differ from step to step.
+        total = sum(float(p.detach().double().sum()) for p in model.parameters())
+        return SimpleNamespace(rouge_l=abs(total * 1e4) % 100.0)
+
+    monkeypatch.setattr(runner, "evaluate_records", weight_rouge)
+
+    def run(out, **kw):
+        cfg = tiny_config(out, tiny_pair, tiny_data, train={
+            "epochs": 2, "eval_every": 2, "save_every": 2, "dev_rouge_samples": 8, "dev_rouge_max_new_tokens": 4})
+        inputs = prepare_run(cfg)
+        return _trainer(cfg, inputs=inputs, dev_records=inputs.dev_records, **kw).train()
+
+    ref = run(tmp_path / "a")
+    dev = [r for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    best = max(dev, key=lambda r: (r["dev_rouge_l"], -r["step"]))
+    assert (ref.summary["best_metric"], ref.summary["best_step"]) == (best["dev_rouge_l"], best["step"])
+    assert best["dev_rouge_l"] > 0 and len({r["dev_rouge_l"] for r in dev}) == len(dev)
+
+    for name, legacy in (("b", False), ("c", True)):
+        def stop(trainer):
+            if trainer.state.global_step == 6:
+                trainer.request_stop()
+
+        assert run(tmp_path / name, step_callbacks=[stop]).status == "interrupted"
+        if legacy:  # rewrite the newest checkpoint as an older version wrote it
+            folder = ckpt.latest_valid_checkpoint(tmp_path / name / "run" / "checkpoints")
+            path = folder / "trainer_state.json"
+            saved = json.loads(path.read_text())
+            state = saved["state"]
+            assert state.pop("selection_metric") == "dev_rouge_l" and state["best_metric"] > 0
+            for key in ("best_metric", "stage_best_metric"):
+                state[key] = None if state[key] is None else -state[key]
+            path.write_text(json.dumps(saved))
+            extra = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items()
+                     if k not in ("format", "files")}
+            ckpt.write_manifest(folder, extra)
+        resumed = run(tmp_path / name)
+        assert resumed.status == "completed"
+        assert (resumed.summary["best_metric"], resumed.summary["best_step"]) == (best["dev_rouge_l"], best["step"])
+        assert resumed.summary["stages"][0]["best_in_stage"] == best["dev_rouge_l"]
+        a, b = _weights(ref.best_dir), _weights(resumed.best_dir)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_plateau_follows_the_direction_of_rouge(tmp_path, tiny_pair, tiny_data):
+    """Dev ROUGE-L (higher is better) decides best/ and the plateau: a falling ROUGE-L is no improvement."""
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 1})
+    stages = [Stage("s1", epochs=3, plateau_patience=2), Stage("s2", max_steps=2, temperature=2.0)]
+    trainer = _trainer(cfg, stages)
+    curve = iter([10.0, 20.0, 15.0, 19.0, 5.0, 5.0])  # best at eval 2; evals 3 and 4 are lower
+
+    def scripted(stage):
+        value = next(curve)
+        return {"dev_loss": 1.0, "dev_ce": 1.0 / value, "dev_kd": 0.0, "dev_tokens": 1, "dev_rouge_l": value}
+
+    trainer.evaluate = scripted
+    result = trainer.train()
+    s1, s2 = result.summary["stages"]
+    assert s1["steps"] == 4 and s1["advanced_early"] and s1["best_in_stage"] == 20.0
+    assert s2["best_in_stage"] == 5.0
+    assert result.summary["best_metric"] == 20.0 and result.summary["best_step"] == 2
+    assert json.loads((tmp_path / "run" / "best" / "manifest.json").read_text())["dev_rouge_l"] == 20.0
 
 
 def test_plateau_advances_to_the_next_stage(tmp_path, tiny_pair, tiny_data):
     """A scripted dev curve: stage 1 improves once, then stalls for `patience` evaluations."""
-    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 1})
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 1, "selection_metric": "dev_ce"})
     stages = [Stage("s1", epochs=3, plateau_patience=2), Stage("s2", max_steps=2, temperature=2.0)]
     trainer = _trainer(cfg, stages)
     curve = iter([5.0, 4.0, 4.5, 4.2, 9.9, 9.9])  # best at eval 2; evals 3 and 4 do not improve
@@ -255,3 +387,36 @@ def test_plateau_advances_to_the_next_stage(tmp_path, tiny_pair, tiny_data):
     assert s1["steps"] == 4 and s1["planned_steps"] == 18 and s1["advanced_early"]
     assert s2["steps"] == 2 and not s2["advanced_early"]
     assert result.summary["best_metric"] == 4.0 and result.summary["best_step"] == 2
+
+
+def test_trainer_without_dev_records_selects_by_dev_ce_and_says_so(tmp_path, tiny_pair, tiny_data):
+    """DistillTrainer built directly with dev data but no dev records cannot compute dev ROUGE-L: best/ is
+    chosen by dev CE, with the reason in summary.json and summary.md."""
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"eval_every": 3})
+    result = _trainer(cfg).train()
+    dev = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    assert result.summary["selection_metric"] == "dev_ce" and "dev_records" in result.summary["selection_note"]
+    assert result.summary["best_metric"] == min(r["dev_ce"] for r in dev)
+    assert "no dev ROUGE-L was computed" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_a_run_that_selected_by_dev_ce_is_not_resumed_silently_by_dev_rouge_l(tmp_path, tiny_pair, tiny_data):
+    """A run started when dev CE was the default resumes with --selection-metric dev_ce; without it the
+    resume is refused and says what changed."""
+    cfg = tiny_config(tmp_path, tiny_pair, tiny_data, train={"max_steps": 4, "save_every": 2, "eval_every": 2,
+                                                             "selection_metric": "dev_ce"})
+
+    def stop(trainer):
+        if trainer.state.global_step == 2:
+            trainer.request_stop()
+
+    inputs = prepare_run(cfg)
+    assert _trainer(cfg, inputs=inputs, step_callbacks=[stop]).train().status == "interrupted"
+    new_default = tiny_config(tmp_path, tiny_pair, tiny_data, train={"max_steps": 4, "save_every": 2,
+                                                                     "eval_every": 2})
+    with pytest.raises(CheckpointError, match=r"train.selection_metric: 'dev_ce' -> 'dev_rouge_l'"):
+        distill(new_default)
+    resumed = distill(cfg)
+    assert resumed.status == "completed" and resumed.summary["selection_metric"] == "dev_ce"
+    dev = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    assert [r["step"] for r in dev] == [2, 4] and resumed.summary["best_metric"] == min(r["dev_ce"] for r in dev)

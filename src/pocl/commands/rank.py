@@ -22,8 +22,10 @@ def register(sub) -> None:
                     "--ranking-file (default OUTPUT_DIR/ranking.jsonl). A file that still matches the student, "
                     "data and settings is reused; a change of measurer only re-ranks the stored signals. Takes "
                     "the same --config file and flags as `pocl distill` (the teacher is not used).")
-    p.add_argument("--config", metavar="FILE", help="YAML config file (the model, data and curriculum sections "
-                   "are used; train.output_dir and train.seed too).")
+    p.add_argument("--config", metavar="FILE", help="YAML config file, the same as `pocl distill --config` (the "
+                   "model, data and curriculum sections are used, and train.output_dir, train.seed and "
+                   "train.progress; the other distill settings are accepted and not needed here; an 'eval:' "
+                   "section, read by `pocl eval`, is ignored).")
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     add_section_flags(p, ModelConfig, "model options")
     add_section_flags(p, DataConfig, "data options")

@@ -17,6 +17,7 @@ Budget: 8 x (1/4 + 2/4 + 3/4 + 1) = 20 passes over the data, the same as a 20-ep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ from pocl.training.stages import Stage, check_stages
 
 log = logging.getLogger("pocl.curriculum")
 
-__all__ = ["stage_sizes", "baby_step_stages", "schedule_table", "budget_passes", "format_schedule"]
+__all__ = ["stage_sizes", "baby_step_stages", "schedule_table", "budget_passes", "format_schedule",
+           "override_every_stage", "cap_total_steps"]
 
 
 def stage_sizes(n_samples: int, n_stages: int, fractions: Sequence[float | None] | None = None) -> list[int]:
@@ -121,6 +123,42 @@ def baby_step_stages(ranked_ids: Sequence[str], curriculum, *, base_skew: float,
     return stages
 
 
+def override_every_stage(stages: Sequence[Stage], *, alpha: float | None = None,
+                         temperature: float | None = None) -> list[Stage]:
+    """The stages with ``alpha`` and/or ``temperature`` (when not None) in every stage: what ``--alpha``
+    and ``--temperature`` mean when they are given with the curriculum."""
+    changes = {k: v for k, v in (("alpha", alpha), ("temperature", temperature)) if v is not None}
+    return [dataclasses.replace(st, **changes) for st in stages] if changes else list(stages)
+
+
+def cap_total_steps(stages: Sequence[Stage], max_steps: int, batch_size: int,
+                    n_samples: int | None = None) -> tuple[list[Stage], list[str]]:
+    """Cap the optimizer steps of the whole schedule at ``max_steps`` (``--max-steps`` with the
+    curriculum): stages run in order with their planned steps until the cap; the stage the cap falls
+    in gets ``max_steps`` = the steps left (its learning-rate schedule is fitted to them), later
+    stages are dropped. Returns the stages and one line per changed stage (for the log)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ConfigError(f"max_steps must be a whole number >= 1 (got {max_steps!r})")
+    left = max_steps
+    out: list[Stage] = []
+    notes: list[str] = []
+    for st in stages:
+        n = len(st.sample_ids) if st.sample_ids is not None else n_samples
+        if n is None:
+            raise ConfigError("give n_samples when a stage trains on the whole set (sample_ids=None)")
+        planned = st.total_steps(n, batch_size)
+        if left <= 0:
+            notes.append(f"{st.name}: not run (planned {planned} steps)")
+            continue
+        if planned > left:
+            notes.append(f"{st.name}: {left} of {planned} planned steps")
+            out.append(dataclasses.replace(st, max_steps=left))
+        else:
+            out.append(st)
+        left -= min(planned, left)
+    return out, notes
+
+
 def _total(stages: Sequence[Stage], n_samples: int | None) -> int:
     if n_samples is not None:
         return n_samples
@@ -160,8 +198,9 @@ def budget_passes(stages: Sequence[Stage], n_samples: int | None = None, *, batc
     return passes
 
 
-def format_schedule(stages: Sequence[Stage], n_samples: int | None = None) -> str:
-    """The schedule as a small text table, with the budget."""
+def format_schedule(stages: Sequence[Stage], n_samples: int | None = None, *, batch_size: int | None = None) -> str:
+    """The schedule as a small text table, with the budget (stages with ``max_steps`` count
+    ``max_steps * batch_size`` samples when ``batch_size`` is given)."""
     rows = schedule_table(stages, n_samples)
     on_policy = any(r["on_policy_fraction"] is not None for r in rows)
     lines = [f"{'stage':<10} {'samples':>8} {'frac':>6} {'epochs':>7} {'T':>6} {'alpha':>6} {'skew':>6}"
@@ -175,5 +214,5 @@ def format_schedule(stages: Sequence[Stage], n_samples: int | None = None) -> st
             lam = r["on_policy_fraction"]
             line += f" {'-' if lam is None else format(lam, '.3g'):>6}"
         lines.append(line)
-    lines.append(f"budget: {budget_passes(stages, n_samples):.3g} passes over the data")
+    lines.append(f"budget: {budget_passes(stages, n_samples, batch_size=batch_size):.3g} passes over the data")
     return "\n".join(lines)

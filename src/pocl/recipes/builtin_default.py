@@ -15,6 +15,11 @@
    written to ``results.json``.
 
 Steps 2 and 3 are skipped when their outputs already exist (re-running resumes where it stopped).
+
+Every setting of ``pocl distill`` given on the command line or in its ``--config`` YAML file applies
+to both runs of step 4, exactly as to a run of your own (docs/training.md, "Settings and the
+curriculum"); ``--epochs``/``--stage-epochs`` set the lengths of the two runs (:func:`run_budgets`).
+Both runs keep ``best/`` by dev ROUGE-L on the 192 dev samples (answers of at most 24 tokens).
 """
 
 from __future__ import annotations
@@ -113,9 +118,11 @@ def _sft(model, tokenizer, train_file: Path, dev_file: Path | None, out_dir: Pat
         "data": {"max_length": s.max_length, "max_prompt_length": s.max_prompt_length},
         "loss": {"alpha": 0.0},
         "optim": {"lr": lr, "min_lr": lr * 0.05, "warmup_ratio": 0.05},
+        # final/ is what the recipe uses; the dev CE is logged (choosing best/ by dev ROUGE-L would only add
+        # generation time here)
         "train": {"output_dir": str(out_dir), "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
                   "epochs": epochs, "seed": s.seed, "progress": progress, "eval_every": 0, "log_every": 20,
-                  "save_total_limit": 1},
+                  "save_total_limit": 1, "selection_metric": "dev_ce"},
     })
     template = get_template("alpaca")
     train = tokenize_records(load_records(train_file).records, tokenizer, template, max_length=s.max_length,
@@ -173,76 +180,126 @@ def evaluate_models(models: dict[str, Path], test_file: Path, tokenizer, s: Buil
     return results
 
 
-def _run_config(values: dict[str, Any], user_overrides: dict[str, dict[str, Any]], output_dir: Path,
+def _run_config(values: dict[str, Any], user: dict[str, dict[str, Any]], output_dir: Path,
                 extra: dict[str, dict[str, Any]] | None = None) -> DistillConfig:
+    """The recipe's ``values`` < the user's settings < ``extra`` (what the run must be)."""
     merged = {k: dict(v) for k, v in values.items()}
-    for section, items in list(user_overrides.items()) + list((extra or {}).items()):
+    for section, items in list(user.items()) + list((extra or {}).items()):
         merged.setdefault(section, {}).update(items)
-    merged["train"]["output_dir"] = str(output_dir)
+    merged.setdefault("train", {})["output_dir"] = str(output_dir)
     return DistillConfig.from_dict(merged)
+
+
+def user_settings(config: DistillConfig | None, user_overrides: dict[str, dict[str, Any]] | None
+                  ) -> dict[str, dict[str, Any]]:
+    """What the user gave: the given values of ``config`` (a YAML file and flags, as `pocl distill`
+    builds it), then ``user_overrides`` on top (Python API)."""
+    user = config.given_values() if config is not None else {}
+    for section, items in (user_overrides or {}).items():
+        user.setdefault(section, {}).update(items)
+    return user
+
+
+DIFFERENT_BUDGETS = "--epochs and --stage-epochs as given: NOT the same sample budget"
+
+
+def run_budgets(user: dict[str, dict[str, Any]], n_stages: int, s: BuiltinSettings) -> tuple[float, float, str]:
+    """(KD epochs, POCL epochs per stage, how they were chosen). The same sample budget by default: n
+    equal cumulative slices cover (n + 1) / 2 passes per stage epoch. ``--epochs`` sets the KD run's
+    epochs (and POCL's budget from it), ``--stage-epochs`` POCL's (and KD's from it); both: as given."""
+    epochs = user.get("train", {}).get("epochs")
+    stage_epochs = user.get("curriculum", {}).get("stage_epochs")
+    per_pass = 2.0 / (n_stages + 1)
+    if epochs is None and stage_epochs is None:
+        return s.kd_epochs, s.kd_epochs * per_pass, "the same sample budget"
+    if stage_epochs is None:
+        return float(epochs), float(epochs) * per_pass, "the same sample budget, from --epochs"
+    if epochs is None:
+        return float(stage_epochs) / per_pass, float(stage_epochs), "the same sample budget, from --stage-epochs"
+    same = abs(float(epochs) * per_pass - float(stage_epochs)) < 1e-9
+    return float(epochs), float(stage_epochs), "the same sample budget" if same else DIFFERENT_BUDGETS
 
 
 def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: dict[str, dict[str, Any]] | None = None,
                         settings: BuiltinSettings | None = None) -> dict[str, Any]:
-    """Run the whole built-in default (POCL and the plain KD baseline); returns and writes the results."""
+    """Run the whole built-in default (POCL and the plain KD baseline); returns and writes the results.
+
+    ``config``: what `pocl distill` built from ``--config`` and the flags; its *given* values
+    (:meth:`DistillConfig.given_values`) apply on top of the recipe's, to both runs, exactly as they
+    would to a run of your own (``--alpha``/``--temperature``/``--max-steps`` with the curriculum:
+    docs/curriculum.md). ``user_overrides``: more ``{section: {field: value}}`` on top (Python API).
+    ``--epochs`` and ``--stage-epochs`` set the two runs' lengths (:func:`run_budgets`); ``--curriculum``
+    is not used (both runs are always made; said in the log)."""
     from pocl.pipeline import distill
 
     from pocl.errors import ConfigError
     from pocl.launch import world_size_from_env
 
-    if (world_size_from_env() or 1) > 1 or (user_overrides or {}).get("train", {}).get("num_processes", 1) > 1:
+    user = user_settings(config, user_overrides)
+    if (world_size_from_env() or 1) > 1 or user.get("train", {}).get("num_processes", 1) > 1:
         raise ConfigError("train.num_processes: the built-in default runs in one process; use --num-processes with "
                           "your own --teacher/--student/--train-file")
     s = settings or BuiltinSettings()
-    user_overrides = {k: dict(v) for k, v in (user_overrides or {}).items()}
-    out = Path(user_overrides.get("train", {}).get("output_dir", "runs/default"))
-    progress = user_overrides.get("train", {}).get("progress", True)
-    user_overrides.get("curriculum", {}).pop("curriculum", None)  # both runs are always made
+    out = Path(user.get("train", {}).get("output_dir", "runs/default"))
+    progress = user.get("train", {}).get("progress", True)
+    if "curriculum" in user.get("curriculum", {}):
+        log.warning("curriculum.curriculum=%s is not used: the built-in default always runs POCL and the plain KD "
+                    "baseline side by side", user["curriculum"]["curriculum"])
+    user.get("curriculum", {}).pop("curriculum", None)
     t_start = time.perf_counter()
     print(f"pocl built-in default -> {out}/")
     print("  1/5 writing the built-in task suite and training its tokenizer")
     paths, tokenizer = prepare_suite(out, s)
     timings: dict[str, float] = {}
 
-    print("  2/5 training the teacher on the suite (supervised fine-tuning)")
-    t0 = time.perf_counter()
-    teacher_dir = _sft(_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"],
-                       paths["dev"], out / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s,
-                       progress=progress, name="teacher")
-    timings["teacher_seconds"] = time.perf_counter() - t0
-
-    print("  3/5 pre-training the smaller student briefly on a separate set (the 'base model')")
-    t0 = time.perf_counter()
-    student_dir = _sft(_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer,
-                       paths["student_pretrain"], None, out / "student-base", epochs=s.student_pretrain_epochs,
-                       lr=s.student_pretrain_lr, s=s, progress=progress, name="student-base")
-    timings["student_base_seconds"] = time.perf_counter() - t0
-
+    # Both runs' configs first: a refused setting stops before anything is trained.
+    teacher_dir, student_dir = out / "teacher" / "final", out / "student-base" / "final"
     values = {
         "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
         "data": {"train_file": str(paths["train"]), "dev_file": str(paths["dev"]), "max_length": s.max_length,
                  "max_prompt_length": s.max_prompt_length},
         "optim": {"lr": s.kd_lr, "min_lr": s.kd_lr * 0.05},
-        "train": {"batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size, "epochs": s.kd_epochs,
-                  "seed": s.seed, "log_every": 20, "save_total_limit": 1},
-        "curriculum": {"rank_max_new_tokens": s.eval_max_new_tokens, "rank_batch_size": s.generation_batch_size},
+        # best/ by dev ROUGE-L (the default) on all dev samples, answers as long as the test answers
+        "train": {"batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size, "seed": s.seed,
+                  "log_every": 20, "save_total_limit": 1, "dev_rouge_max_new_tokens": s.eval_max_new_tokens,
+                  "eval_batch_size": s.generation_batch_size},
     }
-    kd_config = _run_config(values, user_overrides, out / "kd", {"curriculum": {"curriculum": "none"}})
-    n_stages = _run_config(values, user_overrides, out / "pocl").curriculum.num_stages
-    # Same sample budget: n equal cumulative slices cover (n + 1) / 2 passes per stage epoch.
-    stage_epochs = kd_config.train.epochs * 2.0 / (n_stages + 1)
-    pocl_config = _run_config(values, user_overrides, out / "pocl",
+    ranking = {"rank_max_new_tokens": s.eval_max_new_tokens, "rank_batch_size": s.generation_batch_size}
+    n_stages = _run_config(dict(values, curriculum=ranking), user, out / "pocl").curriculum.num_stages
+    kd_epochs, stage_epochs, budget = run_budgets(user, n_stages, s)
+    # Plain KD: the curriculum settings are POCL's only. POCL: the KD run's --epochs became stage_epochs.
+    kd_user = {k: v for k, v in user.items() if k != "curriculum"}
+    kd_config = _run_config(values, kd_user, out / "kd", {"train": {"epochs": kd_epochs},
+                                                          "curriculum": {"curriculum": "none"}})
+    pocl_user = {k: ({f: x for f, x in v.items() if f != "epochs"} if k == "train" else v) for k, v in user.items()}
+    pocl_config = _run_config(dict(values, curriculum=ranking), pocl_user, out / "pocl",
                               {"curriculum": {"curriculum": "pocl", "stage_epochs": stage_epochs}})
+    pocl_config.curriculum_flag_overrides()  # a refused combination stops before the runs
+    if budget == DIFFERENT_BUDGETS:
+        log.warning("%s (%g KD epochs vs %g epochs in each of %d stages)", budget, kd_epochs, stage_epochs, n_stages)
+    print("  2/5 training the teacher on the suite (supervised fine-tuning)")
+    t0 = time.perf_counter()
+    _sft(_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"], paths["dev"],
+         out / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s, progress=progress, name="teacher")
+    timings["teacher_seconds"] = time.perf_counter() - t0
+
+    print("  3/5 pre-training the smaller student briefly on a separate set (the 'base model')")
+    t0 = time.perf_counter()
+    _sft(_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer, paths["student_pretrain"], None,
+         out / "student-base", epochs=s.student_pretrain_epochs, lr=s.student_pretrain_lr, s=s, progress=progress,
+         name="student-base")
+    timings["student_base_seconds"] = time.perf_counter() - t0
+
     lc = kd_config.loss
     print(f"  4/5 POCL: ranking the training set with the initial student, then {n_stages} stages "
-          f"({lc.divergence}, {stage_epochs:.3g} epochs per stage)")
+          f"({lc.divergence}, {stage_epochs:.3g} epochs per stage; {budget})")
     t0 = time.perf_counter()
     pocl_result = distill(pocl_config)
     timings["pocl_seconds"] = time.perf_counter() - t0
     if pocl_result.status != "completed":
         print("interrupted: run the same command again to resume")
         return {"status": pocl_result.status}
-    print(f"  5/5 plain KD baseline with the same sample budget ({kd_config.train.epochs:g} epochs over all data)")
+    print(f"  5/5 plain KD baseline ({kd_config.train.epochs:g} epochs over all data; {budget})")
     t0 = time.perf_counter()
     kd_result = distill(kd_config)
     timings["kd_seconds"] = time.perf_counter() - t0
@@ -252,9 +309,10 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
 
     print("  evaluating on the test split (sampled over 5 seeds, and greedy)")
     t0 = time.perf_counter()
+    # Each student as the spec selects it: best/ by dev ROUGE-L (final/ when no dev evaluation chose one).
     scores = evaluate_models({"teacher": teacher_dir, "student (initial)": student_dir,
-                              f"student, {lc.divergence} KD": kd_result.final_dir,
-                              f"student, {lc.divergence} KD + POCL": pocl_result.final_dir},
+                              f"student, {lc.divergence} KD": kd_result.best_dir or kd_result.final_dir,
+                              f"student, {lc.divergence} KD + POCL": pocl_result.best_dir or pocl_result.final_dir},
                              paths["test"], tokenizer, s)
     timings["eval_seconds"] = time.perf_counter() - t0
     timings["total_seconds"] = time.perf_counter() - t_start
@@ -262,8 +320,14 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
     timings["pocl_ranking_seconds"] = ranking.get("measure_seconds", 0.0)  # also when the ranking was reused
     timings["pocl_training_seconds"] = pocl_result.summary["train_seconds"]
     timings["kd_training_seconds"] = kd_result.summary["train_seconds"]
-    report = {"status": "completed", "settings": dataclasses.asdict(s), "kd_config": kd_config.to_dict(),
-              "pocl_config": pocl_config.to_dict(), "scores": scores, "timings": timings,
+    import yaml
+
+    # the configs the runs saved (config.yaml)
+    run_configs = {name: yaml.safe_load((out / name / "config.yaml").read_text(encoding="utf-8"))
+                   for name in ("kd", "pocl")}
+    report = {"status": "completed", "settings": dataclasses.asdict(s), "user_settings": user,
+              "budget": budget, "kd_config": run_configs["kd"],
+              "pocl_config": run_configs["pocl"], "scores": scores, "timings": timings,
               "kd_summary": kd_result.summary, "pocl_summary": pocl_result.summary}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     _print_scores(scores, timings, out)
@@ -293,5 +357,6 @@ def _print_scores(scores: dict[str, dict], timings: dict[str, float], out: Path)
     print(f"wall time: {t['total_seconds']:.0f} s (teacher {t['teacher_seconds']:.0f} s, student base "
           f"{t['student_base_seconds']:.0f} s, POCL {t['pocl_seconds']:.0f} s, KD {t['kd_seconds']:.0f} s, "
           f"evaluation {t['eval_seconds']:.0f} s)")
-    print(f"results: {out / 'results.json'}; students: {out / 'pocl' / 'final'}, {out / 'kd' / 'final'}; "
+    print(f"results: {out / 'results.json'}; students (best/ by dev ROUGE-L, evaluated above): {out / 'pocl' / 'best'}, "
+          f"{out / 'kd' / 'best'}; "
           f"summaries: {out / 'pocl' / 'summary.md'}, {out / 'kd' / 'summary.md'}")

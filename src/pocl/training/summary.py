@@ -31,8 +31,21 @@ def render_markdown(summary: dict[str, Any]) -> str:
                      f"{share:.1f}% of measurement + training time; {ranking.get('reason', '')}")
     lines.append(f"- training: {train_s:.1f} s")
     metric = summary.get("selection_metric", "dev_ce")
+    direction = f", {summary['selection_direction']}" if summary.get("selection_direction") else ""
     if summary.get("best_metric") is not None:
-        lines.append(f"- best model by {metric}: {summary['best_metric']:.4f} at step {summary['best_step']}")
+        lines.append(f"- best model (best/) by {metric}{direction}: {summary['best_metric']:.4f} at step "
+                     f"{summary['best_step']}")
+    elif summary.get("best_note"):
+        lines.append(f"- best model: {summary['best_note']}")
+    if summary.get("selection_note"):
+        lines.append(f"- note: {summary['selection_note']}")
+    overrides = summary.get("curriculum_overrides") or {}
+    for key in ("alpha", "temperature"):
+        if key in overrides:
+            lines.append(f"- --{key} {overrides[key]:g} overrode every stage of the curriculum")
+    if "max_steps" in overrides:
+        changes = "; ".join(overrides.get("max_steps_changes") or []) or "no stage was cut"
+        lines.append(f"- --max-steps {overrides['max_steps']} capped the curriculum: {changes}")
     lines += ["", f"| stage | samples | epochs | steps | T | alpha | skew | wall time (s) | best {metric} in stage |",
               "|---|---|---|---|---|---|---|---|---|"]
     for st in summary.get("stages", []):

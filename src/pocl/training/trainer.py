@@ -41,7 +41,7 @@ from pocl.losses import (KDLossOutput, auto_chunk_size, chunked_kd_loss_from_log
 from pocl.models import (LMHead, hidden_states, load_training_weights, save_model_folder,
                          save_training_weights)
 from pocl.training import checkpoint as ckpt
-from pocl.training import onpolicy
+from pocl.training import onpolicy, selection
 from pocl.training import teacher_cache as tcache
 from pocl.training import teacher_signal as tsignal
 from pocl.training.teacher_signal import TeacherSide, TeacherSignal
@@ -110,10 +110,13 @@ class TrainState:
     stage_step: int = 0
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
+    # Best model and plateau (pocl.training.selection): real values of the metric named by
+    # selection_metric (None in checkpoints of older versions, which stored dev ROUGE-L negated).
     best_metric: float | None = None
     best_step: int | None = None
     stage_best_metric: float | None = None
     stage_bad_evals: int = 0
+    selection_metric: str | None = None
     train_seconds: float = 0.0
     stage_summaries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stage_started_at_seconds: float = 0.0
@@ -183,7 +186,8 @@ class DistillTrainer:
         self.tokenizer = tokenizer
         self.train_data = train_data
         self.dev_data = dev_data if dev_data is not None and len(dev_data) > 0 else None
-        self.dev_records = list(dev_records or [])[: config.train.dev_rouge_samples]
+        # the first dev_rouge_samples dev records, or all of them when 0 and best/ is chosen by dev ROUGE-L
+        self.dev_records = list(dev_records or [])[: selection.dev_rouge_count(config.train, len(dev_records or []))]
         if config.train.dev_rouge_samples > 0 and not self.dev_records:
             raise ConfigError("train.dev_rouge_samples: dev ROUGE-L needs dev records (give --dev-file)")
         self.stages = list(stages)
@@ -892,26 +896,25 @@ class DistillTrainer:
     def _track_dev(self, dev: dict[str, float], stage: Stage) -> bool:
         """Update best-model tracking; True = the stage's plateau is reached.
 
-        The metric is dev CE (lower is better; unlike dev_loss it does not change meaning when a stage
-        changes T and alpha) or dev ROUGE-L (higher is better), per --selection-metric; it is
-        stored negated for ROUGE-L so that lower is always better here."""
-        name = self.cfg.train.selection_metric
-        metric = dev[name] if name == "dev_ce" else -dev[name]
-        if self.state.best_metric is None or metric < self.state.best_metric:
-            self.state.best_metric = metric
-            self.state.best_step = self.state.global_step
-            if self.accelerator.is_main_process:
-                ckpt.atomic_folder_write(self.output_dir / "best", self._save_model_folder,
-                                         manifest_extra={"step": self.state.global_step, name: dev[name]})
-        if self.state.stage_best_metric is None or metric < self.state.stage_best_metric - 1e-6:
-            self.state.stage_best_metric = metric
-            self.state.stage_bad_evals = 0
-        else:
-            self.state.stage_bad_evals += 1
+        The metric is --selection-metric, compared in its own direction (pocl.training.selection: dev
+        ROUGE-L, the default, higher is better; dev CE and dev loss, lower is better); the state holds
+        its real values. A trainer built without dev records cannot compute dev ROUGE-L: it selects by
+        dev CE instead, with a warning (also in summary.json, ``selection_note``)."""
+        name, note = selection.fallback_metric(self.cfg.train.selection_metric, dev)
+        if note is not None and self.summary_extra.get("selection_note") != note:
+            log.warning("%s", note)
+            self.summary_extra["selection_note"] = note
+        new_best, _ = selection.Selection(name, self.state).update(dev[name], self.state.global_step)
+        if new_best and self.accelerator.is_main_process:
+            ckpt.atomic_folder_write(self.output_dir / "best", self._save_model_folder,
+                                     manifest_extra={"step": self.state.global_step, name: dev[name],
+                                                     "selection_metric": name})
         return stage.plateau_patience is not None and self.state.stage_bad_evals >= stage.plateau_patience
 
     def _finish_stage(self, i: int, total: int, *, advanced_early: bool) -> None:
         stage = self.stages[i]
+        # best_in_stage: a real value of the selection metric (an older checkpoint's negated ROUGE-L converted)
+        selection.Selection(self.cfg.train.selection_metric, self.state).adopt()
         self.state.stage_summaries.append({
             **stage.to_dict(),
             "index": i,
@@ -924,14 +927,21 @@ class DistillTrainer:
             "replayed_steps": self.state.stage_replayed_steps,
             "end_global_step": self.state.global_step,
             "train_seconds": self.state.train_seconds - self.state.stage_started_at_seconds,
-            "best_in_stage": (None if self.state.stage_best_metric is None else
-                              self.state.stage_best_metric if self.cfg.train.selection_metric == "dev_ce"
-                              else -self.state.stage_best_metric),
+            "best_in_stage": self.state.stage_best_metric,
+            "selection_metric": self.state.selection_metric,
         })
         self.state.stage_index += 1
         self.state.stage_step = 0
 
     def summary(self, status: str) -> dict[str, Any]:
+        # Real values (a checkpoint of an older version stored dev ROUGE-L negated: converted once).
+        selection.Selection(self.cfg.train.selection_metric, self.state).adopt()
+        best_metric = self.state.best_metric
+        name = self.state.selection_metric or self.cfg.train.selection_metric
+        note = None
+        if self.state.best_step is None:
+            note = ("no dev set: no dev evaluation and no best/ model (final/ is the run's model)"
+                    if self.dev_data is None else "no dev evaluation with a finite value yet: no best/ model")
         return {
             **self.summary_extra,
             "status": status,
@@ -942,11 +952,11 @@ class DistillTrainer:
             "generation_seconds": self.state.generation_seconds,
             "method": self.cfg.loss.method,
             "train_seconds": self.state.train_seconds,
-            "selection_metric": self.cfg.train.selection_metric,
-            "best_metric": (None if self.state.best_metric is None else
-                            self.state.best_metric if self.cfg.train.selection_metric == "dev_ce"
-                            else -self.state.best_metric),
+            "selection_metric": name,
+            "selection_direction": selection.metric(name).direction,
+            "best_metric": best_metric,
             "best_step": self.state.best_step,
+            "best_note": note,
             "stages": self.state.stage_summaries,
             "fingerprints": self.fingerprints,
             "output_dir": str(self.output_dir),
