@@ -423,7 +423,6 @@ class DistillTrainer:
         if not self.train_signal.exact:
             errors = self._measure_signal_error(self.train_signal)
             infos["error_vs_live"] = [e.to_dict() for e in errors]
-            self.summary_extra["teacher_cache"] = infos
             tsignal.check_signal_error(self.train_signal, errors, max_error=lc.teacher_cache_max_error,
                                        accepted=[lc.accept_approximation])
         self.summary_extra["teacher_cache"] = infos
