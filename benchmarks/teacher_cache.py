@@ -111,7 +111,9 @@ def run_variant(cache: str, out: Path, settings, *, prerequisites: Path | None) 
     scores = {key: {m: report["scores"][name][m] for m in ("exact_match", "exact_match_std", "rouge_l",
                                                             "rouge_l_std", "greedy_exact_match", "greedy_rouge_l")}
               for key, name in students.items()}
-    cache_info = {key: report[f"{key}_summary"].get("teacher_cache") for key in ("pocl", "kd")}
+    # the per-data-set entries of summary.json's teacher_cache (it also holds signal, exact, error_vs_live)
+    cache_info = {key: {split: v for split, v in (report[f"{key}_summary"].get("teacher_cache") or {}).items()
+                        if split in ("train", "dev")} for key in ("pocl", "kd")}
     cache_seconds = {key: sum(v["seconds"] for v in (info or {}).values()) for key, info in cache_info.items()}
     prerequisites_seconds = t["teacher_seconds"] + t["student_base_seconds"]
     return {
@@ -126,7 +128,7 @@ def run_variant(cache: str, out: Path, settings, *, prerequisites: Path | None) 
                     "distillation": t["pocl_seconds"] + t["kd_seconds"],
                     # what runs anew in every variant: POCL, KD and the evaluation
                     "full_run_after_prerequisites": wall - prerequisites_seconds},
-        "cache_pass": {key: None if info is None else {
+        "cache_pass": {key: None if not info else {
             split: {k: v[k] for k in ("action", "shards", "computed", "tokens", "seconds")}
             for split, v in info.items()} for key, info in cache_info.items()},
         "cache_bytes": {key: _folder_bytes(out / key / "teacher_cache") for key in ("pocl", "kd")},
