@@ -21,7 +21,7 @@ from pocl.config import DistillConfig
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
 from pocl.errors import CheckpointError, ConfigError, ModelError
 from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
-                         model_fingerprint, resolve_dtype, shared_vocab_size)
+                         model_fingerprint, resolve_dtype, shared_vocab_size, split_model_spec)
 from pocl.training.stages import Stage
 from pocl.training import checkpoint as ckpt
 from pocl.training import selection
@@ -86,15 +86,21 @@ def load_models(config: DistillConfig, *, need_teacher: bool = True):
         raise ConfigError("model.student: no student given")
     device = _device(config)
     opts = dict(local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code)
-    tokenizer = load_tokenizer(mc.tokenizer or mc.student, **opts)
+    # Every path is checked before any model is read (a mistyped or wrong folder fails in a second,
+    # without a hub lookup); then each model is validated on load (manifest, files, finite weights).
+    tokenizer = load_tokenizer(mc.tokenizer or mc.student, what="tokenizer" if mc.tokenizer else "student", **opts)
+    if need_teacher and mc.teacher is not None:
+        split_model_spec(mc.teacher, what="teacher")
+    split_model_spec(mc.student, what="student")
     if need_teacher and mc.teacher is not None and mc.tokenizer is None:
-        check_tokenizers(load_tokenizer(mc.teacher, **opts), tokenizer)
+        check_tokenizers(load_tokenizer(mc.teacher, what="teacher", **opts), tokenizer)
     teacher = None
     if need_teacher and mc.teacher is not None:
         teacher = freeze_teacher(load_model(mc.teacher, dtype=resolve_dtype(mc.teacher_dtype, device),
-                                            attn_implementation=mc.attn_implementation, **opts))
+                                            attn_implementation=mc.attn_implementation, what="teacher", **opts))
     # The student keeps float32 master weights; mixed precision is applied by autocast.
-    student = load_model(mc.student, dtype=torch.float32, attn_implementation=mc.attn_implementation, **opts)
+    student = load_model(mc.student, dtype=torch.float32, attn_implementation=mc.attn_implementation,
+                         what="student", **opts)
     vocab = shared_vocab_size(teacher, student, tokenizer)
     if mc.lora_r > 0:
         from pocl.models import apply_lora
@@ -278,6 +284,15 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
         unused = config.unused_curriculum_settings()
         if unused:
             log.warning("not used without --curriculum pocl (plain KD over all the data): %s", ", ".join(unused))
+    # No command writes into a folder it did not create, nor into its own input models (docs/reliability.md).
+    models = [("teacher", config.model.teacher), ("student", config.model.student)]
+    ckpt.check_output_dir(config.train.output_dir, inputs=models, kind="run")
+    if config.curriculum.ranking_file:
+        ckpt.check_ranking_file(config.curriculum.ranking_file, inputs=models,
+                                data=[config.data.train_file, config.data.dev_file])
+    if config.loss.teacher_cache_dir:
+        ckpt.check_output_dir(config.loss.teacher_cache_dir, inputs=models, kind="teacher-cache",
+                              flag="--teacher-cache-dir")
     # Created first: it sets up the process group that the ranking pass also uses.
     accelerator = accelerator or make_accelerator(config)
     check_supported_distribution(accelerator)

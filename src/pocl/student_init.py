@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pocl.errors import ConfigError, ModelError
-from pocl.training.checkpoint import atomic_folder_write
+from pocl.training.checkpoint import atomic_folder_write, check_output_dir
 
 log = logging.getLogger("pocl.student_init")
 
@@ -213,16 +213,20 @@ def getattr_path(obj: Any, path: str) -> Any:
 def init_student(teacher: str, output_dir: str | Path | None, *, keep_layers: Sequence[int] | None = None,
                  keep_every: int | None = None, num_layers: int | None = None, keep_last: bool = True,
                  dtype: torch.dtype | None = None, local_files_only: bool = False,
-                 trust_remote_code: bool = False) -> StudentInitResult:
+                 trust_remote_code: bool = False, overwrite: bool = False) -> StudentInitResult:
     """Make a student from ``teacher`` (a model folder, hub name or ``.gguf`` file, dequantised) by
     keeping some of its decoder layers (see the module docstring for ``keep_layers`` /
     ``keep_every`` / ``num_layers`` / ``keep_last``), and save it with the teacher's tokenizer to
     ``output_dir`` (None: do not save). ``dtype``: of the saved weights (default: as loaded, float32
-    for GGUF)."""
+    for GGUF). ``overwrite``: replace a previous pocl model in ``output_dir`` (recognised by its
+    manifest). A folder that pocl did not write, or one that is, lies inside or contains the teacher, is
+    refused (ConfigError) before the teacher is loaded, whatever ``overwrite`` says."""
     from transformers import AutoTokenizer
 
     from pocl.models import count_parameters, load_model, offline_mode, split_model_spec
 
+    if output_dir is not None:
+        check_output_dir(output_dir, inputs=[("teacher", teacher)], kind="model", overwrite=overwrite)
     model = load_model(teacher, dtype=dtype or torch.float32, local_files_only=local_files_only,
                        trust_remote_code=trust_remote_code)
     n = _num_layers_of(model.config)

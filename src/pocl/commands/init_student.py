@@ -16,7 +16,13 @@ def register(sub) -> None:
     p.add_argument("--teacher", required=True, metavar="PATH",
                    help="Teacher: a Hugging Face model folder, a hub name (from the local cache when offline) or a "
                         ".gguf file (dequantised to float32).")
-    p.add_argument("--output-dir", required=True, metavar="PATH", help="Folder the student is written to.")
+    p.add_argument("--output-dir", required=True, metavar="PATH",
+                   help="Folder the student is written to: a new or empty folder, or (with --overwrite) the output "
+                        "of an earlier `pocl init-student`. Any other non-empty folder, and the teacher's own "
+                        "folder, are refused.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the model that an earlier `pocl init-student` (or another pocl command) wrote to "
+                        "--output-dir, recognised by its manifest.json. Never replaces a folder pocl did not write.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--keep-layers", metavar="LIST",
                        help="0-based teacher layers to keep, increasing, e.g. 0,3,6,9 (no repeats, in range).")
@@ -45,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     keep_layers = parse_layer_list(args.keep_layers) if args.keep_layers is not None else None
     result = init_student(args.teacher, args.output_dir, keep_layers=keep_layers, keep_every=args.keep_every,
                           num_layers=args.num_layers, keep_last=args.keep_last, dtype=getattr(torch, args.dtype),
-                          local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
+                          local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
+                          overwrite=args.overwrite)
     kept = result.kept_layers
     print(f"student: {len(kept)} of {result.teacher_layers} layers {kept}")
     print(f"parameters: {result.student_parameters:,} (teacher {result.teacher_parameters:,}, "

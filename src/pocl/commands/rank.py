@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     # Only the training data is ranked; the same loader as `pocl distill` keeps the stamps identical.
     config = config.replace(data={"dev_file": None})
     path = ranking_path(config)
+    check_rank_outputs(config)  # before the models are loaded
     t0 = time.perf_counter()
     tokenizer, _, student, _ = load_models(config, need_teacher=False)
     _, _, records, _ = load_data(config, tokenizer)
@@ -76,3 +77,16 @@ def run(args: argparse.Namespace) -> int:
         loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
         print(f"Q{row['part']:<9} {ranks:>13} {rouge:>9} {loss:>9}")
     return 0
+
+
+def check_rank_outputs(config) -> None:
+    """Refuse to write where `pocl rank` must not (ConfigError, exit 2): a --ranking-file that would replace
+    a file pocl did not write or lies in the student's folder, or (without --ranking-file) an
+    --output-dir that is not empty and not a pocl run folder, or is, lies inside or contains the student."""
+    from pocl.training.checkpoint import check_output_dir, check_ranking_file
+
+    inputs = [("student", config.model.student)]
+    if config.curriculum.ranking_file:
+        check_ranking_file(config.curriculum.ranking_file, inputs=inputs, data=[config.data.train_file])
+    else:
+        check_output_dir(config.train.output_dir, inputs=inputs, kind="run")

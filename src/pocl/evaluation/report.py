@@ -32,6 +32,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def model_label(model: str, entry: Mapping[str, Any]) -> str:
+    """The model's name in a table, marked when its weights are not finite."""
+    bad = entry.get("nonfinite_weights")
+    return f"{model} ⚠ non-finite weights ({bad['tensor'] if isinstance(bad, Mapping) else bad})" if bad else model
+
+
+def nonfinite_warnings(data: Mapping[str, Any]) -> list[str]:
+    """One warning line per model whose weights hold NaN or inf (``nonfinite_weights`` in results.json)."""
+    lines = []
+    for model, entry in data.get("models", {}).items():
+        bad = entry.get("nonfinite_weights")
+        if bad:
+            what = (f"tensor `{bad['tensor']}` holds {bad['nan']} NaN and {bad['inf']} infinite values (of "
+                    f"{bad['numel']})" if isinstance(bad, Mapping) else f"`{bad}`")
+            lines.append(f"**Warning: model {model} has non-finite weights**: {what}; it was not evaluated.")
+    return lines
+
+
 def results_table(data: Mapping[str, Any], metric: str = "rouge_l", *, digits: int = 2) -> str:
     """Rows = models, columns = sets + Avg, cells ``mean ± std`` (std over seeds; one seed: mean only)."""
     sets = list(data["sets"])
@@ -40,7 +58,7 @@ def results_table(data: Mapping[str, Any], metric: str = "rouge_l", *, digits: i
     for model, entry in data["models"].items():
         cells = [_cell(entry["sets"].get(s, {}).get(metric), digits, with_std) for s in sets]
         avg = entry.get("avg", {}).get(metric) if len(sets) > 1 else None
-        rows.append([model, *cells] + ([_cell(avg, digits, with_std)] if len(sets) > 1 else []))
+        rows.append([model_label(model, entry), *cells] + ([_cell(avg, digits, with_std)] if len(sets) > 1 else []))
     header = ["model", *sets] + (["Avg"] if len(sets) > 1 else [])
     return "\n".join(_table(header, rows))
 
@@ -88,9 +106,12 @@ def markdown_report(data: Mapping[str, Any]) -> str:
     em_norm = data.get("em_normalization", "whitespace")
     lines = ["# Evaluation results", "",
              f"{decoding}; {spread}. Samples per set: {n}. Scores × 100; Avg = mean over sets; exact match after "
-             f"{em_norm} normalisation.", "",
-             f"## {METRIC_TITLES['rouge_l']}", "", results_table(data, "rouge_l"), "",
-             f"## {METRIC_TITLES['exact_match']}", "", results_table(data, "exact_match"), ""]
+             f"{em_norm} normalisation.", ""]
+    warnings = nonfinite_warnings(data)
+    if warnings:
+        lines += [*warnings, ""]
+    lines += [f"## {METRIC_TITLES['rouge_l']}", "", results_table(data, "rouge_l"), "",
+              f"## {METRIC_TITLES['exact_match']}", "", results_table(data, "exact_match"), ""]
     bd = breakdown_tables(data, "rouge_l")
     if bd:
         lines += ["## By difficulty", "", bd, ""]

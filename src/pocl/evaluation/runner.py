@@ -351,7 +351,8 @@ def run_eval(config) -> EvalReport:
     from pocl.evaluation.config import default_model_name, named_specs
     from pocl.evaluation.formats import describe, load_eval_set
     from pocl.evaluation.report import markdown_report
-    from pocl.models import count_parameters, load_model, load_tokenizer, resolve_dtype
+    from pocl.models import (count_parameters, first_nonfinite_tensor, load_model, load_tokenizer, resolve_dtype,
+                             split_model_spec)
 
     t_start = time.perf_counter()
     if not config.models:
@@ -359,6 +360,10 @@ def run_eval(config) -> EvalReport:
     if not config.data:
         raise ConfigError("eval.data: give at least one --data [NAME=]PATH")
     models = named_specs(config.models, kind="model", default_name=default_model_name)
+    # Before anything is loaded: never into a model being evaluated, nor into a folder pocl did not write.
+    from pocl.training.checkpoint import check_output_dir
+
+    check_output_dir(config.output_dir, inputs=[(f"model '{name}'", spec) for name, spec in models], kind="eval")
     from pocl.evaluation.config import default_set_name
 
     sets = [load_eval_set(path, name=name, max_samples=config.max_samples)
@@ -380,6 +385,9 @@ def run_eval(config) -> EvalReport:
                  coverage["evaluated"], set_name)
         rankings[set_name] = ranking
 
+    for _, spec in models:  # every model path checked before the first model is loaded and run
+        split_model_spec(config.tokenizer or spec, kind="tokenizer")
+        split_model_spec(spec)
     device = _device(config.cpu)
     dtype = resolve_dtype(config.dtype, device)
     decoding = config.decoding()
@@ -396,19 +404,31 @@ def run_eval(config) -> EvalReport:
             for model_name, spec in models:
                 t0 = time.perf_counter()
                 tokenizer = load_tokenizer(config.tokenizer or spec, **opts)
-                model = load_model(spec, dtype=dtype, **opts).to(device)
+                # Validated on load (files, manifest), but non-finite weights are reported, not refused:
+                # the model is marked in the table and in results.json.
+                model = load_model(spec, dtype=dtype, check_finite=False, **opts).to(device)
                 model.eval()
+                nonfinite = first_nonfinite_tensor(model)
+                if nonfinite is not None:
+                    log.warning("model %s (%s) has NON-FINITE WEIGHTS: %s; not evaluated (its answers would be "
+                                "meaningless), marked in the tables and results.json", model_name, spec,
+                                nonfinite.describe())
                 load_seconds = time.perf_counter() - t0
                 template = get_template(config.template, tokenizer=tokenizer, use_prompt_field=config.use_prompt_field)
                 eos, pad = special_token_ids(tokenizer)
                 model_info[model_name] = {"path": spec, "parameters": count_parameters(model),
                                           "load_seconds": load_seconds,
+                                          # None, or the first tensor holding NaN/inf (name and counts)
+                                          "nonfinite_weights": None if nonfinite is None else nonfinite.to_dict(),
                                           # exactly what pocl.generation.generate hands to transformers
                                           "generation_config": effective_settings(decoding, eos_token_id=eos,
                                                                                   pad_token_id=pad)}
                 log.info("model %s: %s (%s parameters, %s, %s)", model_name, spec,
                          f"{model_info[model_name]['parameters']:,}", str(dtype).replace("torch.", ""), device)
                 results[model_name] = {}
+                if nonfinite is not None:  # no scores: sampling from NaN probabilities fails or scores garbage
+                    del model
+                    continue
                 for eval_set in sets:
                     res = evaluate_records(model, tokenizer, eval_set.records, template=template, decoding=decoding,
                                            seeds=seeds, batch_size=config.batch_size,
@@ -434,6 +454,8 @@ def run_eval(config) -> EvalReport:
     breakdowns: dict[str, dict[str, Any]] = {}
     for set_name, ranking in rankings.items():
         for model_name in results:
+            if set_name not in results[model_name]:  # not evaluated (non-finite weights)
+                continue
             breakdowns.setdefault(model_name, {})[set_name] = breakdown(
                 results[model_name][set_name], ranking, num_buckets=config.num_buckets, std=config.std).to_dict()
 
@@ -460,7 +482,8 @@ def run_eval(config) -> EvalReport:
     for model_name, per_set in results.items():
         entry = dict(model_info[model_name])
         entry["sets"] = {name: r.summary() for name, r in per_set.items()}
-        entry["avg"] = {m: average_over_sets(list(per_set.values()), m, std=config.std) for m in METRICS}
+        entry["avg"] = ({m: average_over_sets(list(per_set.values()), m, std=config.std) for m in METRICS}
+                        if per_set else {})  # empty: not evaluated (non-finite weights)
         data["models"][model_name] = entry
     data["wall_seconds"] = time.perf_counter() - t_start
     markdown = markdown_report(data)

@@ -382,6 +382,7 @@ def report(run_dirs: Sequence[str | Path] = (), eval_results: Sequence[str | Pat
     if output_dir is None:
         output_dir = run_dirs[0] / "plots" if run_dirs else Path(eval_results[0]).parent / "plots"
     out = Path(output_dir)
+    _check_plots_dir(out, run_dirs, eval_results)
     names = [_slug(r.resolve().name) for r in run_dirs]
     if len(set(names)) < len(names):  # runs/a/kd and runs/b/kd
         names = [_slug(f"{r.resolve().parent.name}_{r.resolve().name}") for r in run_dirs]
@@ -399,3 +400,25 @@ def report(run_dirs: Sequence[str | Path] = (), eval_results: Sequence[str | Pat
     if eval_results:
         written.append(plot_eval_comparison(eval_results, out / f"eval_{metric}.png", metric=metric))
     return written
+
+
+def _check_plots_dir(out: Path, run_dirs: Sequence[Path], eval_results: Sequence[str | Path]) -> None:
+    """Refuse (ConfigError, exit 2) a --output-dir that is one of the inputs (a run folder, a results.json or
+    its folder), or contains one, or is a non-empty folder that holds anything but pocl's plots."""
+    from pocl.errors import ConfigError
+    from pocl.training.checkpoint import check_output_dir
+
+    resolved = out.resolve()
+    inputs = [("run", r) for r in run_dirs]
+    for e in eval_results:
+        e = Path(e)
+        inputs.append(("evaluation results", e))
+        if e.is_file():
+            inputs.append(("evaluation results", e.parent))
+    for label, inp in inputs:
+        inp_res = inp.resolve()
+        if resolved == inp_res or resolved in inp_res.parents:
+            rel = "is" if resolved == inp_res else "contains"
+            raise ConfigError(f"--output-dir {out} {rel} the {label} folder {inp}; pocl report never writes into its "
+                              "inputs: give another --output-dir (default: RUN_DIR/plots)")
+    check_output_dir(out, kind="plots")

@@ -768,6 +768,13 @@ class DistillTrainer:
         final_dir = best_dir = None
         if status == "completed":
             final_dir = self.output_dir / "final"
+            if self.state.global_step > 0 and self.state.skipped_steps >= self.state.global_step:
+                # Fewer steps than --max-nonfinite-steps, all skipped: the student was never trained.
+                raise NonFiniteLossError(
+                    f"all {self.state.global_step} optimizer steps of the run had a non-finite loss or gradient, so "
+                    f"the student was never updated; not writing {final_dir}. Lower the learning rate, check the "
+                    "data and the teacher, or check the student's weights.")
+            self._check_finite_weights(final_dir)  # on every process, before any of them writes
             if acc.is_main_process:
                 ckpt.atomic_folder_write(final_dir, self._save_model_folder)
             best = self.output_dir / "best"
@@ -779,7 +786,23 @@ class DistillTrainer:
         return TrainResult(status, self.output_dir, final_dir, best_dir, summary)
 
     def _save_model_folder(self, tmp: Path) -> None:
+        # tmp is the temporary folder of final/ or best/ (.tmp-NAME-xxxxxxxx): refused before any file is
+        # written there, and atomic_folder_write removes it, so the folder on disk stays as it was.
+        name = tmp.name[len(".tmp-"):].rsplit("-", 1)[0] if tmp.name.startswith(".tmp-") else tmp.name
+        self._check_finite_weights(tmp.parent / name)
         save_model_folder(self.student, self.tokenizer, tmp)  # LoRA adapters merged: a plain HF folder
+
+    def _check_finite_weights(self, target: Path) -> None:
+        """Raise NonFiniteLossError (naming the tensor) when the student's weights hold NaN or inf: such a
+        model is never written to final/ or best/."""
+        from pocl.models import first_nonfinite_tensor
+
+        bad = first_nonfinite_tensor(self.student)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the student's weights are not finite at global step {self.state.global_step}: {bad.describe()}; "
+                f"not writing {target} (nothing was written). Checkpoints in {self.output_dir / 'checkpoints'} saved "
+                "since the weights went bad hold them too. Lower the learning rate or check the data.")
 
     def _start_stage(self, i: int, total: int) -> None:
         stage = self.stages[i]
