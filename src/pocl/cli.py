@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
 import signal
@@ -110,25 +111,73 @@ def build_config(args: argparse.Namespace, sections=None):
     return DistillConfig.from_dict(overrides)
 
 
+class PoclArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that refuses abbreviated flags (``--diverg`` for ``--divergence``) and reports a
+    bad command line as one line plus a hint, not the usage block: ``pocl distill: error: MESSAGE (see
+    pocl distill --help)``, exit status 2. Subparsers are made of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """'unrecognized argument --divergnce; did you mean --divergence?' for the flags (or, with none, the
+    other arguments) in ``extras`` that ``parser`` does not know."""
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-") and e != "-"]
+    named = flags or list(extras)
+    message = f"unrecognized argument{'s' if len(named) > 1 else ''} {', '.join(named)}"
+    if flags:
+        known = {opt.lstrip("-"): opt for action in parser._actions for opt in action.option_strings
+                 if opt.startswith("--")}
+        close = difflib.get_close_matches(flags[0].lstrip("-"), list(known), n=1, cutoff=0.6)
+        if close:
+            message += f"; did you mean {known[close[0]]}?"
+    return message
+
+
 def make_parser() -> argparse.ArgumentParser:
     from pocl.commands import COMMANDS
 
-    parser = argparse.ArgumentParser(
+    parser = PoclArgumentParser(
         prog="pocl",
         description="White-box knowledge distillation of causal LMs with the POCL curriculum.",
         epilog="Run `pocl distill` with no model or data arguments to train and distil the built-in default "
                "on the built-in task suite. Docs: README.md and docs/.")
     parser.add_argument("--version", action="version", version=f"pocl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=PoclArgumentParser)
     for register in COMMANDS:
         register(sub)
+    for command_parser in sub.choices.values():  # also where a command passes its own parser settings
+        command_parser.allow_abbrev = False
     return parser
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` whose unknown flags get a did-you-mean from the command's own flags."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = getattr(args, "command", None)
+        sub = _subparsers(parser).get(command) if command else None
+        target = sub or parser
+        target.error(unrecognized_message(target, extras))
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -140,12 +189,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PoclError as exc:
         print(f"pocl: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not a file or folder of the user's: a bug or an unexpected failure
+            raise
+        print(f"pocl: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("pocl: interrupted", file=sys.stderr)
         return 130
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+#: What the innermost function of a failed file operation was doing, for the one-line message.
+_FILE_OPERATIONS = {"mkdir": "create the folder", "makedirs": "create the folder", "write_text": "write",
+                    "write_bytes": "write", "touch": "create", "replace": "move", "rename": "move",
+                    "move": "move", "unlink": "remove", "rmdir": "remove", "rmtree": "remove", "copy": "copy to",
+                    "copy2": "copy to", "copyfile": "copy to", "copytree": "copy to", "open": "open",
+                    "read_text": "read", "read_bytes": "read"}
+
+
+def os_error_message(exc: OSError) -> str:
+    """'cannot create the folder runs/x: Permission denied (errno 13)': a failed file operation on a path
+    the user gave (an unwritable --output-dir, a parent that is a file, a full disk), without a traceback.
+    The operation is named from the innermost known function of the traceback (default: 'access')."""
+    operation = "access"
+    tb, names = exc.__traceback__, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    for name in reversed(names):
+        if name in _FILE_OPERATIONS:
+            operation = _FILE_OPERATIONS[name]
+            break
+    target = str(exc.filename) + (f" -> {exc.filename2}" if getattr(exc, "filename2", None) else "")
+    reason = exc.strerror or type(exc).__name__
+    errno = f" (errno {exc.errno})" if exc.errno is not None else ""
+    return f"cannot {operation} {target}: {reason}{errno}"
 
 
 def _interrupt(signum, frame):

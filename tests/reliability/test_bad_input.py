@@ -117,9 +117,9 @@ CASES = {
     "missing-config-file": (None, ["--config", "nowhere.yaml"], r"config file not found: nowhere.yaml"),
 }
 
-# rejected by argparse itself (usage line, then the error; exit 2)
+# rejected by argparse itself (one line: the error and a hint; exit 2)
 ARGPARSE_CASES = {
-    "unknown-flag": (["--epohcs", "3"], r"pocl: error: unrecognized arguments: --epohcs 3"),
+    "unknown-flag": (["--epohcs", "3"], r"pocl distill: error: unrecognized argument --epohcs; did you mean --epochs\?"),
     "flag-value-not-a-number": (["--lr", "fast"], r"pocl distill: error: argument --lr: lr: could not convert "
                                                   r"string to float: 'fast'"),
     "flag-value-infinite": (["--epochs", "inf"], r"pocl distill: error: argument --epochs: epochs: expected a finite "

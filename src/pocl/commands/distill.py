@@ -30,27 +30,46 @@ def run(args: argparse.Namespace) -> int:
     from pocl.cli import build_config
 
     config = build_config(args)
+    check_models_and_data(config)  # before anything is launched, loaded or trained
     from pocl.launch import maybe_relaunch
 
     code = maybe_relaunch(args.argv, config.train.num_processes, cpu=config.model.cpu)
     if code is not None:
         return code
-    if config.model.teacher is None and config.data.train_file is None:
+    if config.data.train_file is None:  # none of the models and data (check_models_and_data)
         from pocl.recipes.builtin_default import run_builtin_default
 
         report = run_builtin_default(config)  # the YAML file and the flags: config.given_values()
         return 0 if report.get("status", "completed") == "completed" else 130
-    if (config.model.teacher is None and config.loss.method != "sft") or config.model.student is None:
-        missing = "student" if config.model.teacher is not None or config.loss.method == "sft" else "teacher"
-        raise ConfigError(f"model.{missing}: give both --teacher and --student with --train-file (or none of them "
-                          "for the built-in default)")
-    if config.data.train_file is None:
-        raise ConfigError("data.train_file: give --train-file for these models")
     from pocl.pipeline import distill
 
     result = distill(config)
     print_result(result)
     return 0 if result.status == "completed" else 130
+
+
+MODEL_AND_DATA = (("model", "teacher", "--teacher"), ("model", "student", "--student"),
+                  ("data", "train_file", "--train-file"), ("data", "dev_file", "--dev-file"))
+
+
+def check_models_and_data(config) -> None:
+    """The rule of `pocl distill`: with none of --teacher, --student, --train-file and --dev-file (flags or
+    YAML) it runs the built-in default; with any of them, --teacher, --student and --train-file are all
+    required (no --teacher with --method sft). Otherwise a ConfigError (exit 2) names what is missing."""
+    given = [flag for section, name, flag in MODEL_AND_DATA if getattr(getattr(config, section), name) is not None]
+    if not given:
+        return
+    required = [("model", "student", "--student"), ("data", "train_file", "--train-file")]
+    if config.loss.method != "sft":
+        required.insert(0, ("model", "teacher", "--teacher"))
+    missing = [(f"{section}.{name}", flag) for section, name, flag in required
+               if getattr(getattr(config, section), name) is None]
+    if missing:
+        need = "both --teacher and --student with --train-file" if config.loss.method != "sft" else \
+            "--student with --train-file"
+        raise ConfigError(f"{missing[0][0]}: give {need} ({', '.join(given)} given; missing: "
+                          f"{', '.join(flag for _, flag in missing)}); the built-in default runs only when none of "
+                          "--teacher, --student, --train-file and --dev-file is given")
 
 
 def print_result(result) -> None:

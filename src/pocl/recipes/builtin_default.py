@@ -236,6 +236,12 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
     from pocl.launch import world_size_from_env
 
     user = user_settings(config, user_overrides)
+    mine = [f"{section}.{name}" for section, name in (("model", "teacher"), ("model", "student"),
+                                                       ("data", "train_file"), ("data", "dev_file"))
+            if user.get(section, {}).get(name) is not None]
+    if mine:  # the built-in default makes its own models and data; it never takes them from the user
+        raise ConfigError(f"{', '.join(mine)}: the built-in default makes its own models and data; give "
+                          "--teacher, --student and --train-file for a run of your own, or none of them")
     if (world_size_from_env() or 1) > 1 or user.get("train", {}).get("num_processes", 1) > 1:
         raise ConfigError("train.num_processes: the built-in default runs in one process; use --num-processes with "
                           "your own --teacher/--student/--train-file")
