@@ -20,10 +20,12 @@ import torch
 from pocl.config import DistillConfig
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
 from pocl.errors import CheckpointError, ConfigError, ModelError
+from pocl.model_checks import split_model_spec
 from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
-                         model_fingerprint, resolve_dtype, shared_vocab_size, split_model_spec)
+                         model_fingerprint, resolve_dtype, shared_vocab_size)
 from pocl.training.stages import Stage
 from pocl.training import checkpoint as ckpt
+from pocl.training import output_dirs
 from pocl.training import selection
 from pocl.training.trainer import DistillTrainer, TrainResult, tokenized_fingerprint
 
@@ -286,12 +288,12 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
             log.warning("not used without --curriculum pocl (plain KD over all the data): %s", ", ".join(unused))
     # No command writes into a folder it did not create, nor into its own input models (docs/reliability.md).
     models = [("teacher", config.model.teacher), ("student", config.model.student)]
-    ckpt.check_output_dir(config.train.output_dir, inputs=models, kind="run")
+    output_dirs.check_output_dir(config.train.output_dir, inputs=models, kind="run")
     if config.curriculum.ranking_file:
-        ckpt.check_ranking_file(config.curriculum.ranking_file, inputs=models,
+        output_dirs.check_ranking_file(config.curriculum.ranking_file, inputs=models,
                                 data=[config.data.train_file, config.data.dev_file])
     if config.loss.teacher_cache_dir:
-        ckpt.check_output_dir(config.loss.teacher_cache_dir, inputs=models, kind="teacher-cache",
+        output_dirs.check_output_dir(config.loss.teacher_cache_dir, inputs=models, kind="teacher-cache",
                               flag="--teacher-cache-dir")
     # Created first: it sets up the process group that the ranking pass also uses.
     accelerator = accelerator or make_accelerator(config)

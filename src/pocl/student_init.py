@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from pocl.errors import ConfigError, ModelError
-from pocl.training.checkpoint import atomic_folder_write, check_output_dir
+from pocl.training.checkpoint import atomic_folder_write
+from pocl.training.output_dirs import check_output_dir
 
 log = logging.getLogger("pocl.student_init")
 
@@ -223,7 +224,8 @@ def init_student(teacher: str, output_dir: str | Path | None, *, keep_layers: Se
     refused (ConfigError) before the teacher is loaded, whatever ``overwrite`` says."""
     from transformers import AutoTokenizer
 
-    from pocl.models import count_parameters, load_model, offline_mode, split_model_spec
+    from pocl.model_checks import split_model_spec
+    from pocl.models import count_parameters, load_model, offline_mode
 
     if output_dir is not None:
         check_output_dir(output_dir, inputs=[("teacher", teacher)], kind="model", overwrite=overwrite)

@@ -19,6 +19,7 @@ import pytest
 
 from pocl.errors import CheckpointError, ConfigError
 from pocl.training import checkpoint as ckpt
+from pocl.training import output_dirs
 from tests.reliability.helpers import TINY_FLAGS, run_cli
 
 
@@ -312,27 +313,27 @@ def test_check_output_dir_kinds(tmp_path):
     run = fake_run(tmp_path / "run")
     for name in ("ranking.jsonl", "ranking.meta.json", "summary.json", ".summary.json.tmp"):
         (run / name).write_text("{}")
-    assert ckpt.check_output_dir(run, kind="run") == run
-    assert ckpt.check_output_dir(tmp_path / "missing", kind="eval") == tmp_path / "missing"
+    assert output_dirs.check_output_dir(run, kind="run") == run
+    assert output_dirs.check_output_dir(tmp_path / "missing", kind="eval") == tmp_path / "missing"
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "kd_training_curves.png").write_bytes(b"png")
-    ckpt.check_output_dir(tmp_path / "plots", kind="plots")
+    output_dirs.check_output_dir(tmp_path / "plots", kind="plots")
     cache = tmp_path / "cache" / "train" / "shard-00000"
     cache.mkdir(parents=True)
-    ckpt.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
+    output_dirs.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
     (tmp_path / "cache" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"--teacher-cache-dir .*cache is not empty and is not a pocl teacher "
                                           r"cache \(found notes.txt\)"):
-        ckpt.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
+        output_dirs.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
     with pytest.raises(ConfigError, match=r"already holds a pocl model"):
-        ckpt.check_output_dir(run / "final", kind="model", overwrite=False)
-    ckpt.check_output_dir(run / "final", kind="model", overwrite=True)
+        output_dirs.check_output_dir(run / "final", kind="model", overwrite=False)
+    output_dirs.check_output_dir(run / "final", kind="model", overwrite=True)
     many = user_folder(tmp_path / "many")
     for i in range(5):
         (many / f"chapter{i}.tex").write_text("x")
     with pytest.raises(ConfigError, match=r"found chapter0.tex, chapter1.tex, chapter2.tex, chapter3.tex and 3 "
                                           r"more\)"):
-        ckpt.check_output_dir(many, kind="run")
+        output_dirs.check_output_dir(many, kind="run")
 
 
 def test_a_gguf_teacher_file_and_its_folder_are_protected(tmp_path, capsys):
@@ -343,4 +344,4 @@ def test_a_gguf_teacher_file_and_its_folder_are_protected(tmp_path, capsys):
         refused(["init-student", "--teacher", str(gguf), "--keep-every", "1", "--output-dir", str(out)], capsys,
                 tmp_path, rf"--output-dir .* {rel} the teacher file \({re.escape(str(gguf))}\); pocl never writes "
                           r"into its own input model")
-    ckpt.check_output_dir(tmp_path / "student", inputs=[("teacher", str(gguf)), ("student", "HuggingFaceTB/x")])
+    output_dirs.check_output_dir(tmp_path / "student", inputs=[("teacher", str(gguf)), ("student", "HuggingFaceTB/x")])

@@ -83,7 +83,7 @@ def check_rank_outputs(config) -> None:
     """Refuse to write where `pocl rank` must not (ConfigError, exit 2): a --ranking-file that would replace
     a file pocl did not write or lies in the student's folder, or (without --ranking-file) an
     --output-dir that is not empty and not a pocl run folder, or is, lies inside or contains the student."""
-    from pocl.training.checkpoint import check_output_dir, check_ranking_file
+    from pocl.training.output_dirs import check_output_dir, check_ranking_file
 
     inputs = [("student", config.model.student)]
     if config.curriculum.ranking_file:

@@ -351,8 +351,8 @@ def run_eval(config) -> EvalReport:
     from pocl.evaluation.config import default_model_name, named_specs
     from pocl.evaluation.formats import describe, load_eval_set
     from pocl.evaluation.report import markdown_report
-    from pocl.models import (count_parameters, first_nonfinite_tensor, load_model, load_tokenizer, resolve_dtype,
-                             split_model_spec)
+    from pocl.model_checks import first_nonfinite_tensor, split_model_spec
+    from pocl.models import count_parameters, load_model, load_tokenizer, resolve_dtype
 
     t_start = time.perf_counter()
     if not config.models:
@@ -361,7 +361,7 @@ def run_eval(config) -> EvalReport:
         raise ConfigError("eval.data: give at least one --data [NAME=]PATH")
     models = named_specs(config.models, kind="model", default_name=default_model_name)
     # Before anything is loaded: never into a model being evaluated, nor into a folder pocl did not write.
-    from pocl.training.checkpoint import check_output_dir
+    from pocl.training.output_dirs import check_output_dir
 
     check_output_dir(config.output_dir, inputs=[(f"model '{name}'", spec) for name, spec in models], kind="eval")
     from pocl.evaluation.config import default_set_name

@@ -406,7 +406,7 @@ def _check_plots_dir(out: Path, run_dirs: Sequence[Path], eval_results: Sequence
     """Refuse (ConfigError, exit 2) a --output-dir that is one of the inputs (a run folder, a results.json or
     its folder), or contains one, or is a non-empty folder that holds anything but pocl's plots."""
     from pocl.errors import ConfigError
-    from pocl.training.checkpoint import check_output_dir
+    from pocl.training.output_dirs import check_output_dir
 
     resolved = out.resolve()
     inputs = [("run", r) for r in run_dirs]

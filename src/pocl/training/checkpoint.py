@@ -108,28 +108,12 @@ def verify_folder(folder: Path, *, check_hashes: bool = True) -> dict[str, Any]:
     return manifest
 
 
-# ------------------------------------------------------------------------------------ output-folder safety
-#: What a pocl run folder (``pocl distill``/``pocl rank`` --output-dir) may hold: any other top-level
-#: entry makes it someone else's folder, which no command writes into.
-RUN_NAMES = frozenset({
-    "checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md", "config.yaml",
-    "ranking.jsonl", "ranking.meta.json", "ranking.partial.jsonl", "seqkd_teacher.jsonl", "seqkd_teacher.meta.json",
-    "teacher_cache", "plots"})
-#: What a ``pocl eval`` output folder may hold.
-EVAL_NAMES = frozenset({"generations.jsonl", "results.json", "results.md"})
-_PLOT_FILE = re.compile(r"^(.+_training_curves|.+_difficulty|eval_[a-z_]+)\.png$")
-_SHARD_DIR = re.compile(r"^shard-\d+$")
-#: pocl's own temporaries: ``.tmp-NAME-*``/``.old-NAME-*`` folders, ``.NAME.tmp*`` files, ``NAME.tmp`` files.
-_TEMPORARY = re.compile(r"^(\.tmp-.+|\.old-.+|\..+\.tmp.*|.+\.jsonl\.tmp)$")
+# ------------------------------------------------------------------------------------ pocl's own folders
 #: A trainer checkpoint's state file (a step folder holding it whose manifest was lost is still pocl's).
 _TRAINER_STATE = "trainer_state.json"
 
-#: kind -> what the folder is called in messages
-_KIND_WORDS = {"model": "model folder", "run": "run folder", "eval": "evaluation folder", "plots": "plots folder",
-               "teacher-cache": "teacher cache"}
 
-
-def _listing(entries: list[Path], base: Path | None = None, limit: int = 4) -> str:
+def listing(entries: list[Path], base: Path | None = None, limit: int = 4) -> str:
     """``a.txt, notes/, ... and N more``: the first few of ``entries`` (relative to ``base``)."""
     names = [(p.relative_to(base).as_posix() if base is not None else p.name)
              + ("/" if p.is_dir() and not p.is_symlink() else "") for p in sorted(entries)]
@@ -178,10 +162,10 @@ def replaceable_problem(target: Path) -> str | None:
         extra = unlisted_files(target, manifest)
         if not extra:
             return None
-        return f"it holds files pocl did not write ({_listing(extra, target)})"
+        return f"it holds files pocl did not write ({listing(extra, target)})"
     if STEP_DIR.match(target.name) and target.parent.name == "checkpoints" and (target / _TRAINER_STATE).is_file():
         return None  # a trainer checkpoint whose manifest was lost: the trainer's own, skipped at resume
-    return f"it is not a folder pocl wrote (no pocl {MANIFEST}; found {_listing(entries)})"
+    return f"it is not a folder pocl wrote (no pocl {MANIFEST}; found {listing(entries)})"
 
 
 def _check_replaceable(target: Path) -> None:
@@ -189,185 +173,6 @@ def _check_replaceable(target: Path) -> None:
     if problem is not None:
         raise CheckpointError(f"refusing to replace {target}: {problem}. pocl only replaces folders it wrote; "
                               "nothing was changed")
-
-
-def _cache_entry(folder: Path, p: Path) -> bool:
-    """``p`` (in ``folder``) is what a teacher cache holds: its pocl manifest, a shard, a temporary."""
-    if p.is_symlink():
-        return False
-    if p.name == MANIFEST:
-        return p.is_file() and pocl_manifest(folder) is not None
-    return (bool(_SHARD_DIR.match(p.name)) and p.is_dir()) or bool(_TEMPORARY.match(p.name))
-
-
-def _foreign_entries(folder: Path, kind: str) -> list[Path]:
-    """Top-level entries of ``folder`` that a pocl output of ``kind`` does not have."""
-    out = []
-    for p in sorted(folder.iterdir()):
-        name = p.name
-        if kind == "run":
-            ok = name in RUN_NAMES or bool(_TEMPORARY.match(name))
-            if ok and name in ("final", "best") and p.is_dir():
-                ok = replaceable_problem(p) is None
-        elif kind == "eval":
-            ok = name in EVAL_NAMES or bool(_TEMPORARY.match(name))
-        elif kind == "plots":
-            ok = (bool(_PLOT_FILE.match(name)) and p.is_file()) or bool(_TEMPORARY.match(name))
-        elif kind == "teacher-cache":  # the --teacher-cache-dir root (train/, dev/) or one of those caches
-            ok = _cache_entry(folder, p) or (name in ("train", "dev") and p.is_dir() and not p.is_symlink()
-                                             and all(_cache_entry(p, q) for q in p.iterdir()))
-        else:
-            raise ValueError(f"unknown output kind {kind!r}")
-        if not ok or p.is_symlink():
-            out.append(p)
-    return out
-
-
-def _relation(out: Path, inp: Path) -> str | None:
-    if out == inp:
-        return "is"
-    if inp in out.parents:
-        return "is inside"
-    if out in inp.parents:
-        return "contains"
-    return None
-
-
-def _local_path(spec: str | os.PathLike) -> Path | None:
-    """The local file or folder a model spec names (``dir/model.gguf``: the file), resolved; None for a
-    hub name or a path that does not exist."""
-    path = Path(os.path.expanduser(str(spec)))
-    if not path.exists():
-        return None
-    return path.resolve()
-
-
-def check_output_dir(out: str | os.PathLike, *, inputs: Any = (), kind: str = "model",
-                     overwrite: bool | None = None, flag: str = "--output-dir") -> Path:
-    """Refuse an output folder that a pocl command must not write into; return it as a Path.
-
-    * ``inputs``: ``{label: spec}`` or ``[(label, spec)]`` of the command's input models (a folder, a
-      ``.gguf`` file or a hub name; names that are not local paths are skipped). The output may not
-      be, lie inside, or contain any of them: no command writes into its own input model.
-    * ``kind``: what the command writes there, which decides what counts as its own previous output:
-      ``model`` (one model folder, replaced as a whole: pocl's ``manifest.json`` listing every file),
-      ``run`` (a distill/rank run folder: only pocl's run file names, :data:`RUN_NAMES`, with ``final/``
-      and ``best/`` its own), ``eval`` (:data:`EVAL_NAMES`), ``plots`` (pocl's PNG names) or
-      ``teacher-cache`` (its manifest and ``shard-*`` folders).
-    * ``overwrite`` (``model`` only): a previous pocl model there is replaced only with True; None
-      does not ask (the command reuses or resumes its own output).
-
-    A missing or empty folder is always accepted. A non-empty folder that is not pocl's own output of
-    that kind is refused, with or without ``--overwrite``. Raises :class:`pocl.errors.ConfigError`
-    (exit code 2) with one line naming the folder and a few of the entries found in it."""
-    from pocl.errors import ConfigError
-
-    out = Path(os.path.expanduser(str(out)))
-    resolved = out.resolve()
-    items = inputs.items() if isinstance(inputs, dict) else inputs
-    for label, spec in items:
-        if spec is None:
-            continue
-        inp = _local_path(spec)
-        if inp is None:
-            continue
-        rel = _relation(resolved, inp)
-        if rel is not None:
-            what = "file" if inp.is_file() else "folder"
-            raise ConfigError(f"{flag} {out} {rel} the {label} {what} ({spec}); pocl never writes into its own "
-                              f"input model: give another {flag}")
-    if out.is_symlink() and not out.is_dir():
-        raise ConfigError(f"{flag} {out} is a link to something that is not a folder; give a folder")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{flag} {out} is a file, not a folder; pocl does not replace it: give a folder")
-    if not out.is_dir():
-        return out
-    entries = list(out.iterdir())
-    if not entries:
-        return out
-    word = _KIND_WORDS.get(kind)
-    if word is None:
-        raise ValueError(f"unknown output kind {kind!r}")
-    refuse = (f"; pocl never writes into or replaces a folder it did not create (not even with --overwrite): "
-              f"give a new or empty {flag}")
-    if kind == "model":
-        manifest = pocl_manifest(out)
-        if manifest is None:
-            raise ConfigError(f"{flag} {out} is not empty and is not a pocl {word} (no pocl {MANIFEST}; found "
-                              f"{_listing(entries)}){refuse}")
-        extra = unlisted_files(out, manifest)
-        if extra:
-            raise ConfigError(f"{flag} {out} holds files pocl did not write ({_listing(extra, out)}){refuse}")
-        if overwrite is False:
-            raise ConfigError(f"{flag} {out} already holds a pocl model; use --overwrite to replace it, or give "
-                              f"another {flag}")
-        return out
-    foreign = _foreign_entries(out, kind)
-    if foreign:
-        raise ConfigError(f"{flag} {out} is not empty and is not a pocl {word} (found {_listing(foreign)}){refuse}")
-    return out
-
-
-def _first_json_line(path: Path) -> Any:
-    """The first line of ``path`` as JSON; ``{}`` for an empty file, None when it is not JSON."""
-    try:
-        with open(path, "rb") as fh:
-            line = fh.readline(1 << 20)
-    except OSError:
-        return None
-    if not line.strip():
-        return {}
-    try:
-        return json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def check_ranking_file(path: str | os.PathLike, *, inputs: Any = (), data: Any = (),
-                       flag: str = "--ranking-file") -> Path:
-    """Refuse a ``--ranking-file`` that would replace a file pocl did not write; return it as a Path.
-
-    The ranking writes ``NAME.jsonl``, ``NAME.meta.json`` and ``NAME.partial.jsonl``; each that exists
-    must be pocl's (a ranking line with ``id`` and ``rank``, a ``pocl-ranking`` metadata file, a
-    ``pocl-ranking-partial`` header) or empty. The file may not be (or lie inside) an input model
-    (``inputs``, as in :func:`check_output_dir`) nor be one of the ``data`` files. ConfigError, exit 2."""
-    from pocl.errors import ConfigError
-
-    path = Path(os.path.expanduser(str(path)))
-    resolved = path.resolve()
-    items = inputs.items() if isinstance(inputs, dict) else inputs
-    for label, spec in list(items) + [("data", d) for d in (data or ()) if d is not None]:
-        if spec is None:
-            continue
-        inp = _local_path(spec)
-        if inp is not None and _relation(resolved, inp) in ("is", "is inside"):
-            where = "is" if resolved == inp else "is inside"
-            what = "file" if inp.is_file() else "folder"
-            raise ConfigError(f"{flag} {path} {where} the {label} {what} ({spec}); pocl never writes into its own "
-                              f"inputs: give another {flag}")
-    stem = path.name.removesuffix(".jsonl")
-    checks = ((path, lambda d: isinstance(d, dict) and (not d or ("id" in d and "rank" in d))),
-              (path.with_name(stem + ".meta.json"), None),
-              (path.with_name(stem + ".partial.jsonl"),
-               lambda d: isinstance(d, dict) and (not d or d.get("format") == "pocl-ranking-partial")))
-    for p, ok in checks:
-        if not (p.exists() or p.is_symlink()):
-            continue
-        if p.is_symlink() or not p.is_file():
-            raise ConfigError(f"{flag} {path}: {p} is not a file pocl wrote ({'a link' if p.is_symlink() else 'a folder'}); "
-                              f"pocl never replaces what it did not create: give another {flag}")
-        if ok is None:  # the metadata: one JSON document
-            try:
-                text = p.read_text(encoding="utf-8")
-                good = not text.strip() or json.loads(text).get("format") == "pocl-ranking"
-            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-                good = False
-        else:
-            good = ok(_first_json_line(p))
-        if not good:
-            raise ConfigError(f"{flag} {path}: {p} exists and is not a pocl ranking file; pocl never replaces a "
-                              f"file it did not create: give another {flag}")
-    return path
 
 
 def atomic_folder_write(target: Path, write: Callable[[Path], None], *,

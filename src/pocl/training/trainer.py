@@ -795,7 +795,7 @@ class DistillTrainer:
     def _check_finite_weights(self, target: Path) -> None:
         """Raise NonFiniteLossError (naming the tensor) when the student's weights hold NaN or inf: such a
         model is never written to final/ or best/."""
-        from pocl.models import first_nonfinite_tensor
+        from pocl.model_checks import first_nonfinite_tensor
 
         bad = first_nonfinite_tensor(self.student)
         if bad is not None:
