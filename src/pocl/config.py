@@ -78,7 +78,8 @@ class DataConfig(ConfigSection):
                            "string with {instruction} and {input}, or a .txt/.yaml file.")
     use_prompt_field: bool | None = option(None, "Use a row's ready-made 'prompt' field when it has one "
                                            "(default: yes with the alpaca template, no with the others).")
-    max_length: int = option(512, "Maximum tokens of prompt + response; longer responses are cut (and get no EOS).")
+    max_length: int = option(512, "Maximum tokens of prompt + response; longer responses are cut (and get no "
+                                "EOS). Must fit the models' context; the default is clipped to it, with a warning.")
     max_prompt_length: int = option(256, "Maximum prompt tokens; longer prompts are cut on --truncation-side.")
     truncation_side: Literal["left", "right", "error"] = option(
         "left", "Where to cut a too-long prompt: left keeps its end (the response cue), right keeps its start, "

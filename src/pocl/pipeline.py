@@ -10,6 +10,7 @@ This is the Python API behind ``pocl distill``::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from pocl.config import DistillConfig
+from pocl.context_length import Context, Fit, context_of, fit_distill_config, read_context, smallest
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
 from pocl.errors import CheckpointError, ConfigError, ModelError
 from pocl.model_checks import split_model_spec
@@ -63,9 +65,7 @@ def load_data(config: DistillConfig, tokenizer) -> tuple[TokenizedDataset, Token
     template = get_template(dc.template, tokenizer=tokenizer, use_prompt_field=dc.use_prompt_field)
 
     def load(source: str, split: str, limit: int | None, name: str):
-        result = load_records(source, split=split, skip_invalid=dc.skip_invalid_rows)
-        if result.skipped:
-            log.warning("%s data: %s", name, result.summary())
+        result = load_records(source, split=split, skip_invalid=dc.skip_invalid_rows)  # logs what it skipped
         records = result.records[:limit] if limit else result.records
         data = tokenize_records(records, tokenizer, template, max_length=dc.max_length,
                                 max_prompt_length=dc.max_prompt_length, truncation_side=dc.truncation_side)
@@ -81,8 +81,41 @@ def load_data(config: DistillConfig, tokenizer) -> tuple[TokenizedDataset, Token
     return train, dev, train_records, dev_records
 
 
+def run_context(config: DistillConfig, *, need_teacher: bool = True, teacher=None, student=None) -> Context | None:
+    """The context of a run: the smaller of the teacher's (when it is used) and the student's number of
+    positions (the teacher scores the same sequences), read from the loaded models when given, else from
+    their config files (no weights loaded); None when neither names one."""
+    mc = config.model
+    opts = {"local_files_only": mc.local_files_only, "trust_remote_code": mc.trust_remote_code}
+
+    def one(spec, model, what):
+        if spec is None:
+            return None
+        name = f"the {what} '{spec}'"
+        return context_of(model, name) if model is not None else read_context(spec, name, **opts)
+
+    contexts = [one(mc.student, student, "student")]
+    if need_teacher:
+        contexts.append(one(mc.teacher, teacher, "teacher"))
+    return smallest(contexts)
+
+
+def fit_to_context(config: DistillConfig, *, need_teacher: bool = True, stages: list[Stage] | None = None,
+                   teacher=None, student=None, ranking: bool = False) -> Fit | None:
+    """Check the run's lengths against its context (:func:`run_context`) and put the effective values
+    into ``config`` in place: a given length that does not fit is a ConfigError naming the flag and the
+    model; defaults that do not fit are clipped, in one warning (see :mod:`pocl.context_length`).
+    Idempotent: a second call on a fitted config changes and logs nothing."""
+    context = run_context(config, need_teacher=need_teacher, teacher=teacher, student=student)
+    return fit_distill_config(config, context, stages=stages, ranking=ranking)
+
+
 def load_models(config: DistillConfig, *, need_teacher: bool = True):
-    """Tokenizer, teacher (frozen) and student, with the tokenizer and vocabulary checks."""
+    """Tokenizer, teacher (frozen) and student, with the tokenizer and vocabulary checks.
+
+    The lengths of ``config`` are checked against the models' context first (from their config files,
+    before any weights are read) and again once they are loaded: the effective (clipped) lengths are put
+    into ``config`` in place (:func:`fit_to_context`)."""
     mc = config.model
     if mc.student is None:
         raise ConfigError("model.student: no student given")
@@ -94,6 +127,7 @@ def load_models(config: DistillConfig, *, need_teacher: bool = True):
     if need_teacher and mc.teacher is not None:
         split_model_spec(mc.teacher, what="teacher")
     split_model_spec(mc.student, what="student")
+    fit_to_context(config, need_teacher=need_teacher)  # a length that cannot fit stops before the weights are read
     if need_teacher and mc.teacher is not None and mc.tokenizer is None:
         check_tokenizers(load_tokenizer(mc.teacher, what="teacher", **opts), tokenizer)
     teacher = None
@@ -103,6 +137,8 @@ def load_models(config: DistillConfig, *, need_teacher: bool = True):
     # The student keeps float32 master weights; mixed precision is applied by autocast.
     student = load_model(mc.student, dtype=torch.float32, attn_implementation=mc.attn_implementation,
                          what="student", **opts)
+    # The loaded models' own configs (the same as their files': nothing changes then).
+    fit_to_context(config, need_teacher=need_teacher, teacher=teacher, student=student)
     vocab = shared_vocab_size(teacher, student, tokenizer)
     if mc.lora_r > 0:
         from pocl.models import apply_lora
@@ -295,10 +331,24 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     if config.loss.teacher_cache_dir:
         output_dirs.check_output_dir(config.loss.teacher_cache_dir, inputs=models, kind="teacher-cache",
                               flag="--teacher-cache-dir")
+    # The lengths against the models' context, before anything is loaded: a given length that cannot fit
+    # stops here; defaults that do not fit are clipped (one warning) in this run's own copy of the config,
+    # which the trainer records (config.yaml).
+    config = copy.deepcopy(config)
+    need_teacher = config.loss.method != "sft"
+    context_fit = fit_to_context(config, need_teacher=need_teacher, stages=stages,
+                                 teacher=inputs.teacher if inputs is not None else None,
+                                 student=inputs.student if inputs is not None else None)
+    if inputs is not None and context_fit is not None and {"data.max_length", "data.max_prompt_length"} & set(
+            context_fit.clipped):
+        raise ConfigError("the given run inputs were tokenized with lengths beyond the models' context ("
+                          + ", ".join(f"{k} {old}" for k, (old, _) in context_fit.clipped.items()
+                                      if k.startswith("data.")) + f"): prepare them with {context_fit.context.length} "
+                          "positions or less (pocl.pipeline.fit_to_context(config) sets the lengths that fit)")
     # Created first: it sets up the process group that the ranking pass also uses.
     accelerator = accelerator or make_accelerator(config)
     check_supported_distribution(accelerator)
-    inputs = inputs or prepare_run(config, need_teacher=config.loss.method != "sft")
+    inputs = inputs or prepare_run(config, need_teacher=need_teacher)
     resolve_selection(config, inputs)  # says how best/ will be chosen, before the ranking pass
     check_resume_before_ranking(config, inputs, accelerator)
     from pocl.baselines import apply_method
@@ -308,6 +358,8 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     extra: dict[str, Any] = {"curriculum": config.curriculum.curriculum, "method": config.loss.method}
     if method_info:
         extra["seqkd"] = method_info
+    if context_fit is not None and context_fit.clipped:
+        extra["context"] = context_fit.record()  # the model's context and the defaults clipped to fit it
     if stages is None and config.curriculum.curriculum == "pocl":
         stages, info = curriculum_stages(config, inputs)
         overrides = info.pop("overrides")

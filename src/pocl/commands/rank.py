@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     # Only the training data is ranked; the same loader as `pocl distill` keeps the stamps identical.
     config = config.replace(data={"dev_file": None})
     path = ranking_path(config)
+    from pocl.pipeline import fit_to_context
+
+    fit_to_context(config, need_teacher=False, ranking=True)  # lengths vs the student's context, before loading
     check_rank_outputs(config)  # before the models are loaded
     t0 = time.perf_counter()
     tokenizer, _, student, _ = load_models(config, need_teacher=False)

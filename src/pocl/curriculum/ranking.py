@@ -528,6 +528,12 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
     records = list(records)
     if not records:
         raise ConfigError("nothing to rank: no training samples")
+    # The measurer's answers must fit the student's context after the longest prompt: a default
+    # --rank-max-new-tokens is clipped (one warning), a given one that cannot fit is refused here,
+    # before anything is read or written (`pocl distill` has done this with the run's config already).
+    from pocl.context_length import fit_ranking_curriculum
+
+    curriculum = fit_ranking_curriculum(curriculum, model, data_settings)
     dist = _Distributed()
     dist.barrier()  # every process decides on the same file state (none is written before the gather)
     needs = measurer_needs(curriculum.measurer)

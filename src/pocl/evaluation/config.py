@@ -49,7 +49,8 @@ class EvalConfig(ConfigSection):
     top_k: int = option(0, "Top-k sampling (0: off).")
     no_repeat_ngram_size: int = option(6, "Never repeat an n-gram of this size (prompt included, as in "
                                        "transformers' generate); 0: off.")
-    max_new_tokens: int = option(256, "Maximum new tokens of a generation.")
+    max_new_tokens: int = option(256, "Maximum new tokens of a generation. Prompt + new tokens must fit the "
+                                     "models' context; a default that does not is clipped, with a warning.")
     batch_size: int = option(32, "Prompts per generation batch (prompts are grouped by length, left-padded).")
     max_prompt_length: int = option(256, "Maximum prompt tokens; longer prompts keep their end (the response cue).")
     template: str = option("alpaca", "Prompt template: alpaca, chat, plain, a string with {instruction} and "

@@ -194,10 +194,9 @@ def evaluate_records(model: torch.nn.Module, tokenizer, records: Sequence[Record
     if callable(progress):
         callback = progress
     elif progress:
-        from tqdm.auto import tqdm
+        from pocl.progress import make_progress
 
-        bar = tqdm(total=len(records) * len(seeds), desc=f"generate {name}".strip(), unit="sample",
-                   dynamic_ncols=True, leave=False)
+        bar = make_progress(len(records) * len(seeds), desc=f"generate {name}".strip(), unit="sample", leave=False)
         callback = bar.update
     long_set = set(long_idx)
     samples = [SampleResult(id=r.id, prompt=t, references=r.references, generations=[], rouge_l=[],
@@ -345,6 +344,19 @@ def _ranking_template(path: str, config, models: Sequence[tuple[str, str]], toke
         return get_template(name, tokenizer=tokenizers[spec], use_prompt_field=use_prompt_field), note
 
 
+def _model_phrase(name: str, spec: str) -> str:
+    return f"the model '{name}'" + (f" ({spec})" if spec != name else "")
+
+
+def _check_loaded_context(context, config) -> None:
+    """A loaded model whose context the check before loading could not read (its config file was not
+    readable as such) must fit the lengths too: refused rather than failing inside the model."""
+    if context is not None and config.max_prompt_length + config.max_new_tokens > context.length:
+        raise ConfigError(f"eval.max_new_tokens: prompts of up to {config.max_prompt_length} tokens "
+                          f"(--max-prompt-length) + {config.max_new_tokens} new tokens (--max-new-tokens) do not fit "
+                          f"the context of {context.describe()}; give lengths whose sum is at most {context.length}")
+
+
 def run_eval(config) -> EvalReport:
     """``pocl eval``: every model on every set, then the output files. ``config`` is an EvalConfig."""
     from pocl.evaluation.breakdown import breakdown, load_ranking, ranking_specs, verify_ranking
@@ -388,6 +400,14 @@ def run_eval(config) -> EvalReport:
     for _, spec in models:  # every model path checked before the first model is loaded and run
         split_model_spec(config.tokenizer or spec, kind="tokenizer")
         split_model_spec(spec)
+    # Prompt + answer must fit the smallest context of the models (read from their config files, before any
+    # model is loaded; every model is evaluated with the same settings): given lengths that cannot fit
+    # are refused, defaults are clipped (one warning) and the clipped values are the ones recorded.
+    from pocl.context_length import context_of, fit_eval_config, read_context, smallest
+
+    opts = {"local_files_only": config.local_files_only, "trust_remote_code": config.trust_remote_code}
+    context = smallest([read_context(spec, _model_phrase(name, spec), **opts) for name, spec in models])
+    config, context_fit = fit_eval_config(config, context)
     device = _device(config.cpu)
     dtype = resolve_dtype(config.dtype, device)
     decoding = config.decoding()
@@ -398,7 +418,6 @@ def run_eval(config) -> EvalReport:
     gen_tmp = out_dir / f".generations.jsonl.tmp{os.getpid()}"
     results: dict[str, dict[str, SetResult]] = {}
     model_info: dict[str, dict[str, Any]] = {}
-    opts = dict(local_files_only=config.local_files_only, trust_remote_code=config.trust_remote_code)
     try:
         with open(gen_tmp, "w", encoding="utf-8") as gen_fh:
             for model_name, spec in models:
@@ -408,6 +427,7 @@ def run_eval(config) -> EvalReport:
                 # the model is marked in the table and in results.json.
                 model = load_model(spec, dtype=dtype, check_finite=False, **opts).to(device)
                 model.eval()
+                _check_loaded_context(context_of(model, _model_phrase(model_name, spec)), config)
                 nonfinite = first_nonfinite_tensor(model)
                 if nonfinite is not None:
                     log.warning("model %s (%s) has NON-FINITE WEIGHTS: %s; not evaluated (its answers would be "
@@ -466,6 +486,8 @@ def run_eval(config) -> EvalReport:
         "settings": config.to_dict(),
         "decoding": decoding_dict(decoding),
         "generation_config": generation_record(decoding),
+        # the smallest context of the models and the default lengths clipped to fit it (null: unknown)
+        "context": context_fit.record() if context_fit is not None else None,
         "seeds": seeds,
         "std": config.std,
         "em_normalization": config.em_normalization,
