@@ -84,19 +84,56 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- main
+#: Libraries that give their own logger a stream handler of its own (and, huggingface_hub and datasets
+#: always, transformers when CI is set, let records propagate too): each line would be printed twice.
+_LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "datasets")
+
+
+class _OnceFilter(logging.Filter):
+    """On the root handler: drop a record that a handler of a logger below the root has already
+    printed (a library that installs its own handler and still propagates). Every line once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name) if record.name and record.name != "root" else None
+        while logger is not None and logger is not logging.root:
+            if any(record.levelno >= h.level for h in logger.handlers):
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
+def _route_library_logs() -> None:
+    """Send the log records of the libraries in :data:`_LIBRARY_LOGGERS` that are loaded to pocl's handler
+    only (their own default stream handlers are removed): one copy of each line, in pocl's format, on
+    the stream pocl logs to. A library loaded later is deduplicated by :class:`_OnceFilter`."""
+    for name in _LIBRARY_LOGGERS:
+        if name not in sys.modules:
+            continue
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING  # in multi-process runs only the main process reports progress
     logging.basicConfig(level=level, format="[%(name)s] %(message)s", stream=sys.stderr, force=True)
+    for handler in logging.root.handlers:
+        handler.addFilter(_OnceFilter())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        import transformers
+        import transformers  # also loads huggingface_hub, which installs its own handler on import
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    _route_library_logs()
 
 
 def build_config(args: argparse.Namespace, sections=None):

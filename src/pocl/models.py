@@ -90,8 +90,10 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, local_files_only: bool = False,
                trust_remote_code: bool = False, attn_implementation: str | None = None, what: str = "model",
-               check_finite: bool = True) -> nn.Module:
+               check_finite: bool = True, device: torch.device | str | None = None) -> nn.Module:
     """Load a causal LM. GGUF files are dequantized to ``dtype`` and lose their quantization config.
+    ``device``: moved there after the checks (default: left on the CPU). One INFO line describes the
+    loaded model (:func:`describe_model`: ``what``, path, parameters, dtype, device, shape).
 
     Validated on load: a local folder's manifest (pocl's output folders), config.json and weight files
     are checked first (:func:`check_model_folder`), and every weight must be finite
@@ -128,7 +130,77 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, local_files_onl
                 + (f" in {where}" if where else "")
                 + (f" (after conversion to {str(dtype).replace('torch.', '')})" if dtype != torch.float32 else "")
                 + ". A model with NaN or infinite weights cannot be trained or evaluated; use an intact copy.")
+    if device is not None:
+        model = model.to(device)
+    log.info("%s", describe_model(model, what=what, spec=spec))
     return model
+
+
+def _human_count(n: int) -> str:
+    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{suffix}"
+    return str(n)
+
+
+def _config_value(config, *names: str):
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def model_shape(model: nn.Module) -> dict:
+    """What the log says of a model: parameters, dtype, device, layers, hidden size, vocabulary (output
+    rows) and context length (None where the config does not say)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    first = next(iter(model.parameters()), None)
+    try:
+        vocab = output_rows(model)
+    except (ModelError, AttributeError, TypeError):
+        vocab = _config_value(text, "vocab_size")
+    return {
+        "parameters": count_parameters(model),
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "device": str(first.device) if first is not None else None,
+        "layers": _config_value(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+        "hidden_size": _config_value(text, "hidden_size", "n_embd", "d_model", "dim"),
+        "vocab": vocab,
+        "context": _config_value(text, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                                 "n_ctx"),
+        "architecture": type(model).__name__,
+    }
+
+
+def describe_model(model: nn.Module, *, what: str = "model", spec: str | None = None) -> str:
+    """One line: ``student: PATH (LlamaForCausalLM): 1,234,567 parameters (1.23M), float32, on cpu; 2
+    layers, hidden size 32, vocab 300, context 128``."""
+    s = model_shape(model)
+
+    def known(value, label):
+        return f"{label} {value}" if value is not None else f"{label} ?"
+
+    where = spec if spec is not None else (getattr(model, "name_or_path", "") or "?")
+    return (f"{what}: {where} ({s['architecture']}): {s['parameters']:,} parameters "
+            f"({_human_count(s['parameters'])}), {s['dtype']}, on {s['device']}; "
+            f"{s['layers'] if s['layers'] is not None else '?'} layer{'' if s['layers'] == 1 else 's'}, "
+            f"{known(s['hidden_size'], 'hidden size')}, "
+            f"{known(s['vocab'], 'vocab')}, {known(s['context'], 'context')}")
+
+
+def check_teacher_larger(teacher: nn.Module, student: nn.Module) -> bool:
+    """Warn (and return False) when the teacher has fewer parameters than the student: the two paths may
+    have been given the wrong way round (--teacher and --student swapped)."""
+    nt, ns = count_parameters(teacher), count_parameters(student)
+    if nt >= ns:
+        return True
+    log.warning("the teacher has fewer parameters than the student (%s < %s: teacher %s, student %s); are "
+                "--teacher and --student swapped? pocl distils the teacher into the student as given",
+                _human_count(nt), _human_count(ns), getattr(teacher, "name_or_path", "") or "?",
+                getattr(student, "name_or_path", "") or "?")
+    return False
 
 
 def _drop_gguf_quantization(model: nn.Module) -> None:
@@ -190,13 +262,15 @@ def output_rows(model: nn.Module) -> int:
 
 
 def shared_vocab_size(teacher: nn.Module | None, student: nn.Module, tokenizer) -> int:
-    """The number of output rows both models share; every token of the tokenizer must be inside it."""
+    """The number of output rows both models share; every token of the tokenizer must be inside it.
+    Also warns when the teacher is the smaller model (:func:`check_teacher_larger`)."""
     n_tok = len(tokenizer)
     rows_s = output_rows(student)
     if teacher is None:
         if rows_s < n_tok:
             raise ModelError(f"the student's output layer has {rows_s} rows but the tokenizer has {n_tok} tokens")
         return rows_s
+    check_teacher_larger(teacher, student)
     rows_t = output_rows(teacher)
     shared = min(rows_t, rows_s)
     if shared < n_tok:

@@ -241,10 +241,12 @@ def test_a_full_disk_while_writing_a_checkpoint(use_copy, reliability_bases, tin
 
 
 def test_a_full_disk_while_replacing_final(use_copy, tiny_pair, capsys, monkeypatch):
-    """Running a finished run again rewrites final/; with the disk full the old final/ stays."""
+    """A run that stopped after writing final/ but before its summary is finished by running it again,
+    which rewrites final/ (a completed run is left alone); with the disk full the old final/ stays."""
     from transformers import PreTrainedModel
 
     root = use_copy("completed")
+    (root / "run" / "summary.json").unlink()
     before = snapshot(root / "run")
 
     def half_written(self, folder, *args, **kwargs):

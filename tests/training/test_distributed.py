@@ -83,7 +83,6 @@ def test_only_one_process_writes(tmp_path, tiny_pair, tiny_data):
 
 def test_resumed_two_process_run_matches_uninterrupted(tmp_path, tiny_pair, tiny_data, single_run):
     """SIGKILL both processes after the checkpoint of step 5, resume with two processes."""
-    import os
     import signal
     import time
 
@@ -95,8 +94,19 @@ def test_resumed_two_process_run_matches_uninterrupted(tmp_path, tiny_pair, tiny
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in a session of its own: killing the launcher's process group would
+    # leave them running (and finishing the run); stop the whole tree, then kill it.
+    import psutil
+
+    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
     proc.wait()
+    psutil.wait_procs(tree, timeout=60)
     assert not (out / "final").exists()
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -56,6 +56,12 @@ def check_models_and_data(config) -> None:
     """The rule of `pocl distill`: with none of --teacher, --student, --train-file and --dev-file (flags or
     YAML) it runs the built-in default; with any of them, --teacher, --student and --train-file are all
     required (no --teacher with --method sft). Otherwise a ConfigError (exit 2) names what is missing."""
+    for section, name, flag in MODEL_AND_DATA:
+        # An empty value means "not set" for optional settings (pocl.configuration), but an empty path
+        # given on purpose is a mistake (an unset shell variable), not a request for the built-in default.
+        if config.is_given(f"{section}.{name}") and getattr(getattr(config, section), name) is None:
+            raise ConfigError(f"{section}.{name}: {flag} was given an empty value; give a model folder or file, or "
+                              f"leave {flag} out")
     given = [flag for section, name, flag in MODEL_AND_DATA if getattr(getattr(config, section), name) is not None]
     if not given:
         return
@@ -78,6 +84,13 @@ def print_result(result) -> None:
     if os.environ.get("RANK", "0") != "0":
         return  # one report per run, from the main process
     s = result.summary
+    if getattr(result, "already_completed", False):
+        print(f"\nstatus: already completed ({s['global_steps']} optimizer steps); nothing was trained or written")
+        if result.final_dir:
+            print(f"final model: {result.final_dir}")
+        if result.best_dir:
+            print(f"best model: {result.best_dir}")
+        return
     print(f"\nstatus: {result.status}; {s['global_steps']} optimizer steps in {s['train_seconds']:.1f} s "
           f"({s['skipped_steps']} skipped)")
     if result.final_dir:

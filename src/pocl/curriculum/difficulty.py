@@ -88,14 +88,15 @@ def ranking_decoding(curriculum) -> DecodingConfig:
 
 # ------------------------------------------------------------------------------------------- signals
 class _Bar:
-    """A tqdm bar with ETA, or nothing."""
+    """The progress of a ranking pass (pocl.progress): a tqdm bar with ETA on a terminal, else plain log
+    lines; ``enabled`` False (--no-progress) turns the bar off, not the lines. Nothing for no samples."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
-        if enabled and total > 0:
-            from tqdm.auto import tqdm
+        if total > 0:
+            from pocl.progress import make_progress
 
-            self.bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, leave=False)
+            self.bar = make_progress(total, desc=desc, unit="sample", bar=enabled, leave=False, logger=log)
 
     def update(self, n: int) -> None:
         if self.bar is not None:

@@ -260,11 +260,12 @@ def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *,
     if main and action != "reused":
         log.info("teacher cache %s (%s data): %s; computing %d of %d shards", root, name, why, len(todo), len(plan))
     bar = None
-    if progress and main and todo:
-        from tqdm.auto import tqdm
+    if main and todo:
+        # A bar on a terminal (unless progress is off), else plain log lines (pocl.progress).
+        from pocl.progress import make_progress
 
-        bar = tqdm(total=sum(len(plan[j]) for j in todo), desc=f"teacher cache ({name})", unit="sample",
-                   dynamic_ncols=True, leave=False)
+        bar = make_progress(sum(len(plan[j]) for j in todo), desc=f"teacher cache ({name})", unit="sample",
+                            bar=progress, leave=False, logger=log)
     try:
         for start in range(0, len(todo), world):
             mine = todo[start + rank] if start + rank < len(todo) else None

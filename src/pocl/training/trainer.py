@@ -38,6 +38,7 @@ from pocl.errors import CheckpointError, ConfigError, PoclError
 from pocl.generation import DecodingConfig
 from pocl.losses import (KDLossOutput, auto_chunk_size, chunked_kd_loss_from_logits, count_target_tokens,
                          fused_kd_loss, make_divergence, select_response_tokens)
+from pocl.model_checks import first_nonfinite_tensor
 from pocl.models import (LMHead, hidden_states, load_training_weights, save_model_folder,
                          save_training_weights)
 from pocl.training import checkpoint as ckpt
@@ -136,12 +137,19 @@ class TrainResult:
     final_dir: Path | None
     best_dir: Path | None
     summary: dict[str, Any]
+    #: True when the output folder already held this run, completed: nothing was trained or written
+    already_completed: bool = False
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def _dtype_name(model: nn.Module) -> str:
+    first = next(iter(model.parameters()), None)
+    return "?" if first is None else str(first.dtype).removeprefix("torch.")
 
 
 def _stream_seed(*parts: Any) -> int:
@@ -491,6 +499,12 @@ class DistillTrainer:
             # communication is needed; DDP averages gradients over processes, hence "/ world".
             total_tokens = sum(self._target_counts[i] for i in window)
         else:
+            bad = first_nonfinite_tensor(self.student)
+            if bad is not None:
+                # The student cannot sample from NaN probabilities (torch.multinomial fails): a non-finite
+                # step, so that the run ends through the non-finite guard with its message.
+                return self._skip_nonfinite_step(f"the student's weights are not finite ({bad.describe()}); "
+                                                 "no on-policy samples generated")
             # Each process generates (or draws) its own share; the normaliser counts the tokens of the
             # sequences actually trained on, summed over processes.
             local = self._on_policy_samples(local, kind, self.state.stage_index, self.state.stage_step)
@@ -544,6 +558,19 @@ class DistillTrainer:
                 "tokens": tok_total, "lr": lr, "skipped": 0.0 if finite else 1.0,
                 "on_policy": 0.0 if kind is None else 1.0, "replayed": 1.0 if kind == "replay" else 0.0}
 
+    def _skip_nonfinite_step(self, why: str) -> dict[str, float]:
+        """Count the current optimizer step as non-finite without computing it (no update)."""
+        self.state.consecutive_nonfinite += 1
+        self.state.skipped_steps += 1
+        log.warning("step %d: %s; step skipped (%d in a row)", self.state.global_step + 1, why,
+                    self.state.consecutive_nonfinite)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        nan = math.nan
+        return {"loss": nan, "ce": nan, "kd": nan, "grad_norm": nan, "tokens": 0.0, "lr": lr, "skipped": 1.0,
+                "on_policy": 0.0, "replayed": 0.0}
+
     @torch.no_grad()
     def evaluate(self, stage: Stage) -> dict[str, float]:
         """Dev loss at the stage's temperature and alpha, plus the reference CE (comparable across stages)."""
@@ -572,8 +599,28 @@ class DistillTrainer:
         out = {"dev_loss": (1 - stage.alpha) * ce + stage.alpha * scale * kd, "dev_ce": ce, "dev_kd": kd,
                "dev_tokens": tokens}
         if self.dev_records:
-            out["dev_rouge_l"] = self._dev_rouge()
+            skip = self._rouge_skip_reason(out)
+            if skip is None:
+                out["dev_rouge_l"] = self._dev_rouge()
+            else:
+                # Sampling from NaN probabilities fails (torch.multinomial); NaN is never a new best, and the
+                # run stops through the non-finite guard of the training steps.
+                (log.warning if acc.is_main_process else log.debug)(
+                    "step %d: dev ROUGE-L not computed: %s; recorded as NaN (never a new best)",
+                    self.state.global_step, skip)
+                out["dev_rouge_l"] = math.nan
         return out
+
+    def _rouge_skip_reason(self, dev: dict[str, float]) -> str | None:
+        """Why the dev answers cannot be generated now (non-finite dev loss or student weights), or None.
+        Every process holds the same weights and the reduced dev values: the same decision everywhere."""
+        bad = [k for k in ("dev_loss", "dev_ce") if not math.isfinite(dev[k])]
+        if bad:
+            return f"{bad[0]} is {dev[bad[0]]}"
+        tensor = first_nonfinite_tensor(self.student)
+        if tensor is not None:
+            return f"the student's weights are not finite ({tensor.describe()})"
+        return None
 
     def _dev_rouge(self) -> float:
         """ROUGE-L x 100 of sampled answers (T = 1, the run's seed) on the first dev samples; computed
@@ -619,10 +666,23 @@ class DistillTrainer:
         return state
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-N`` atomically (main process only) and prune old ones."""
+        """Write ``checkpoints/step-N`` atomically (main process only) and prune old ones.
+
+        Never a checkpoint of non-finite student weights: then nothing is written (a warning names the
+        tensor), the previous checkpoints stay, and a resume starts from finite weights. Returns None
+        then (the decision is the same on every process: they hold the same weights)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / "checkpoints" / ckpt.step_dir_name(self.state.global_step)
+        bad = first_nonfinite_tensor(self.student)
+        if bad is not None:
+            kept = ckpt.list_checkpoints(folder.parent)
+            (log.warning if acc.is_main_process else log.debug)(
+                "step %d: the student's weights are not finite (%s); not saving checkpoint %s. %s",
+                self.state.global_step, bad.describe(), folder,
+                f"The last checkpoint, {kept[0][1]}, is kept: a resume starts from it." if kept else
+                "There is no earlier checkpoint: a resume starts over.")
+            return None
         # Every process's RNG state, so that a resumed run continues each process's random stream.
         rng_states = [self._rng_state()]
         replay_states = [self.replay.state_dict()] if self.replay is not None else []
@@ -676,8 +736,13 @@ class DistillTrainer:
                                   "use --overwrite to start over")
         saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
         self._check_resume_compatible(saved, folder)
+        state = TrainState(**saved["state"])
+        if self._completed_on_disk(state):
+            self.state = state  # for the summary of the result; the weights are not loaded
+            self._completed_checkpoint = folder
+            return folder
         self._load_student_weights(folder)
-        self.state = TrainState(**saved["state"])
+        self.state = state
         self._resume_optimizer_from = folder
         rng_all = torch.load(folder / "rng.pt", weights_only=False)["per_process"]
         rng = rng_all[self.accelerator.process_index]
@@ -740,21 +805,28 @@ class DistillTrainer:
         tc = self.cfg.train
         self._prepare_output_dir()
         self._resume_optimizer_from = None
+        self._completed_checkpoint = None
         resumed = self._resume()
+        if self._completed_checkpoint is not None:
+            return self._already_completed()
         self.prepare_teacher_cache()  # after the resume check: a refused resume costs no teacher pass
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+            if self.device.type != "cpu":  # the models' load lines (pocl.models) say where they were loaded
+                log.info("training on %s (%d process%s): student %s%s", self.device, acc.num_processes,
+                         "" if acc.num_processes == 1 else "es", _dtype_name(self.student),
+                         "" if self.teacher is None else f", teacher {_dtype_name(self.teacher)}")
         metrics = MetricsLogger(self.output_dir, tensorboard=tc.tensorboard, enabled=acc.is_main_process,
                                 resume_step=self.state.global_step if resumed else None)
         totals = [self._stage_total_steps(i) for i in range(len(self.stages))]
         progress = None
-        if tc.progress and acc.is_main_process:
-            from tqdm.auto import tqdm
+        if acc.is_main_process:
+            # A bar on a terminal (unless --no-progress), else a plain line every log_every steps.
+            from pocl.progress import make_progress
 
-            done = sum(totals[:self.state.stage_index]) + self.state.stage_step
-            progress = tqdm(total=sum(totals), initial=min(done, sum(totals)), desc="distill", unit="step",
-                            dynamic_ncols=True)
+            progress = make_progress(self._planned_total(totals), desc="distill", unit="step", bar=tc.progress,
+                                     every=tc.log_every, initial=self.state.global_step, logger=log)
         previous_handlers = self._install_signal_handlers()
         status = "completed"
         try:
@@ -785,6 +857,34 @@ class DistillTrainer:
         acc.wait_for_everyone()
         return TrainResult(status, self.output_dir, final_dir, best_dir, summary)
 
+    def _completed_on_disk(self, state: TrainState) -> bool:
+        """Whether the output folder holds this run completed: every stage done in the newest checkpoint,
+        final/ intact (its manifest's files present with their sizes) and summary.json saying so. A run
+        that stopped between its last checkpoint and writing final/ or the summary is not: it finishes."""
+        if not (state.finished or state.stage_index >= len(self.stages)):
+            return False
+        final = self.output_dir / "final"
+        try:
+            ckpt.verify_folder(final, check_hashes=False)
+            summary = json.loads((self.output_dir / "summary.json").read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(summary, dict) and summary.get("status") == "completed"
+
+    def _already_completed(self) -> TrainResult:
+        """A rerun of a completed run: one line, nothing trained, nothing written (not even config.yaml,
+        metrics.jsonl or summary.json), exit status 0."""
+        if self.accelerator.is_main_process:
+            log.warning("run in %s already completed at step %d (%s exists); nothing to do: nothing was trained "
+                        "or written. To train again, give a new --output-dir, or --overwrite to start this run over "
+                        "(it deletes the run's checkpoints, final/, best/, metrics and summary; the difficulty "
+                        "ranking and the teacher cache are kept and reused when they fit)", self.output_dir,
+                        self.state.global_step, self.output_dir / "final")
+        best = self.output_dir / "best"
+        summary = dict(self.summary("completed"), already_completed=True)
+        return TrainResult("completed", self.output_dir, self.output_dir / "final", best if best.exists() else None,
+                           summary, already_completed=True)
+
     def _save_model_folder(self, tmp: Path) -> None:
         # tmp is the temporary folder of final/ or best/ (.tmp-NAME-xxxxxxxx): refused before any file is
         # written there, and atomic_folder_write removes it, so the folder on disk stays as it was.
@@ -795,14 +895,13 @@ class DistillTrainer:
     def _check_finite_weights(self, target: Path) -> None:
         """Raise NonFiniteLossError (naming the tensor) when the student's weights hold NaN or inf: such a
         model is never written to final/ or best/."""
-        from pocl.model_checks import first_nonfinite_tensor
-
         bad = first_nonfinite_tensor(self.student)
         if bad is not None:
             raise NonFiniteLossError(
                 f"the student's weights are not finite at global step {self.state.global_step}: {bad.describe()}; "
-                f"not writing {target} (nothing was written). Checkpoints in {self.output_dir / 'checkpoints'} saved "
-                "since the weights went bad hold them too. Lower the learning rate or check the data.")
+                f"not writing {target} (nothing was written). No checkpoint holds such weights (checkpoints are "
+                f"saved only with finite weights): the last one in {self.output_dir / 'checkpoints'} is a finite "
+                "state to resume from. Lower the learning rate or check the data.")
 
     def _start_stage(self, i: int, total: int) -> None:
         stage = self.stages[i]
@@ -849,9 +948,6 @@ class DistillTrainer:
                 window_stats.append(stats)
                 for callback in self.step_callbacks:
                     callback(self)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(stage=f"{i + 1}/{len(self.stages)}", loss=f"{stats['loss']:.4f}")
                 if self.state.consecutive_nonfinite >= tc.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{self.state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
@@ -860,6 +956,7 @@ class DistillTrainer:
                         "Lower the learning rate, check the data, or raise --max-nonfinite-steps.")
                 end_of_epoch = self.state.stage_step % spe == 0
                 end_of_stage = self.state.stage_step >= total
+                shown_loss = stats["loss"]
                 if self.state.global_step % tc.log_every == 0 or end_of_stage:
                     now = time.perf_counter()
                     rec = self._aggregate(window_stats, now - t_last)
@@ -868,20 +965,26 @@ class DistillTrainer:
                                temperature=stage.temperature, alpha=stage.alpha, split="train")
                     metrics.log(rec, tb_prefix="train")
                     window_stats, t_last = [], now
+                    shown_loss = rec.get("loss", shown_loss)  # the mean over the steps since the last line
+                if progress is not None:
+                    postfix = {"stage": f"{i + 1}/{len(self.stages)}", "loss": f"{shown_loss:.4f}"}
+                    if self.state.skipped_steps:
+                        postfix["skipped"] = self.state.skipped_steps
+                    progress.update(1, **postfix)
                 do_eval = self.dev_data is not None and (
                     (tc.eval_every > 0 and self.state.global_step % tc.eval_every == 0)
                     or (tc.eval_every == 0 and end_of_epoch) or end_of_stage)
                 if do_eval:
                     dev = self.evaluate(stage)
                     metrics.log(dict(dev, step=self.state.global_step, stage=stage.name, split="dev"), tb_prefix="dev")
-                    advance_early = self._track_dev(dev, stage)
-                    if progress is not None:
-                        progress.write(f"step {self.state.global_step}: dev_ce {dev['dev_ce']:.4f} "
-                                       f"dev_loss {dev['dev_loss']:.4f}")
+                    advance_early, new_best = self._track_dev(dev, stage)
+                    self._log_dev(dev, i, new_best)
                 if advance_early:
                     log.info("stage '%s': dev metric has not improved for %d evaluations; advancing",
                              stage.name, stage.plateau_patience)
                     end_of_stage = True
+                    if progress is not None:  # the stage's remaining planned steps will not run
+                        progress.set_total(progress.total - (total - self.state.stage_step))
                 if end_of_stage:
                     self._finish_stage(i, total, advanced_early=advance_early)
                     if self.stage_callback is not None:
@@ -915,8 +1018,35 @@ class DistillTrainer:
             out["replayed_steps"] = sum(s.get("replayed", 0.0) for s in stats)
         return out
 
-    def _track_dev(self, dev: dict[str, float], stage: Stage) -> bool:
-        """Update best-model tracking; True = the stage's plateau is reached.
+    def _planned_total(self, totals: list[int]) -> int:
+        """Optimizer steps of the whole run as planned from where it stands (steps done so far, the rest
+        of the current stage, the later stages): what the progress counts to."""
+        i = self.state.stage_index
+        if i >= len(totals):
+            return self.state.global_step
+        return self.state.global_step + max(totals[i] - self.state.stage_step, 0) + sum(totals[i + 1:])
+
+    def _log_dev(self, dev: dict[str, float], stage_index: int, new_best: bool) -> None:
+        """One INFO line per dev evaluation, whatever the progress display: the step, the stage, the dev
+        values and whether best/ was replaced."""
+        stage = self.stages[stage_index]
+        parts = [f"dev_ce {dev['dev_ce']:.4f}", f"dev_loss {dev['dev_loss']:.4f}"]
+        if "dev_rouge_l" in dev:
+            value = dev["dev_rouge_l"]
+            parts.append(f"dev_rouge_l {value:.4f}" if math.isfinite(value) else
+                         "dev_rouge_l not computed (non-finite weights or dev loss)")
+        name = self.state.selection_metric or self.cfg.train.selection_metric
+        if new_best:
+            verdict = f"new best {name}: best/ replaced"
+        elif self.state.best_step is not None:
+            verdict = f"not a new best (best {name} {self.state.best_metric:.4f} at step {self.state.best_step})"
+        else:
+            verdict = "not a new best (no finite value yet)"
+        log.info("step %d, stage %d/%d '%s': %s; %s", self.state.global_step, stage_index + 1, len(self.stages),
+                 stage.name, ", ".join(parts), verdict)
+
+    def _track_dev(self, dev: dict[str, float], stage: Stage) -> tuple[bool, bool]:
+        """Update best-model tracking; returns (the stage's plateau is reached, a new best of the run).
 
         The metric is --selection-metric, compared in its own direction (pocl.training.selection: dev
         ROUGE-L, the default, higher is better; dev CE and dev loss, lower is better); the state holds
@@ -931,7 +1061,8 @@ class DistillTrainer:
             ckpt.atomic_folder_write(self.output_dir / "best", self._save_model_folder,
                                      manifest_extra={"step": self.state.global_step, name: dev[name],
                                                      "selection_metric": name})
-        return stage.plateau_patience is not None and self.state.stage_bad_evals >= stage.plateau_patience
+        plateau = stage.plateau_patience is not None and self.state.stage_bad_evals >= stage.plateau_patience
+        return plateau, new_best
 
     def _finish_stage(self, i: int, total: int, *, advanced_early: bool) -> None:
         stage = self.stages[i]
