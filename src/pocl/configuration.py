@@ -7,6 +7,10 @@ key of the same name. Sections validate their values on construction (``__post_i
 
 Precedence when building a config: dataclass defaults < YAML file < command-line flags.
 
+An optional field (one whose default or meaning includes None, "Empty: ..." in its help) is set to None
+by YAML null, by an empty string in YAML, and by an empty flag value (``--skew-last-stage ''``); see
+:func:`coerce`.
+
 A section built by :meth:`ConfigSection.from_dict` (YAML files, flags, ``DistillConfig.from_dict``)
 remembers which fields were *given* (:meth:`ConfigSection.given_fields`), as opposed to left at
 their defaults: some settings mean something else, or nothing, in some runs (``--epochs`` under the
@@ -50,7 +54,7 @@ class ConfigSection:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, where: str = "") -> "ConfigSection":
+    def from_dict(cls, values: Mapping[str, Any], *, where: str = "") -> ConfigSection:
         """Build the section from a mapping, coercing YAML scalars to the field types.
 
         Unknown keys raise a ConfigError that suggests the nearest valid key.
@@ -153,14 +157,26 @@ def _strip_optional(hint: Any) -> Any:
     return hint
 
 
+def is_empty(value: Any) -> bool:
+    """An empty (or blank) string: ``--flag ''`` on the command line, ``key: ""`` in YAML."""
+    return isinstance(value, str) and not value.strip()
+
+
 def coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the type ``hint``; raise ConfigError naming ``where``."""
-    if value is None:
+    """Convert a YAML/CLI value to the type ``hint``; raise ConfigError naming ``where``.
+
+    A field that may be None (``float | None``, ``str | None``...) takes None from YAML null (``key:`` or
+    ``key: null``) and from an empty string (``--skew-last-stage ''``, ``key: ""``): "Empty" in a field's
+    help is that None (``--skew-last-stage`` empty: ``--skew`` in every stage). A field that may not be None
+    refuses both."""
+    if value is None or (is_empty(value) and _allows_none(hint)):
         if _allows_none(hint):
             return None
         raise ConfigError(f"{where}: a value is required (got null)")
     base = _strip_optional(hint)
     origin = get_origin(base)
+    if is_empty(value) and base in (int, float, bool):
+        raise ConfigError(f"{where}: a value is required (got an empty string)")
     try:
         if base is Any:
             return value
@@ -207,7 +223,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             if isinstance(value, base):
                 return value
             if not isinstance(value, Mapping):
-                raise ValueError("expected a mapping")
+                raise TypeError("expected a mapping")
             return base.from_dict(value, where=where)
     except ConfigError:
         raise

@@ -107,6 +107,29 @@ def test_incomplete_model_and_data_arguments_stop_before_any_work(given, missing
     assert out == "" and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag, key", [("--teacher", "model.teacher"), ("--student", "model.student"),
+                                       ("--train-file", "data.train_file"), ("--dev-file", "data.dev_file")])
+@pytest.mark.parametrize("where", ["flag", "yaml"])
+def test_an_empty_model_or_data_path_is_refused(flag, key, where, tmp_path, capsys, no_builtin_default, monkeypatch):
+    # An empty value means "not set" for optional settings, but an empty path is an unset shell variable,
+    # not a request for the built-in default (which would start a 5-minute run in the current folder).
+    from tests.reliability.helpers import snapshot
+
+    monkeypatch.chdir(tmp_path)
+    if where == "flag":
+        argv = ["distill", flag, ""]
+    else:
+        section, name = key.split(".")
+        (tmp_path / "run.yaml").write_text(f"{section}: {{{name}: ''}}\n")
+        argv = ["distill", "--config", "run.yaml"]
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, err
+    line = _one_error_line(err, f"pocl: error: {key}: ")
+    assert f"{flag} was given an empty value; give a model folder or file, or leave {flag} out" in line
+    assert out == "" and snapshot(tmp_path) == before
+
+
 def test_incomplete_model_and_data_settings_in_the_yaml_file_are_refused_too(tmp_path, tiny_data, capsys,
                                                                              no_builtin_default):
     path = tmp_path / "run.yaml"

@@ -20,6 +20,13 @@ Every setting of ``pocl distill`` given on the command line or in its ``--config
 to both runs of step 4, exactly as to a run of your own (docs/training.md, "Settings and the
 curriculum"); ``--epochs``/``--stage-epochs`` set the lengths of the two runs (:func:`run_budgets`).
 Both runs keep ``best/`` by dev ROUGE-L on the 192 dev samples (answers of at most 24 tokens).
+
+Reproducibility: every random choice is seeded (the models' initialisation, the data order, the sampled
+answers of the ranking, the dev evaluations and the test evaluation), so a rerun on the same machine with
+the same torch build and the same number of torch threads gives the same figures, bit for bit. Another CPU
+(other instruction set or BLAS kernels) or another thread count can round floats differently; the
+trajectories then drift apart and the figures differ by about the spread over seeds. ``results.json``
+records what decides this (:func:`numerics`).
 """
 
 from __future__ import annotations
@@ -34,8 +41,15 @@ from typing import Any
 import torch
 
 from pocl.config import DistillConfig
-from pocl.data import (TEMPLATE_PHRASES, build_tokenizer, generate_suite, get_template, load_records, suite_texts,
-                       tokenize_records)
+from pocl.data import (
+    TEMPLATE_PHRASES,
+    build_tokenizer,
+    generate_suite,
+    get_template,
+    load_records,
+    suite_texts,
+    tokenize_records,
+)
 from pocl.generation import DecodingConfig
 from pocl.training import checkpoint as ckpt
 from pocl.training.stages import Stage
@@ -54,10 +68,12 @@ class BuiltinSettings:
     n_student_pretrain: int = 960
     seed: int = 0
     vocab_size: int = 512
-    teacher_arch: dict = dataclasses.field(default_factory=lambda: dict(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6))
-    student_arch: dict = dataclasses.field(default_factory=lambda: dict(
-        hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    teacher_arch: dict = dataclasses.field(default_factory=lambda: {
+        "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 6,
+        "num_key_value_heads": 6})
+    student_arch: dict = dataclasses.field(default_factory=lambda: {
+        "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4})
     teacher_epochs: float = 12
     teacher_lr: float = 2e-3
     student_pretrain_epochs: float = 4
@@ -112,8 +128,8 @@ def _sft(model, tokenizer, train_file: Path, dev_file: Path | None, out_dir: Pat
         ckpt.verify_folder(final)
         log.info("%s: reusing %s", name, final)
         return final
-    except Exception:
-        pass
+    except Exception as exc:  # noqa: BLE001 - no usable earlier output, whatever the reason: train it
+        log.debug("%s: not reusing %s (%s)", name, final, exc)
     config = DistillConfig.from_dict({
         "data": {"max_length": s.max_length, "max_prompt_length": s.max_prompt_length},
         "loss": {"alpha": 0.0},
@@ -154,8 +170,8 @@ def evaluate_models(models: dict[str, Path], test_file: Path, tokenizer, s: Buil
 
     records = load_records(test_file).records
     levels = sorted({str(r.meta.get("level")) for r in records})
-    common = dict(template=get_template("alpaca"), batch_size=s.generation_batch_size,
-                  max_prompt_length=s.max_prompt_length)
+    common = {"template": get_template("alpaca"), "batch_size": s.generation_batch_size,
+              "max_prompt_length": s.max_prompt_length}
     results = {}
     for name, path in models.items():
         model = load_model(str(path))
@@ -178,6 +194,26 @@ def evaluate_models(models: dict[str, Path], test_file: Path, tokenizer, s: Buil
             "exact_match_by_level": by_level, "seeds": list(EVAL_SEEDS), "generation_seconds": seconds,
             "path": str(path)}
     return results
+
+
+def numerics() -> dict[str, Any]:
+    """What decides the float rounding of a run, hence whether another machine reproduces its figures bit for
+    bit: the torch build, its CPU kernels (instruction set) and BLAS, and the number of torch threads. The
+    same values on the same CPU give the same figures; any difference can change them (by about the spread
+    over seeds)."""
+    import platform
+
+    info: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "machine": platform.machine()}
+    try:
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    info["mkl"] = torch.backends.mkl.is_available()
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _run_config(values: dict[str, Any], user: dict[str, dict[str, Any]], output_dir: Path,
@@ -230,10 +266,9 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
     docs/curriculum.md). ``user_overrides``: more ``{section: {field: value}}`` on top (Python API).
     ``--epochs`` and ``--stage-epochs`` set the two runs' lengths (:func:`run_budgets`); ``--curriculum``
     is not used (both runs are always made; said in the log)."""
-    from pocl.pipeline import distill
-
     from pocl.errors import ConfigError
     from pocl.launch import world_size_from_env
+    from pocl.pipeline import distill
 
     user = user_settings(config, user_overrides)
     mine = [f"{section}.{name}" for section, name in (("model", "teacher"), ("model", "student"),
@@ -332,7 +367,7 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
     run_configs = {name: yaml.safe_load((out / name / "config.yaml").read_text(encoding="utf-8"))
                    for name in ("kd", "pocl")}
     report = {"status": "completed", "settings": dataclasses.asdict(s), "user_settings": user,
-              "budget": budget, "kd_config": run_configs["kd"],
+              "numerics": numerics(), "budget": budget, "kd_config": run_configs["kd"],
               "pocl_config": run_configs["pocl"], "scores": scores, "timings": timings,
               "kd_summary": kd_result.summary, "pocl_summary": pocl_result.summary}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")

@@ -2,9 +2,13 @@
 
 - :func:`plot_training_curves`: train loss and dev CE over global steps from ``metrics.jsonl``, the
   stage boundaries (``summary.json`` ``stages[*].end_global_step``) as vertical lines, and the stage
-  temperature and alpha in a second panel.
+  temperature and alpha in a second panel. An interrupted run has no summary entry for its unfinished
+  stage: that stage comes from the train records of ``metrics.jsonl`` (which carry ``stage``,
+  ``stage_index``, ``temperature`` and ``alpha``), and the title says "interrupted at step N"
+  (:func:`training_curves_data` computes what is drawn).
 - :func:`plot_difficulty`: the difficulty scores of a ranking file (``ranking.jsonl``) sorted by rank
-  and as a histogram, with the stage cut points (``summary.json`` ``stages[*].num_samples``).
+  and as a histogram, with the stage cut points (``summary.json`` ``stages[*].num_samples``; for an
+  interrupted run also the stages of the newest checkpoint's stage plan).
 - :func:`plot_eval_comparison`: grouped bars of ROUGE-L per evaluation set (and Avg) for the models
   of one or more ``pocl eval`` results.json files, with error bars = std over seeds.
 
@@ -13,6 +17,7 @@ Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state) and w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -53,17 +58,18 @@ def _save(fig, path: Path) -> Path:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
+        lines = fh.readlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            # a line cut by a crash at the very end of a file is tolerated
+            if number == len(lines):
+                log.warning("%s:%d: skipping an incomplete last line", path, number)
                 continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                # a line cut by a crash at the very end of a file is tolerated
-                if number == sum(1 for _ in open(path, encoding="utf-8")):
-                    log.warning("%s:%d: skipping an incomplete last line", path, number)
-                    continue
-                raise DataError(f"invalid JSON: {e}", path=str(path), line=number) from None
+            raise DataError(f"invalid JSON: {e}", path=str(path), line=number) from None
     return rows
 
 
@@ -86,31 +92,154 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _stage_boundaries(summary: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """Stages with start/end global steps (from summary.json)."""
+    """The finished stages of summary.json with their start/end global steps."""
     out = []
     start = 0
     for i, st in enumerate((summary or {}).get("stages") or []):
-        end = st.get("end_global_step")
-        if end is None:
+        if not isinstance(st, Mapping) or _num(st.get("end_global_step")) is None:
             continue
-        out.append({"name": st.get("name", f"stage {i + 1}"), "start": start, "end": int(end),
-                    "temperature": _num(st.get("temperature")), "alpha": _num(st.get("alpha")),
-                    "num_samples": st.get("num_samples")})
-        start = int(end)
+        end = int(st["end_global_step"])
+        index = st.get("index") if isinstance(st.get("index"), int) else i
+        out.append({"name": str(st.get("name", f"stage{index + 1}")), "index": index, "start": start, "end": end,
+                    "first_step": None, "last_step": None, "temperature": _num(st.get("temperature")),
+                    "alpha": _num(st.get("alpha")), "num_samples": st.get("num_samples"), "finished": True})
+        start = end
     return out
 
 
 def _stages_from_metrics(train: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stage spans read from the train records (for runs without a summary.json, e.g. interrupted)."""
+    """Stages read from the train records of metrics.jsonl, in order: each stage's first and last logged step
+    and the temperature and alpha it logged (its rows carry ``stage``, ``stage_index``, ``temperature``,
+    ``alpha``). ``start`` is the previous stage's end (0 for the first), ``end`` its last logged step."""
     out: list[dict[str, Any]] = []
     for rec in train:
+        index = rec.get("stage_index") if isinstance(rec.get("stage_index"), int) else None
         name = rec.get("stage")
-        if not out or out[-1]["name"] != name:
+        key = (index, name) if index is not None else (None, name)
+        step = int(rec["step"])
+        if not out or out[-1]["_key"] != key:
             start = out[-1]["end"] if out else 0
-            out.append({"name": name, "start": start, "end": rec["step"], "temperature": _num(rec.get("temperature")),
-                        "alpha": _num(rec.get("alpha")), "num_samples": None})
-        out[-1]["end"] = rec["step"]
+            out.append({"_key": key, "name": str(name if name is not None else f"stage{len(out) + 1}"),
+                        "index": index if index is not None else len(out), "start": start, "end": step,
+                        "first_step": step, "last_step": step, "temperature": _num(rec.get("temperature")),
+                        "alpha": _num(rec.get("alpha")), "num_samples": None, "finished": None})
+        st = out[-1]
+        st["end"] = st["last_step"] = max(st["last_step"], step)
+        for field in ("temperature", "alpha"):
+            if st[field] is None:
+                st[field] = _num(rec.get(field))
+    for st in out:
+        del st["_key"]
     return out
+
+
+def _latest_trainer_state(run_dir: Path) -> dict[str, Any] | None:
+    """trainer_state.json of the run's newest checkpoint (``state`` and the stage plan ``stages``), or None
+    when there is none or it cannot be read (only used to fill in what summary.json lacks)."""
+    best: tuple[int, Path] | None = None
+    for path in (run_dir / "checkpoints").glob("step-*/trainer_state.json"):
+        try:
+            step = int(path.parent.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    if best is None:
+        return None
+    try:
+        data = json.loads(best[1].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s: unreadable, not used for the stage plan", best[1])
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclasses.dataclass
+class TrainingCurves:
+    """What :func:`plot_training_curves` draws, read from a run folder by :func:`training_curves_data`.
+
+    ``stages``: every stage that finished (summary.json, else the newest checkpoint's trainer state) or has
+    logged train steps (metrics.jsonl), in order, each a dict with ``name``, ``index``, ``start`` and ``end``
+    (the global steps the stage spans on the x axis: from the previous stage's end to its own last step),
+    ``first_step``/``last_step`` (its first and last logged train step; None when not known),
+    ``temperature``, ``alpha``, ``num_samples`` and ``finished``. ``status``: summary.json's status
+    (``completed``, ``interrupted``), or ``unknown`` without a summary.json. ``interrupted_at``: the last
+    global step of a run that did not complete (None for a completed run)."""
+
+    run_dir: Path
+    train: list[dict[str, Any]]
+    dev: list[dict[str, Any]]
+    stages: list[dict[str, Any]]
+    status: str
+    last_step: int
+    interrupted_at: int | None
+
+    @property
+    def note(self) -> str | None:
+        """The title's mark of a run that did not complete."""
+        if self.interrupted_at is None:
+            return None
+        if self.status == "unknown":
+            return f"unfinished: no summary.json, last logged step {self.interrupted_at}"
+        return f"{self.status} at step {self.interrupted_at}"
+
+
+def training_curves_data(run_dir: str | Path) -> TrainingCurves:
+    """Read metrics.jsonl, summary.json and (for what they lack) the newest checkpoint of ``run_dir``.
+
+    An interrupted run has no summary entry for its unfinished stage: that stage is taken from the train
+    records of metrics.jsonl (its span up to the last step, its logged T and alpha; the checkpoint's stage
+    plan fills in T, alpha and the sample count when the records lack them)."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise DataError("no metrics.jsonl here (is this the output folder of `pocl distill`?)", path=str(run_dir))
+    records = [r for r in _read_jsonl(metrics_path) if isinstance(r, dict)]
+    train = [r for r in records if r.get("split") == "train" and _num(r.get("step")) is not None]
+    dev = [r for r in records if r.get("split") == "dev" and _num(r.get("step")) is not None]
+    if not train and not dev:
+        raise DataError("no train or dev records", path=str(metrics_path))
+    summary = read_summary(run_dir)
+    state = _latest_trainer_state(run_dir)
+    finished = _stage_boundaries(summary)
+    if summary is None and state is not None:  # a run stopped before it wrote summary.json
+        inner = state.get("state")
+        done = inner.get("stage_summaries") if isinstance(inner, dict) else None
+        if isinstance(done, list):
+            finished = _stage_boundaries({"stages": done})
+    logged = _stages_from_metrics(train)
+    plan = [p for p in (state or {}).get("stages") or [] if isinstance(p, dict)]
+
+    stages = [dict(st) for st in finished]
+    for lg in logged:
+        match = next((st for st in stages if st["index"] == lg["index"] and st["name"] == lg["name"]), None)
+        if match is not None:  # a finished stage: its logged steps
+            match["first_step"], match["last_step"] = lg["first_step"], lg["last_step"]
+            continue
+        if stages and lg["last_step"] <= stages[-1]["end"]:
+            continue  # steps inside the finished stages (a stage that summary.json names otherwise)
+        lg = dict(lg, start=stages[-1]["end"] if stages else 0, finished=False)
+        planned = plan[lg["index"]] if 0 <= lg["index"] < len(plan) else {}
+        for field in ("temperature", "alpha"):
+            if lg[field] is None:
+                lg[field] = _num(planned.get(field))
+        if lg["num_samples"] is None and isinstance(planned.get("num_samples"), int):
+            lg["num_samples"] = planned["num_samples"]
+        stages.append(lg)
+
+    steps = [int(r["step"]) for r in train + dev]
+    last_step = max(steps + [st["end"] for st in stages] + [0])
+    status = str((summary or {}).get("status") or "unknown")
+    if summary is not None and _num(summary.get("global_steps")) is not None:
+        last_step = max(last_step, int(summary["global_steps"]))
+    interrupted_at = None if status == "completed" else last_step
+    if stages and not stages[-1]["finished"] and interrupted_at is not None:
+        stages[-1]["end"] = max(stages[-1]["end"], interrupted_at)
+    for st in stages[:-1]:
+        st["finished"] = True  # a later stage has logged steps
+    if stages and status == "completed":
+        stages[-1]["finished"] = True
+    return TrainingCurves(run_dir, train, dev, stages, status, last_step, interrupted_at)
 
 
 def _draw_stage_lines(ax, stages: list[dict[str, Any]], *, label_top: bool) -> None:
@@ -119,24 +248,25 @@ def _draw_stage_lines(ax, stages: list[dict[str, Any]], *, label_top: bool) -> N
             ax.axvline(st["end"], color=STAGE_COLOR, linestyle="--", linewidth=1, zorder=1)
         if label_top:
             mid = (st["start"] + st["end"]) / 2
-            ax.annotate(str(st["name"]), xy=(mid, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+            name = str(st["name"]) + (" (unfinished)" if st.get("finished") is False else "")
+            ax.annotate(name, xy=(mid, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3),
                         textcoords="offset points", ha="center", va="bottom", fontsize=8, color="0.25",
                         annotation_clip=False)
 
 
+def _draw_interruption(ax, data: TrainingCurves, *, label: bool) -> list:
+    if data.interrupted_at is None:
+        return []
+    line = ax.axvline(data.interrupted_at, color="tab:red", linestyle=":", linewidth=1.4, zorder=1,
+                      label=data.note if label else None)
+    return [line] if label else []
+
+
 def plot_training_curves(run_dir: str | Path, out_path: str | Path, *, title: str | None = None) -> Path:
-    """Train loss and dev CE over global steps, stage boundaries, and T and alpha per stage."""
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise DataError("no metrics.jsonl here (is this the output folder of `pocl distill`?)", path=str(run_dir))
-    records = _read_jsonl(metrics_path)
-    train = [r for r in records if r.get("split") == "train" and _num(r.get("step")) is not None]
-    dev = [r for r in records if r.get("split") == "dev" and _num(r.get("step")) is not None]
-    if not train and not dev:
-        raise DataError("no train or dev records", path=str(metrics_path))
-    summary = read_summary(run_dir)
-    stages = _stage_boundaries(summary) or _stages_from_metrics(train)
+    """Train loss and dev CE over global steps, stage boundaries, and T and alpha per stage
+    (:func:`training_curves_data`); a run that did not complete is marked in the title and by a red line."""
+    data = training_curves_data(run_dir)
+    run_dir, train, dev, stages = data.run_dir, data.train, data.dev, data.stages
     has_rouge = any(_num(r.get("dev_rouge_l")) is not None for r in dev)
 
     nrows = 3 if has_rouge else 2
@@ -158,7 +288,8 @@ def plot_training_curves(run_dir: str | Path, out_path: str | Path, *, title: st
                            linewidth=1.4, label="dev CE")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    _draw_stage_lines(ax, stages, label_top=len(stages) > 1)
+    _draw_stage_lines(ax, stages, label_top=len(stages) > 1 or data.interrupted_at is not None)
+    handles += _draw_interruption(ax, data, label=True)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8, borderaxespad=0)
     row = 1
     if has_rouge:
@@ -168,6 +299,7 @@ def plot_training_curves(run_dir: str | Path, out_path: str | Path, *, title: st
         rax.set_ylabel("dev ROUGE-L")
         rax.grid(alpha=0.3)
         _draw_stage_lines(rax, stages, label_top=False)
+        _draw_interruption(rax, data, label=False)
         row = 2
 
     kax = axes[row][0]
@@ -188,9 +320,13 @@ def plot_training_curves(run_dir: str | Path, out_path: str | Path, *, title: st
     tax.set_ylim(max(0.0, min(a_vals) - 0.1), min(1.05, max(a_vals) + 0.1) if max(a_vals) <= 1 else max(a_vals) + 0.1)
     kax.grid(alpha=0.3)
     _draw_stage_lines(kax, stages, label_top=False)
+    _draw_interruption(kax, data, label=False)
     kax.legend(handles=h1 + h2, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8, borderaxespad=0)
     kax.set_xlabel("global optimizer step")
-    fig.suptitle(title or f"Training curves: {run_dir.name or run_dir}", fontsize=11)
+    heading = title or f"Training curves: {run_dir.name or run_dir}"
+    if data.note:
+        heading += f" ({data.note})"
+    fig.suptitle(heading, fontsize=11)
     return _save(fig, Path(out_path))
 
 
@@ -202,22 +338,48 @@ def _load_ranking_rows(path: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
+def _score_field(rows: list[dict[str, Any]], ranking_path: Path) -> str:
+    field = next((f for f in SCORE_FIELDS if sum(_num(r.get(f)) is not None for r in rows) >= len(rows) / 2), None)
+    if field is None:
+        raise DataError(f"no difficulty score field ({', '.join(SCORE_FIELDS)}) in the ranking lines",
+                        path=str(ranking_path))
+    return field
+
+
+def _stage_sizes(summary: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """``{"name", "num_samples"}`` of each stage of ``summary["stages"]`` (finished or planned)."""
+    out = []
+    for i, st in enumerate((summary or {}).get("stages") or []):
+        if isinstance(st, Mapping):
+            out.append({"name": str(st.get("name", f"stage{i + 1}")), "num_samples": st.get("num_samples")})
+    return out
+
+
+def _difficulty_stages(run_dir: Path, summary: Mapping[str, Any] | None) -> dict[str, Any]:
+    """summary.json's stages, then those of the newest checkpoint's stage plan that it lacks (an interrupted
+    run): the cut points of every planned stage."""
+    stages = [st for st in (summary or {}).get("stages") or [] if isinstance(st, Mapping)]
+    state = _latest_trainer_state(run_dir)
+    plan = [p for p in (state or {}).get("stages") or [] if isinstance(p, Mapping)]
+    if not stages and state is not None and isinstance(state.get("state"), dict):
+        stages = [st for st in state["state"].get("stage_summaries") or [] if isinstance(st, Mapping)]
+    return {"stages": list(stages) + plan[len(stages):]}
+
+
 def plot_difficulty(ranking_path: str | Path, out_path: str | Path, *, summary: Mapping[str, Any] | None = None,
                     title: str | None = None) -> Path:
     """Difficulty scores by rank and their histogram, with the stage cut points."""
     ranking_path = Path(ranking_path)
     rows = _load_ranking_rows(ranking_path)
-    field = next((f for f in SCORE_FIELDS if sum(_num(r.get(f)) is not None for r in rows) >= len(rows) / 2), None)
-    if field is None:
-        raise DataError(f"no difficulty score field ({', '.join(SCORE_FIELDS)}) in the ranking lines",
-                        path=str(ranking_path))
+    field = _score_field(rows, ranking_path)
     pairs = [(r["rank"], _num(r.get(field))) for r in rows if _num(r.get(field)) is not None]
     ranks = [p[0] for p in pairs]
     values = [p[1] for p in pairs]
     n = len(rows)
     cuts = []  # (samples in the stage, stage name)
-    stage_names = [str(st["name"]) for st in _stage_boundaries(summary)]
-    for st in _stage_boundaries(summary):
+    sizes = _stage_sizes(summary)
+    stage_names = [str(st["name"]) for st in sizes]
+    for st in sizes:
         k = st.get("num_samples")
         if isinstance(k, int) and 0 < k < n:
             cuts.append((k, st["name"]))
@@ -281,7 +443,7 @@ def _load_results(paths: Sequence[str | Path]) -> list[tuple[str, dict[str, Any]
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except ValueError as e:
-            raise DataError(f"invalid JSON: {e}", path=str(p)) from None
+            raise DataError(f"not a results.json of `pocl eval` (invalid JSON: {e})", path=str(p)) from None
         if not isinstance(data, dict) or "models" not in data or "sets" not in data:
             raise DataError("not a results.json of `pocl eval` (no 'models' and 'sets')", path=str(p))
         out.append((str(p), data))
@@ -386,14 +548,23 @@ def report(run_dirs: Sequence[str | Path] = (), eval_results: Sequence[str | Pat
     names = [_slug(r.resolve().name) for r in run_dirs]
     if len(set(names)) < len(names):  # runs/a/kd and runs/b/kd
         names = [_slug(f"{r.resolve().parent.name}_{r.resolve().name}") for r in run_dirs]
-    written: list[Path] = []
-    for run_dir, name in zip(run_dirs, names):
+    # Every input is read before anything is drawn: a bad one is refused with no plot written.
+    for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise DataError("run folder not found", path=str(run_dir))
+        training_curves_data(run_dir)
+        ranking = _ranking_path(run_dir)
+        if ranking is not None:
+            _score_field(_load_ranking_rows(ranking), ranking)
+    if eval_results:
+        _load_results(eval_results)
+    written: list[Path] = []
+    for run_dir, name in zip(run_dirs, names):
         written.append(plot_training_curves(run_dir, out / f"{name}_training_curves.png", title=f"Training: {name}"))
         ranking = _ranking_path(run_dir)
         if ranking is not None:
-            written.append(plot_difficulty(ranking, out / f"{name}_difficulty.png", summary=read_summary(run_dir),
+            stages = _difficulty_stages(run_dir, read_summary(run_dir))
+            written.append(plot_difficulty(ranking, out / f"{name}_difficulty.png", summary=stages,
                                            title=f"Difficulty ranking of {name} ({ranking.name})"))
         else:
             log.info("%s: no ranking.jsonl, no difficulty plot", run_dir)
