@@ -206,12 +206,14 @@ def atomic_folder_write(target: Path, write: Callable[[Path], None], *,
         if trash is not None and trash.exists() and not target.exists():
             os.replace(trash, target)  # the old folder goes back under its name
         if isinstance(exc, OSError):
+            in_run = target.parent.name == "checkpoints" or target.name in ("final", "best")
+            state = "is the previous one" if target.exists() else "was not created"
             raise CheckpointError(
                 f"cannot write {target}: {exc.strerror or exc} (errno {exc.errno}). Nothing on disk was changed: "
-                f"the partial write was removed, {target.name} "
-                f"{'is the previous one' if target.exists() else 'was not created'} and the other checkpoints are "
-                "as they were. Free some space (or fix the permissions) and run the same command again to resume "
-                "from the last checkpoint.") from exc
+                f"the partial write was removed, {target.name} {state}"
+                + (" and the other checkpoints are as they were. Free some space (or fix the permissions) and run "
+                   "the same command again to resume from the last checkpoint." if in_run else
+                   ". Free some space (or fix the permissions) and run the same command again.")) from exc
         raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

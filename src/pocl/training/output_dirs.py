@@ -125,6 +125,12 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Any = (), kind: str = "m
                               f"input model: give another {flag}")
     if out.is_symlink() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a link to something that is not a folder; give a folder")
+    for parent in out.parents:  # a file where a parent folder should be: refused before any work
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {out}: {parent} is a file, not a folder, so {out} cannot be created; "
+                                  "give another folder")
+            break
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file, not a folder; pocl does not replace it: give a folder")
     if not out.is_dir():
