@@ -113,12 +113,12 @@ def run_case(name: str, model, tokenizer, prompts: list[list[int]], decoding, *,
 def builtin_case(args, decoding) -> dict:
     from pocl.data import TEMPLATE_PHRASES, Record, build_tokenizer, generate_suite, get_template, suite_texts, \
         tokenize_prompts
-    from pocl.recipes.builtin_default import BuiltinSettings, _llama
+    from pocl.recipes.builtin_default import BuiltinSettings, new_llama
 
     s = BuiltinSettings()
     suite = generate_suite(s.n_train, s.n_dev, s.n_test, seed=s.seed)
     tokenizer = build_tokenizer(suite_texts(suite["train"]), vocab_size=s.vocab_size, phrases=TEMPLATE_PHRASES)
-    model = _llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed)
+    model = new_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed)
     rows = suite["test"][: args.suite_prompts]
     records = [Record(id=r["id"], instruction=r["instruction"], input=r.get("input", ""), output=r["output"])
                for r in rows]

@@ -48,15 +48,16 @@ def _missing(base: Path) -> list[str]:
 def _build_base(base: Path, s, progress: bool) -> None:
     """Steps 1-3 of the built-in default (suite, tokenizer, teacher, student base; same settings and
     seeds, the recipe's own code) into ``base``; finished parts are reused."""
-    from pocl.recipes.builtin_default import _llama, _sft, prepare_suite
+    from pocl.recipes.builtin_default import new_llama, prepare_suite, train_sft
 
     print(f"building the teacher and the student base in {base} (the built-in default's steps 1-3)", flush=True)
     paths, tokenizer = prepare_suite(base, s)
-    _sft(_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"], paths["dev"],
-         base / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s, progress=progress, name="teacher")
-    _sft(_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer, paths["student_pretrain"], None,
-         base / "student-base", epochs=s.student_pretrain_epochs, lr=s.student_pretrain_lr, s=s, progress=progress,
-         name="student-base")
+    train_sft(new_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"],
+              paths["dev"], base / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s, progress=progress,
+              name="teacher")
+    train_sft(new_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer,
+              paths["student_pretrain"], None, base / "student-base", epochs=s.student_pretrain_epochs,
+              lr=s.student_pretrain_lr, s=s, progress=progress, name="student-base")
 
 
 def _reuse_ranking(sources: list[Path], run_dir: Path) -> None:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from pocl.config import DistillConfig
+    from pocl.curriculum import same_budget_stage_epochs
     from pocl.models import load_tokenizer
     from pocl.pipeline import distill
     from pocl.recipes.builtin_default import EVAL_SEEDS, BuiltinSettings, evaluate_models
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths = _base_paths(base)
     tokenizer = load_tokenizer(str(paths["student"]))
     n_stages = 4
-    stage_epochs = args.epochs * 2.0 / (n_stages + 1)
+    stage_epochs = same_budget_stage_epochs(args.epochs, n_stages)  # the same sample budget as --epochs of KD
 
     def config(name: str, *, on_policy: bool, pocl: bool) -> DistillConfig:
         loss = {"divergence": "jsd", "jsd_lambda": 0.9, "alpha": 1.0, "temperature": 1.0}

@@ -11,7 +11,7 @@ import pytest
 
 from pocl.cli import build_config, flag_name, make_parser, parse_command_line
 from pocl.config import SECTIONS, DistillConfig
-from pocl.configuration import _allows_none, _strip_optional
+from pocl.configuration import allows_none, strip_optional
 from pocl.curriculum.schedule import baby_step_stages
 from pocl.errors import ConfigError
 from tests.reliability.helpers import run_cli, snapshot
@@ -23,7 +23,7 @@ def _optional_flags():
     for name, section in SECTIONS.items():
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
-            if f.metadata.get("cli", True) and _allows_none(hints[f.name]) and _strip_optional(hints[f.name]) is not bool:
+            if f.metadata.get("cli", True) and allows_none(hints[f.name]) and strip_optional(hints[f.name]) is not bool:
                 out.append((name, f.name, flag_name(f)))
     return out
 
@@ -47,7 +47,7 @@ def plan(cfg: DistillConfig, n_samples: int = 12):
 
 def test_the_empty_help_texts_are_all_covered():
     helps = {(name, f.name) for name, section in SECTIONS.items() for f in dataclasses.fields(section)
-             if "empty" in f.metadata.get("help", "").lower() and _allows_none(typing.get_type_hints(section)[f.name])}
+             if "empty" in f.metadata.get("help", "").lower() and allows_none(typing.get_type_hints(section)[f.name])}
     assert helps == EMPTY_HELP
     assert EMPTY_HELP <= {(s, f) for s, f, _ in OPTIONAL}
 

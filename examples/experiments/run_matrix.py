@@ -317,18 +317,26 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _stages_and_fractions(curriculum: dict) -> tuple[int, list[float | None]]:
+    n = int(curriculum.get("num_stages", 4))
+    return n, [o.get("fraction") for o in (curriculum.get("stages") or [])[:n]]
+
+
 def stage_fractions(curriculum: dict) -> list[float]:
     """The fraction of the training set of each stage: s/n for n equal cumulative slices, or the
-    stages[i].fraction overrides."""
-    n = int(curriculum.get("num_stages", 4))
-    overrides = list(curriculum.get("stages") or []) + [{}] * n
-    return [float(overrides[s].get("fraction", (s + 1) / n)) for s in range(n)]
+    stages[i].fraction overrides (:func:`pocl.curriculum.nominal_fractions`)."""
+    from pocl.curriculum.schedule import nominal_fractions
+
+    return nominal_fractions(*_stages_and_fractions(curriculum))
 
 
 def same_budget_stage_epochs(epochs: float, curriculum: dict) -> float:
     """POCL's epochs per stage so that its sample passes equal ``epochs`` over the whole set:
-    ``epochs / sum(fractions)`` (= ``epochs * 2 / (n + 1)`` for n equal slices)."""
-    return float(epochs) / sum(stage_fractions(curriculum))
+    ``epochs / sum(fractions)`` (= ``epochs * 2 / (n + 1)`` for n equal slices), by
+    :func:`pocl.curriculum.same_budget_stage_epochs`."""
+    from pocl.curriculum import schedule
+
+    return schedule.same_budget_stage_epochs(epochs, *_stages_and_fractions(curriculum))
 
 
 def model_dirs(spec: Spec, *, healed: bool = True) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """pocl: white-box knowledge distillation of causal LMs with the POCL curriculum."""
 
-__version__ = "0.1.0"
+from pocl._version import __version__
 
 
 def __getattr__(name):  # lazy: `import pocl` stays fast and torch-free until needed

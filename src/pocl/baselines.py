@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from pocl.atomic import atomic_write
 from pocl.configuration import stable_hash
 from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
 from pocl.errors import CheckpointError, ConfigError
@@ -109,19 +110,6 @@ def _stamp_inputs(*, teacher_fingerprint: str | None, tokenizer, samples: Sequen
     }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _read(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Lines and metadata of a cache file; CheckpointError when missing parts or corrupt."""
     meta_file = _meta_path(path)
@@ -146,8 +134,8 @@ def _write(path: Path, samples: Sequence[TokenizedSample], gens: Sequence[Genera
     meta = {"format": SEQKD_FORMAT, "format_version": SEQKD_FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta,
             "jsonl": {"name": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}
-    _atomic_write(path, blob)
-    _atomic_write(_meta_path(path), json.dumps(meta, indent=1, sort_keys=True).encode())  # the metadata last
+    atomic_write(path, blob)
+    atomic_write(_meta_path(path), json.dumps(meta, indent=1, sort_keys=True).encode())  # the metadata last
 
 
 def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -1,10 +1,11 @@
-"""The ``pocl`` command line. Flags are generated from the config dataclasses (their field docs are
-the help texts), so the CLI, the YAML keys and the Python API cannot drift apart."""
+"""The ``pocl`` command line: the entry point. It assembles the parser from the commands
+(``pocl.commands.*``, each with ``register(subparsers)``), sets up logging and maps errors to exit
+codes. The flags are generated from the config dataclasses by :mod:`pocl.commands.flags` (re-exported
+here: ``flag_name``, ``add_section_flags``, ``collect_overrides``, ``build_config``)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import logging
 import os
@@ -13,77 +14,15 @@ import sys
 import threading
 import typing
 from collections.abc import Sequence
-from typing import Any
 
-from pocl import __version__
-from pocl.configuration import ConfigSection, _allows_none, _strip_optional, coerce, literal_choices
-from pocl.errors import ConfigError, PoclError
+from pocl._version import __version__
+from pocl.commands import COMMANDS
+# Re-exported: the flag helpers lived here before pocl.commands.flags, and tests and scripts import them from here.
+from pocl.commands.flags import add_section_flags, build_config, collect_overrides, flag_name  # noqa: F401
+from pocl.errors import PoclError
 
 log = logging.getLogger("pocl")
 
-
-# ---------------------------------------------------------------------------------------- flags
-def flag_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def add_section_flags(parser: argparse.ArgumentParser, section: type[ConfigSection], title: str,
-                      exclude: Sequence[str] = ()) -> None:
-    """Add one flag per field of ``section``; values land in ``args.<section>__<field>``."""
-    group = parser.add_argument_group(title, (section.__doc__ or "").strip().splitlines()[0])
-    hints = typing.get_type_hints(section)
-    for f in dataclasses.fields(section):
-        if not f.metadata.get("cli", True) or f.name in exclude:
-            continue
-        hint = hints[f.name]
-        base = _strip_optional(hint)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
-        help_text = help_text.replace("%", "%%")
-        if default is not None:
-            help_text += f" (default: {default})"
-        dest = f"{section.section_name}__{f.name}"
-        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
-        choices = literal_choices(hint)
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif choices is not None:
-            kwargs["choices"] = list(choices)
-        else:
-            kwargs["type"] = _parser_for(hint, f.name)
-            kwargs["metavar"] = f.metadata.get("metavar") or _metavar(base)
-        group.add_argument(flag_name(f), **kwargs)
-
-
-def _metavar(base: Any) -> str:
-    return {int: "N", float: "X", str: "STR"}.get(base, "VALUE")
-
-
-def _parser_for(hint: Any, name: str):
-    def parse(text: str) -> Any:
-        if _allows_none(hint) and text.lower() in ("none", "null"):
-            return None
-        try:
-            return coerce(text, hint, name)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = getattr(_strip_optional(hint), "__name__", "value")
-    return parse
-
-
-def collect_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """``{section: {field: value}}`` of the flags the user actually gave (flags default to
-    ``argparse.SUPPRESS``: a flag that was not given is absent)."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in vars(args).items():
-        if "__" in key:
-            section, name = key.split("__", 1)
-            out.setdefault(section, {})[name] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------- main
 #: Libraries that give their own logger a stream handler of its own (and, huggingface_hub and datasets
 #: always, transformers when CI is set, let records propagate too): each line would be printed twice.
 _LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "datasets")
@@ -136,18 +75,6 @@ def _setup_logging(verbose: bool) -> None:
     _route_library_logs()
 
 
-def build_config(args: argparse.Namespace, sections=None):
-    """The DistillConfig of a command: defaults < --config YAML < flags. The config remembers which
-    settings the file and the flags gave (``DistillConfig.given()``), as opposed to defaults; an
-    ``eval:`` section of the file (read by `pocl eval`) is ignored."""
-    from pocl.config import DistillConfig
-
-    overrides = collect_overrides(args)
-    if getattr(args, "config", None):
-        return DistillConfig.from_yaml(args.config, overrides)
-    return DistillConfig.from_dict(overrides)
-
-
 class PoclArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser that refuses abbreviated flags (``--diverg`` for ``--divergence``) and reports a
     bad command line as one line plus a hint, not the usage block: ``pocl distill: error: MESSAGE (see
@@ -177,8 +104,6 @@ def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str])
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from pocl.commands import COMMANDS
-
     parser = PoclArgumentParser(
         prog="pocl",
         description="White-box knowledge distillation of causal LMs with the POCL curriculum.",

@@ -224,11 +224,6 @@ class LossConfig(ConfigSection):
         self._check(self.method == "kd" or self.on_policy_fraction == 0, "on_policy_fraction",
                     f"must be 0 with method {self.method} (on-policy steps are a kd method: GKD)")
 
-    @property
-    def trains_on_teacher(self) -> bool:
-        """False for the CE-only baselines (seqkd, sft): every stage then has alpha = 0."""
-        return self.method == "kd"
-
     def divergence_params(self, *, skew: float | None = None) -> dict[str, float]:
         """The parameters of the chosen divergence (only those it accepts)."""
         from pocl.losses import DIVERGENCES

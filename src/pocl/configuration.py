@@ -107,7 +107,7 @@ class ConfigSection:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if _strip_optional(hints[f.name]) is float and isinstance(value, int) and not isinstance(value, bool):
+            if strip_optional(hints[f.name]) is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # 20 and 20.0 are the same setting (and the same config hash)
             if isinstance(value, ConfigSection):
                 value = value.to_dict()
@@ -130,7 +130,7 @@ class ConfigSection:
         hint = typing.get_type_hints(type(self))[name]
         choices = literal_choices(hint)
         value = getattr(self, name)
-        if choices is not None and value not in choices and not (value is None and _allows_none(hint)):
+        if choices is not None and value not in choices and not (value is None and allows_none(hint)):
             self._fail(name, f"must be one of {', '.join(map(str, choices))}{suggest(str(value), map(str, choices))}")
 
 
@@ -145,11 +145,13 @@ def literal_choices(hint: Any) -> tuple | None:
     return None
 
 
-def _allows_none(hint: Any) -> bool:
+def allows_none(hint: Any) -> bool:
+    """``X | None`` (or ``Optional[X]``): the field may be None."""
     return get_origin(hint) in (typing.Union, types.UnionType) and type(None) in get_args(hint)
 
 
-def _strip_optional(hint: Any) -> Any:
+def strip_optional(hint: Any) -> Any:
+    """``X`` of ``X | None``; any other hint unchanged."""
     if get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in get_args(hint) if a is not type(None)]
         if len(args) == 1:
@@ -169,11 +171,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     ``key: null``) and from an empty string (``--skew-last-stage ''``, ``key: ""``): "Empty" in a field's
     help is that None (``--skew-last-stage`` empty: ``--skew`` in every stage). A field that may not be None
     refuses both."""
-    if value is None or (is_empty(value) and _allows_none(hint)):
-        if _allows_none(hint):
+    if value is None or (is_empty(value) and allows_none(hint)):
+        if allows_none(hint):
             return None
         raise ConfigError(f"{where}: a value is required (got null)")
-    base = _strip_optional(hint)
+    base = strip_optional(hint)
     origin = get_origin(base)
     if is_empty(value) and base in (int, float, bool):
         raise ConfigError(f"{where}: a value is required (got an empty string)")

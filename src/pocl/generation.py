@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -230,10 +229,3 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], deco
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
-
-
-def generate_texts(model, tokenizer, prompts, decoding, **kw) -> tuple[list[str], float]:
-    """Convenience: texts plus the wall time in seconds."""
-    t0 = time.perf_counter()
-    gens = generate(model, tokenizer, prompts, decoding, **kw)
-    return [g.text for g in gens], time.perf_counter() - t0

@@ -137,3 +137,30 @@ def test_global_settings_override_every_stage_and_cap_the_whole_run():
     assert same == stages and none == []
     with pytest.raises(ConfigError, match="max_steps"):
         cap_total_steps(stages, 0, batch_size=4)
+
+
+def test_same_budget_stage_epochs_with_uneven_fractions():
+    from pocl.curriculum import nominal_fractions, same_budget_epochs, same_budget_stage_epochs
+
+    # 3 stages on 20 %, 50 % and (the default of the last stage) 100 % of the data: one epoch in every
+    # stage is 0.2 + 0.5 + 1.0 = 1.7 passes, so 17 KD epochs over all the data are 10 epochs per stage.
+    fractions = [0.2, 0.5, None]
+    assert nominal_fractions(3, fractions) == [0.2, 0.5, 1.0]
+    assert nominal_fractions(3, [0.2]) == pytest.approx([0.2, 2 / 3, 1.0])  # a shorter list: the rest default
+    assert same_budget_stage_epochs(17, 3, fractions) == pytest.approx(10)
+    assert same_budget_epochs(10, 3, fractions) == pytest.approx(17)
+    # what the schedule then trains on (100 samples: 20, 50, 100) is those 17 passes
+    config = CurriculumConfig(num_stages=3, stage_epochs=same_budget_stage_epochs(17, 3, fractions),
+                              stages=[{"fraction": 0.2}, {"fraction": 0.5}])
+    stages = baby_step_stages([f"s{i}" for i in range(100)], config, base_skew=0.1)
+    assert [len(s.sample_ids) for s in stages] == [20, 50, 100]
+    assert budget_passes(stages) == pytest.approx(17)
+    # Equal slices (the built-in default): (n + 1) / 2 passes per stage epoch, 20 -> 8 for 4 stages, and
+    # bit for bit the epochs * 2 / (n + 1) that the built-in default computed before.
+    assert same_budget_stage_epochs(20, 4) == 8
+    for n in range(1, 9):
+        for epochs in (1, 2.5, 3, 5, 7, 10, 12, 20):
+            assert same_budget_stage_epochs(epochs, n) == epochs * (2.0 / (n + 1))
+            assert same_budget_epochs(epochs, n) == epochs / (2.0 / (n + 1))
+    with pytest.raises(ConfigError, match="fractions for"):
+        same_budget_stage_epochs(10, 2, [0.5, 1.0, 1.0])

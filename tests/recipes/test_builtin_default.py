@@ -48,3 +48,17 @@ def test_builtin_default_tiny(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["scores"]["teacher"] == report["scores"]["teacher"] | {"generation_seconds":
                                                                           again["scores"]["teacher"]["generation_seconds"]}
+
+
+def test_run_budgets_same_sample_budget():
+    from pocl.recipes.builtin_default import DIFFERENT_BUDGETS, run_budgets
+
+    s = BuiltinSettings()  # kd_epochs 10
+    assert run_budgets({}, 4, s) == (10, 4.0, "the same sample budget")
+    assert run_budgets({"train": {"epochs": 5}}, 4, s)[:2] == (5.0, 2.0)
+    assert run_budgets({"curriculum": {"stage_epochs": 8}}, 4, s)[:2] == (20.0, 8.0)
+    assert run_budgets({"train": {"epochs": 20}, "curriculum": {"stage_epochs": 8}}, 4, s)[2] == "the same sample budget"
+    assert run_budgets({"train": {"epochs": 20}, "curriculum": {"stage_epochs": 4}}, 4, s)[2] == DIFFERENT_BUDGETS
+    # Stages' own fractions count (20 % and 100 %: 1.2 passes per stage epoch); they were ignored before.
+    kd, per_stage, _ = run_budgets({"train": {"epochs": 6}}, 2, s, [0.2, None])
+    assert (kd, per_stage) == (6.0, pytest.approx(5.0))

@@ -36,9 +36,10 @@ def _train_losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
 
 
-# Pinned on the CPU build of torch 2.13 (see tests/README.md on how to re-pin after an intended
-# change of the numerics). Six optimizer steps of the tiny pair, FKL, alpha 0.5, T 1, the live teacher
-# (the cached one is compared with the live one in tests/training/test_teacher_cache.py).
+# Pinned on the CPU build of torch 2.13; after an intended change of the numerics, re-pin by pasting the
+# losses this test computes (and say why in the commit). Six optimizer steps of the tiny pair, FKL,
+# alpha 0.5, T 1, the live teacher (the cached one is compared with the live one in
+# tests/training/test_teacher_cache.py).
 PINNED_LOSSES = [3.107421, 3.104847, 3.045965, 3.040193, 2.969669, 2.992580]
 
 

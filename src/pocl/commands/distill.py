@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from pocl.commands.flags import add_section_flags, build_config
+from pocl.config import SECTIONS
 from pocl.errors import ConfigError
 
 
 def register(sub) -> None:
-    from pocl.cli import add_section_flags
-    from pocl.config import SECTIONS
-
     p = sub.add_parser(
         "distill", help="Distil a teacher into a student.",
         description="Distil a teacher into a student. Every option can also be set in a YAML file (--config); "
@@ -27,10 +26,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pocl.cli import build_config
-
     config = build_config(args)
     check_models_and_data(config)  # before anything is launched, loaded or trained
+    # The imports inside the commands' run functions load torch and transformers: they stay there so that
+    # building the parser (`pocl --help`, `pocl distill --help`, a bad flag) does not import them.
     from pocl.launch import maybe_relaunch
 
     code = maybe_relaunch(args.argv, config.train.num_processes, cpu=config.model.cpu)

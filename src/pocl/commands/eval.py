@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from pocl.commands.flags import add_section_flags, collect_overrides
+from pocl.evaluation.config import EvalConfig
+
 
 def register(sub) -> None:
-    from pocl.cli import add_section_flags
-    from pocl.evaluation.config import EvalConfig
-
     p = sub.add_parser(
         "eval", help="Evaluate models on instruction test sets (ROUGE-L, exact match, over seeds).",
         description="Generate an answer for every sample of every evaluation set with every model, once per seed, "
@@ -43,9 +43,6 @@ def register(sub) -> None:
 
 def build_eval_config(args: argparse.Namespace):
     """EvalConfig from defaults < --config YAML (eval: section) < flags."""
-    from pocl.cli import collect_overrides
-    from pocl.evaluation.config import EvalConfig
-
     overrides = collect_overrides(args).get("eval", {})
     if getattr(args, "config", None):
         return EvalConfig.from_yaml(args.config, overrides)
@@ -53,7 +50,7 @@ def build_eval_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pocl.evaluation.runner import run_eval
+    from pocl.evaluation.runner import run_eval  # torch and transformers: not loaded by `pocl eval --help`
 
     config = build_eval_config(args)
     report = run_eval(config)

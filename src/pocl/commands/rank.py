@@ -6,15 +6,14 @@ import argparse
 import dataclasses
 import time
 
+from pocl.commands.flags import add_section_flags, build_config
+from pocl.config import CurriculumConfig, DataConfig, ModelConfig, TrainConfig
 from pocl.errors import ConfigError
 
 TRAIN_FLAGS = ("output_dir", "seed", "progress")
 
 
 def register(sub) -> None:
-    from pocl.cli import add_section_flags
-    from pocl.config import CurriculumConfig, DataConfig, ModelConfig, TrainConfig
-
     p = sub.add_parser(
         "rank", help="Rank samples from easy to hard for the student (the POCL difficulty measurer).",
         description="Score every sample of --train-file with the initial student (its loss on the reference and "
@@ -36,12 +35,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pocl.cli import build_config
-    from pocl.curriculum import load_or_compute_ranking, ranking_data_settings, ranking_path, summarize_quartiles
-    from pocl.models import model_fingerprint
+    # torch, transformers and the models: imported here so that `pocl rank --help` does not load them.
     import torch
 
-    from pocl.pipeline import load_data, load_models
+    from pocl.curriculum import load_or_compute_ranking, ranking_data_settings, ranking_path, summarize_quartiles
+    from pocl.models import model_fingerprint
+    from pocl.pipeline import fit_to_context, load_data, load_models
 
     config = build_config(args)
     if config.model.student is None:
@@ -51,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     # Only the training data is ranked; the same loader as `pocl distill` keeps the stamps identical.
     config = config.replace(data={"dev_file": None})
     path = ranking_path(config)
-    from pocl.pipeline import fit_to_context
-
     fit_to_context(config, need_teacher=False, ranking=True)  # lengths vs the student's context, before loading
     check_rank_outputs(config)  # before the models are loaded
     t0 = time.perf_counter()

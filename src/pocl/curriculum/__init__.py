@@ -31,13 +31,22 @@ from .ranking import (
     write_ranking,
 )
 from .rrf import order_by_score, ordinal_ranks, rrf_order, rrf_scores
-from .schedule import baby_step_stages, budget_passes, format_schedule, schedule_table, stage_sizes
+from .schedule import (
+    baby_step_stages,
+    budget_passes,
+    format_schedule,
+    nominal_fractions,
+    same_budget_epochs,
+    same_budget_stage_epochs,
+    schedule_table,
+    stage_sizes,
+)
 
 __all__ = [
     "FORMAT_VERSION", "GENERATION_SEED", "MEASURERS", "Measurer", "RankedSample", "SIGNALS", "SampleDifficulty",
     "baby_step_stages", "budget_passes", "difficulties_from_ranking", "format_schedule", "load_or_compute_ranking",
-    "measure_difficulty", "measurer_needs", "meta_path", "order_by_score", "order_inputs", "ordinal_ranks", "prepare_curriculum",
+    "measure_difficulty", "measurer_needs", "meta_path", "nominal_fractions", "order_by_score", "order_inputs", "ordinal_ranks", "prepare_curriculum",
     "rank_samples", "ranked_ids", "ranking_data_settings", "ranking_decoding", "ranking_path", "read_ranking", "rrf_order",
-    "rrf_scores", "schedule_table", "signals_inputs", "stage_sizes", "summarize_quartiles",
+    "rrf_scores", "same_budget_epochs", "same_budget_stage_epochs", "schedule_table", "signals_inputs", "stage_sizes", "summarize_quartiles",
     "tokenizer_fingerprint", "write_ranking",
 ]

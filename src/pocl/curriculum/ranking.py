@@ -43,7 +43,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pocl import __version__
+from pocl._version import __version__
+from pocl.atomic import atomic_write
 from pocl.configuration import stable_hash
 from pocl.data import Record, get_template
 from pocl.errors import CheckpointError, ConfigError
@@ -168,19 +169,11 @@ def _hash(inputs: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------- file I/O
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc} (errno {exc.errno}); the previous "
                               f"file, if any, is unchanged") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_ranking(path: str | os.PathLike, ranking: Sequence[RankedSample], meta: dict[str, Any],

@@ -12,7 +12,8 @@ stage  samples   epochs  temperature  alpha  skew
 4      100 %     8       2.0          1.0    0.12
 =====  ========  ======  ===========  =====  =============
 
-Budget: 8 x (1/4 + 2/4 + 3/4 + 1) = 20 passes over the data, the same as a 20-epoch baseline.
+Budget: 8 x (1/4 + 2/4 + 3/4 + 1) = 20 passes over the data, the same as a 20-epoch baseline
+(:func:`same_budget_stage_epochs` is that rule: 20 KD epochs -> 8 epochs per stage).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 from pocl.errors import ConfigError
@@ -29,7 +31,8 @@ from pocl.training.stages import Stage, check_stages
 log = logging.getLogger("pocl.curriculum")
 
 __all__ = ["stage_sizes", "baby_step_stages", "schedule_table", "budget_passes", "format_schedule",
-           "override_every_stage", "cap_total_steps"]
+           "override_every_stage", "cap_total_steps", "nominal_fractions", "same_budget_stage_epochs",
+           "same_budget_epochs"]
 
 
 def stage_sizes(n_samples: int, n_stages: int, fractions: Sequence[float | None] | None = None) -> list[int]:
@@ -216,3 +219,53 @@ def format_schedule(stages: Sequence[Stage], n_samples: int | None = None, *, ba
         lines.append(line)
     lines.append(f"budget: {budget_passes(stages, n_samples, batch_size=batch_size):.3g} passes over the data")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ same sample budget
+def nominal_fractions(num_stages: int, fractions: Sequence[float | None] | None = None) -> list[float]:
+    """The share of the data each stage trains on, as the same-budget rule counts it: ``s / n`` for
+    stage s (1-based) of n equal cumulative slices, or the stage's own fraction (the ``fraction`` of
+    ``curriculum.stages[i]``; None, or a list shorter than ``num_stages``, keeps the default of the
+    stages it does not cover). Nominal: :func:`stage_sizes` rounds these to whole samples."""
+    return [float(f) for f in _exact_fractions(num_stages, fractions)]
+
+
+def _exact_fractions(num_stages: int, fractions: Sequence[float | None] | None) -> list[Fraction]:
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ConfigError(f"the number of stages must be a positive integer (got {num_stages!r})")
+    given = list(fractions or [])
+    if len(given) > num_stages:
+        raise ConfigError(f"{len(given)} stage fractions for {num_stages} stages")
+    given += [None] * (num_stages - len(given))
+    return [Fraction(s, num_stages) if f is None else Fraction(f) for s, f in enumerate(given, start=1)]
+
+
+def _passes_per_stage_epoch(num_stages: int, fractions: Sequence[float | None] | None) -> float:
+    """Sum of the nominal fractions: the passes over the data of one epoch in every stage, summed exactly
+    ((n + 1) / 2 for n equal slices, without the rounding of 1/3 + 2/3 + ... in floats)."""
+    total = sum(_exact_fractions(num_stages, fractions))
+    if total <= 0:
+        raise ConfigError(f"stage fractions must be > 0 (got {nominal_fractions(num_stages, fractions)})")
+    return float(total)
+
+
+def same_budget_stage_epochs(epochs: float, num_stages: int, fractions: Sequence[float | None] | None = None
+                             ) -> float:
+    """Epochs per stage of a curriculum that trains on as many samples as ``epochs`` epochs over the
+    whole set (plain KD): the budget in passes is sum over stages of epochs_s x fraction_s
+    (:func:`budget_passes`), so each stage gets ``epochs / sum(fractions)``; ``epochs * 2 / (n + 1)``
+    for n equal cumulative slices (20 -> 8 for the 4 default stages). ``fractions`` as in
+    :func:`nominal_fractions`. Stages with their own ``epochs`` or ``max_steps`` override are not
+    accounted for (the rule sets ``curriculum.stage_epochs``, which they ignore).
+
+    Computed as ``epochs * (1 / sum)``: for equal slices bit for bit the ``epochs * (2 / (n + 1))`` the
+    built-in default used before this function, so that its runs keep their exact lengths."""
+    return float(epochs) * (1.0 / _passes_per_stage_epoch(num_stages, fractions))
+
+
+def same_budget_epochs(stage_epochs: float, num_stages: int, fractions: Sequence[float | None] | None = None
+                       ) -> float:
+    """The inverse of :func:`same_budget_stage_epochs`: the plain-KD epochs over the whole set that
+    train on as many samples as ``stage_epochs`` in every stage of the curriculum (``stage_epochs /
+    (1 / sum)``, the built-in default's arithmetic)."""
+    return float(stage_epochs) / (1.0 / _passes_per_stage_epoch(num_stages, fractions))

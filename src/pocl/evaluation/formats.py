@@ -198,10 +198,4 @@ def describe(eval_set: EvalSet) -> str:
     return f"{eval_set.name}: {len(eval_set)} samples{limited} from {eval_set.path} [{eval_set.layout} layout{extra}]"
 
 
-def record_to_json(record: Record) -> dict[str, Any]:
-    """A JSON-able dict of a record (for generations.jsonl)."""
-    return {"id": record.id, "instruction": record.instruction, "input": record.input,
-            "references": record.references}
-
-
-__all__ = ["EvalSet", "load_eval_set", "describe", "record_to_json", "REFERENCE_ALIASES", "SNI_KEYS"]
+__all__ = ["EvalSet", "load_eval_set", "describe", "REFERENCE_ALIASES", "SNI_KEYS"]

@@ -17,7 +17,6 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 
+from pocl._version import __version__
+from pocl.atomic import atomic_open, atomic_write
 from pocl.data import PromptTemplate, Record, get_template, tokenize_prompts
 from pocl.errors import ConfigError, DataError
 from pocl.evaluation.metrics import DEFAULT_EM_NORMALIZATION, EM_NORMALIZATIONS, exact_match, mean_std, rouge_l
@@ -248,21 +249,12 @@ def average_over_sets(results: Sequence[SetResult], metric: str, *, std: str = "
 
 # ------------------------------------------------------------------------------------------ files
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`pocl.atomic.atomic_write`), creating its folder."""
+    atomic_write(path, text, make_parents=True)
 
 
 def versions() -> dict[str, str]:
     import transformers
-
-    from pocl import __version__
 
     out = {"pocl": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__}
@@ -415,61 +407,53 @@ def run_eval(config) -> EvalReport:
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen_path = out_dir / "generations.jsonl"
-    gen_tmp = out_dir / f".generations.jsonl.tmp{os.getpid()}"
     results: dict[str, dict[str, SetResult]] = {}
     model_info: dict[str, dict[str, Any]] = {}
-    try:
-        with open(gen_tmp, "w", encoding="utf-8") as gen_fh:
-            for model_name, spec in models:
-                t0 = time.perf_counter()
-                tokenizer = load_tokenizer(config.tokenizer or spec, **opts)
-                # Validated on load (files, manifest), but non-finite weights are reported, not refused:
-                # the model is marked in the table and in results.json.
-                model = load_model(spec, dtype=dtype, check_finite=False, **opts).to(device)
-                model.eval()
-                _check_loaded_context(context_of(model, _model_phrase(model_name, spec)), config)
-                nonfinite = first_nonfinite_tensor(model)
-                if nonfinite is not None:
-                    log.warning("model %s (%s) has NON-FINITE WEIGHTS: %s; not evaluated (its answers would be "
-                                "meaningless), marked in the tables and results.json", model_name, spec,
-                                nonfinite.describe())
-                load_seconds = time.perf_counter() - t0
-                template = get_template(config.template, tokenizer=tokenizer, use_prompt_field=config.use_prompt_field)
-                eos, pad = special_token_ids(tokenizer)
-                model_info[model_name] = {"path": spec, "parameters": count_parameters(model),
-                                          "load_seconds": load_seconds,
-                                          # None, or the first tensor holding NaN/inf (name and counts)
-                                          "nonfinite_weights": None if nonfinite is None else nonfinite.to_dict(),
-                                          # exactly what pocl.generation.generate hands to transformers
-                                          "generation_config": effective_settings(decoding, eos_token_id=eos,
-                                                                                  pad_token_id=pad)}
-                log.info("model %s: %s (%s parameters, %s, %s)", model_name, spec,
-                         f"{model_info[model_name]['parameters']:,}", str(dtype).replace("torch.", ""), device)
-                results[model_name] = {}
-                if nonfinite is not None:  # no scores: sampling from NaN probabilities fails or scores garbage
-                    del model
-                    continue
-                for eval_set in sets:
-                    res = evaluate_records(model, tokenizer, eval_set.records, template=template, decoding=decoding,
-                                           seeds=seeds, batch_size=config.batch_size,
-                                           max_prompt_length=config.max_prompt_length, std=config.std,
-                                           em_normalization=config.em_normalization, name=eval_set.name,
-                                           progress=config.progress)
-                    results[model_name][eval_set.name] = res
-                    for row in generation_rows(model_name, res):
-                        gen_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    log.info("%s on %s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f (%d samples x %d seeds, %.1f s)",
-                             model_name, eval_set.name, res.rouge_l, res.rouge_l_std, res.exact_match,
-                             res.exact_match_std, res.n, len(seeds), res.seconds)
+    with atomic_open(gen_path) as gen_fh:  # generations.jsonl appears whole, or not at all
+        for model_name, spec in models:
+            t0 = time.perf_counter()
+            tokenizer = load_tokenizer(config.tokenizer or spec, **opts)
+            # Validated on load (files, manifest), but non-finite weights are reported, not refused:
+            # the model is marked in the table and in results.json.
+            model = load_model(spec, dtype=dtype, check_finite=False, **opts).to(device)
+            model.eval()
+            _check_loaded_context(context_of(model, _model_phrase(model_name, spec)), config)
+            nonfinite = first_nonfinite_tensor(model)
+            if nonfinite is not None:
+                log.warning("model %s (%s) has NON-FINITE WEIGHTS: %s; not evaluated (its answers would be "
+                            "meaningless), marked in the tables and results.json", model_name, spec,
+                            nonfinite.describe())
+            load_seconds = time.perf_counter() - t0
+            template = get_template(config.template, tokenizer=tokenizer, use_prompt_field=config.use_prompt_field)
+            eos, pad = special_token_ids(tokenizer)
+            model_info[model_name] = {"path": spec, "parameters": count_parameters(model),
+                                      "load_seconds": load_seconds,
+                                      # None, or the first tensor holding NaN/inf (name and counts)
+                                      "nonfinite_weights": None if nonfinite is None else nonfinite.to_dict(),
+                                      # exactly what pocl.generation.generate hands to transformers
+                                      "generation_config": effective_settings(decoding, eos_token_id=eos,
+                                                                              pad_token_id=pad)}
+            log.info("model %s: %s (%s parameters, %s, %s)", model_name, spec,
+                     f"{model_info[model_name]['parameters']:,}", str(dtype).replace("torch.", ""), device)
+            results[model_name] = {}
+            if nonfinite is not None:  # no scores: sampling from NaN probabilities fails or scores garbage
                 del model
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            gen_fh.flush()
-            os.fsync(gen_fh.fileno())
-        os.replace(gen_tmp, gen_path)
-    finally:
-        if gen_tmp.exists():
-            gen_tmp.unlink()
+                continue
+            for eval_set in sets:
+                res = evaluate_records(model, tokenizer, eval_set.records, template=template, decoding=decoding,
+                                       seeds=seeds, batch_size=config.batch_size,
+                                       max_prompt_length=config.max_prompt_length, std=config.std,
+                                       em_normalization=config.em_normalization, name=eval_set.name,
+                                       progress=config.progress)
+                results[model_name][eval_set.name] = res
+                for row in generation_rows(model_name, res):
+                    gen_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                log.info("%s on %s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f (%d samples x %d seeds, %.1f s)",
+                         model_name, eval_set.name, res.rouge_l, res.rouge_l_std, res.exact_match,
+                         res.exact_match_std, res.n, len(seeds), res.seconds)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     breakdowns: dict[str, dict[str, Any]] = {}
     for set_name, ranking in rankings.items():

@@ -571,21 +571,20 @@ class _FusedLinearKD(torch.autograd.Function):
         return (*out, None, None, None, None, None, None)
 
 
-def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_topk, targets,
-                        opts: _Options) -> tuple[Tensor, Tensor, Tensor]:
-    """Chunked values without any gradient work (evaluation, frozen student)."""
-    v = opts.vocab_size
-    acc = torch.promote_types(s_weight.dtype, torch.float32)
-    loss = _zero(s_hidden.device, acc)
-    ce_sum = _zero(s_hidden.device, acc)
-    div_sum = _zero(s_hidden.device, acc)
+def _values_only(n: int, device: torch.device, dtype: torch.dtype,
+                 chunk_logits: Callable[[int, int], tuple[Tensor, Tensor | None]], targets: Tensor,
+                 opts: _Options) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunked (loss, CE sum, divergence sum) without any gradient work (evaluation, frozen student).
+    ``chunk_logits(start, end)``: the float32 student and teacher logits of tokens ``start:end``;
+    ``dtype``: the student's (the sums are kept in it, at least float32)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    loss = _zero(device, acc)
+    ce_sum = _zero(device, acc)
+    div_sum = _zero(device, acc)
     with torch.no_grad():
-        w = s_weight[:v]
-        b = None if s_bias is None else s_bias[:v]
-        for start in range(0, s_hidden.shape[0], opts.chunk_size):
-            end = min(start + opts.chunk_size, s_hidden.shape[0])
-            t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, t_topk, start, end, opts)
-            s_logits = _linear_logits(s_hidden[start:end], w, b, opts.student_logit_fn)
+        for start in range(0, n, opts.chunk_size):
+            end = min(start + opts.chunk_size, n)
+            s_logits, t_logits = chunk_logits(start, end)
             ce, div = _token_terms(s_logits, t_logits, targets[start:end], opts)
             c, d = ce.sum(), None if div is None else div.sum()
             loss += _combine(c, d, opts)
@@ -593,6 +592,21 @@ def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, 
             if d is not None:
                 div_sum += d
     return loss, ce_sum, div_sum
+
+
+def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_topk, targets,
+                        opts: _Options) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunked values without any gradient work (evaluation, frozen student)."""
+    v = opts.vocab_size
+    with torch.no_grad():
+        w = s_weight[:v]
+        b = None if s_bias is None else s_bias[:v]
+
+    def chunk_logits(start: int, end: int) -> tuple[Tensor, Tensor | None]:
+        t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, t_topk, start, end, opts)
+        return _linear_logits(s_hidden[start:end], w, b, opts.student_logit_fn), t_logits
+
+    return _values_only(s_hidden.shape[0], s_hidden.device, s_weight.dtype, chunk_logits, targets, opts)
 
 
 def fused_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
@@ -797,21 +811,12 @@ def chunked_kd_loss_from_logits(student_logits: Tensor, teacher_logits: Tensor |
         loss, ce_sum, div_sum = _ChunkedLogitsKD.apply(student_logits, teacher_logits, teacher_topk,
                                                        targets, opts)
     else:
-        acc = torch.promote_types(student_logits.dtype, torch.float32)
-        loss = _zero(student_logits.device, acc)
-        ce_sum = _zero(student_logits.device, acc)
-        div_sum = _zero(student_logits.device, acc)
-        with torch.no_grad():
-            for start in range(0, n, opts.chunk_size):
-                end = min(start + opts.chunk_size, n)
-                s = _as_float(student_logits[start:end, :v], opts.student_logit_fn)
-                t = _teacher_logits_chunk(teacher_logits, teacher_topk, start, end, opts)
-                ce, div = _token_terms(s, t, targets[start:end], opts)
-                c, d = ce.sum(), None if div is None else div.sum()
-                loss += _combine(c, d, opts)
-                ce_sum += c
-                if d is not None:
-                    div_sum += d
+        def chunk_logits(start: int, end: int) -> tuple[Tensor, Tensor | None]:
+            return (_as_float(student_logits[start:end, :v], opts.student_logit_fn),
+                    _teacher_logits_chunk(teacher_logits, teacher_topk, start, end, opts))
+
+        loss, ce_sum, div_sum = _values_only(n, student_logits.device, student_logits.dtype, chunk_logits, targets,
+                                             opts)
     return KDLossOutput(loss, ce_sum.detach(), div_sum.detach(), n)
 
 

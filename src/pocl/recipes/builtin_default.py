@@ -35,12 +35,14 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pocl.config import DistillConfig
+from pocl.curriculum.schedule import same_budget_epochs, same_budget_stage_epochs
 from pocl.data import (
     TEMPLATE_PHRASES,
     build_tokenizer,
@@ -88,7 +90,9 @@ class BuiltinSettings:
     generation_batch_size: int = 64
 
 
-def _llama(arch: dict, vocab_size: int, tokenizer, seed: int):
+def new_llama(arch: dict, vocab_size: int, tokenizer, seed: int):
+    """A randomly initialised Llama of the built-in default (``arch``: BuiltinSettings.teacher_arch or
+    .student_arch), seeded with ``seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -120,8 +124,8 @@ def prepare_suite(out: Path, s: BuiltinSettings):
     return paths, tokenizer
 
 
-def _sft(model, tokenizer, train_file: Path, dev_file: Path | None, out_dir: Path, *, epochs: float, lr: float,
-         s: BuiltinSettings, progress: bool, name: str) -> Path:
+def train_sft(model, tokenizer, train_file: Path, dev_file: Path | None, out_dir: Path, *, epochs: float, lr: float,
+              s: BuiltinSettings, progress: bool, name: str) -> Path:
     """Supervised fine-tuning (alpha = 0: cross-entropy only) with the same trainer as KD."""
     final = out_dir / "final"
     try:
@@ -239,20 +243,23 @@ def user_settings(config: DistillConfig | None, user_overrides: dict[str, dict[s
 DIFFERENT_BUDGETS = "--epochs and --stage-epochs as given: NOT the same sample budget"
 
 
-def run_budgets(user: dict[str, dict[str, Any]], n_stages: int, s: BuiltinSettings) -> tuple[float, float, str]:
-    """(KD epochs, POCL epochs per stage, how they were chosen). The same sample budget by default: n
-    equal cumulative slices cover (n + 1) / 2 passes per stage epoch. ``--epochs`` sets the KD run's
-    epochs (and POCL's budget from it), ``--stage-epochs`` POCL's (and KD's from it); both: as given."""
+def run_budgets(user: dict[str, dict[str, Any]], n_stages: int, s: BuiltinSettings,
+                fractions: Sequence[float | None] | None = None) -> tuple[float, float, str]:
+    """(KD epochs, POCL epochs per stage, how they were chosen). The same sample budget by default
+    (:func:`pocl.curriculum.same_budget_stage_epochs`: n equal cumulative slices cover (n + 1) / 2 passes
+    per stage epoch; ``fractions``, the stages' own fractions, change that). ``--epochs`` sets the KD
+    run's epochs (and POCL's budget from it), ``--stage-epochs`` POCL's (and KD's from it); both: as given."""
     epochs = user.get("train", {}).get("epochs")
     stage_epochs = user.get("curriculum", {}).get("stage_epochs")
-    per_pass = 2.0 / (n_stages + 1)
     if epochs is None and stage_epochs is None:
-        return s.kd_epochs, s.kd_epochs * per_pass, "the same sample budget"
+        return s.kd_epochs, same_budget_stage_epochs(s.kd_epochs, n_stages, fractions), "the same sample budget"
     if stage_epochs is None:
-        return float(epochs), float(epochs) * per_pass, "the same sample budget, from --epochs"
+        return (float(epochs), same_budget_stage_epochs(epochs, n_stages, fractions),
+                "the same sample budget, from --epochs")
     if epochs is None:
-        return float(stage_epochs) / per_pass, float(stage_epochs), "the same sample budget, from --stage-epochs"
-    same = abs(float(epochs) * per_pass - float(stage_epochs)) < 1e-9
+        return (same_budget_epochs(stage_epochs, n_stages, fractions), float(stage_epochs),
+                "the same sample budget, from --stage-epochs")
+    same = abs(same_budget_stage_epochs(epochs, n_stages, fractions) - float(stage_epochs)) < 1e-9
     return float(epochs), float(stage_epochs), "the same sample budget" if same else DIFFERENT_BUDGETS
 
 
@@ -306,8 +313,9 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
                   "eval_batch_size": s.generation_batch_size},
     }
     ranking = {"rank_max_new_tokens": s.eval_max_new_tokens, "rank_batch_size": s.generation_batch_size}
-    n_stages = _run_config(dict(values, curriculum=ranking), user, out / "pocl").curriculum.num_stages
-    kd_epochs, stage_epochs, budget = run_budgets(user, n_stages, s)
+    curriculum = _run_config(dict(values, curriculum=ranking), user, out / "pocl").curriculum
+    n_stages = curriculum.num_stages
+    kd_epochs, stage_epochs, budget = run_budgets(user, n_stages, s, [o.get("fraction") for o in curriculum.stages])
     # Plain KD: the curriculum settings are POCL's only. POCL: the KD run's --epochs became stage_epochs.
     kd_user = {k: v for k, v in user.items() if k != "curriculum"}
     kd_config = _run_config(values, kd_user, out / "kd", {"train": {"epochs": kd_epochs},
@@ -320,15 +328,15 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
         log.warning("%s (%g KD epochs vs %g epochs in each of %d stages)", budget, kd_epochs, stage_epochs, n_stages)
     print("  2/5 training the teacher on the suite (supervised fine-tuning)")
     t0 = time.perf_counter()
-    _sft(_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"], paths["dev"],
-         out / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s, progress=progress, name="teacher")
+    train_sft(new_llama(s.teacher_arch, len(tokenizer), tokenizer, s.seed), tokenizer, paths["train"], paths["dev"],
+              out / "teacher", epochs=s.teacher_epochs, lr=s.teacher_lr, s=s, progress=progress, name="teacher")
     timings["teacher_seconds"] = time.perf_counter() - t0
 
     print("  3/5 pre-training the smaller student briefly on a separate set (the 'base model')")
     t0 = time.perf_counter()
-    _sft(_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer, paths["student_pretrain"], None,
-         out / "student-base", epochs=s.student_pretrain_epochs, lr=s.student_pretrain_lr, s=s, progress=progress,
-         name="student-base")
+    train_sft(new_llama(s.student_arch, len(tokenizer), tokenizer, s.seed + 1), tokenizer, paths["student_pretrain"],
+              None, out / "student-base", epochs=s.student_pretrain_epochs, lr=s.student_pretrain_lr, s=s,
+              progress=progress, name="student-base")
     timings["student_base_seconds"] = time.perf_counter() - t0
 
     lc = kd_config.loss
