@@ -21,7 +21,7 @@ import torch
 from pocl.config import DistillConfig
 from pocl.context_length import Context, Fit, context_of, fit_distill_config, read_context, smallest
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
-from pocl.errors import CheckpointError, ConfigError, ModelError
+from pocl.errors import ConfigError, ModelError
 from pocl.model_checks import split_model_spec
 from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
                          model_fingerprint, resolve_dtype, shared_vocab_size)
@@ -29,7 +29,8 @@ from pocl.training.stages import Stage
 from pocl.training import checkpoint as ckpt
 from pocl.training import output_dirs
 from pocl.training import selection
-from pocl.training.trainer import DistillTrainer, TrainResult, tokenized_fingerprint
+from pocl.training.run_store import check_resume_before_training
+from pocl.training.trainer import DistillTrainer, TrainResult
 
 log = logging.getLogger("pocl")
 
@@ -216,18 +217,17 @@ def check_resume_before_ranking(config: DistillConfig, inputs: RunInputs, accele
     tc = config.train
     if tc.resume == "never" or tc.overwrite or tc.allow_config_change:
         return
-    found = ckpt.newest_resume_state(Path(tc.output_dir) / "checkpoints")
-    if found is None:
-        return
-    folder, saved = found
-    dev = inputs.dev_data if inputs.dev_data is not None and len(inputs.dev_data) > 0 else None
-    fingerprints = dict(inputs.fingerprints, dev_data=tokenized_fingerprint(dev))
-    if config.loss.method != "seqkd":
-        fingerprints["train_data"] = tokenized_fingerprint(inputs.train_data)
-    problems = ckpt.resume_differences(saved, config=config, fingerprints=fingerprints,
-                                       num_processes=accelerator.num_processes)
-    if problems:
-        raise CheckpointError(ckpt.resume_refusal_message(folder, problems))
+
+    def fingerprints() -> dict[str, Any]:
+        """The run's fingerprints known before ranking (computed only when there is a checkpoint)."""
+        dev = inputs.dev_data if inputs.dev_data is not None and len(inputs.dev_data) > 0 else None
+        found = dict(inputs.fingerprints, dev_data=ckpt.tokenized_fingerprint(dev))
+        if config.loss.method != "seqkd":
+            found["train_data"] = ckpt.tokenized_fingerprint(inputs.train_data)
+        return found
+
+    check_resume_before_training(Path(tc.output_dir), config=config, fingerprints=fingerprints,
+                                 num_processes=accelerator.num_processes)
 
 
 def resolve_selection(config: DistillConfig, inputs: RunInputs) -> int:
@@ -370,7 +370,3 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     trainer = make_trainer(config, inputs, stages, accelerator=accelerator)
     trainer.summary_extra.update(extra)
     return trainer.train()
-
-
-def output_path(config: DistillConfig, *parts: str) -> Path:
-    return Path(config.train.output_dir, *parts)

@@ -96,7 +96,7 @@ def test_scripted_generation_is_trained_with_next_token_targets(tmp_path, tiny_p
         return out
 
     monkeypatch.setattr(onpolicy, "generate", fake_generate)
-    import pocl.training.trainer as trainer_mod
+    import pocl.training.student_loss as trainer_mod
 
     captured = []
     real = trainer_mod.fused_kd_loss

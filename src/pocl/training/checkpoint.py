@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pocl.errors import CheckpointError
 
 log = logging.getLogger("pocl.checkpoint")
@@ -44,6 +46,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read ``chunk`` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:
@@ -55,6 +58,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk, where the system allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -68,6 +72,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``folder/manifest.json``: the size and sha256 of every file under ``folder`` (plus
+    ``extra``); returns it."""
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -169,6 +175,7 @@ def replaceable_problem(target: Path) -> str | None:
 
 
 def _check_replaceable(target: Path) -> None:
+    """CheckpointError when ``target`` exists and is not a folder pocl wrote (:func:`replaceable_problem`)."""
     problem = replaceable_problem(target)
     if problem is not None:
         raise CheckpointError(f"refusing to replace {target}: {problem}. pocl only replaces folders it wrote; "
@@ -240,6 +247,7 @@ def clean_temporaries(folder: Path) -> None:
 
 
 def step_dir_name(step: int) -> str:
+    """The folder name of the checkpoint at global step ``step`` (``step-00000120``)."""
     return f"step-{step:08d}"
 
 
@@ -267,6 +275,7 @@ def latest_valid_checkpoint(folder: Path) -> Path | None:
 
 
 def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints under ``folder`` (never those in ``protect``)."""
     protect = {p.resolve() for p in (protect or set())}
     for _, path in list_checkpoints(folder)[keep:]:
         if path.resolve() not in protect:
@@ -279,6 +288,20 @@ RESUME_FREE_KEYS = ("output_dir", "resume", "overwrite", "allow_config_change", 
                     "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes",
                     "teacher_cache_dir", "teacher_cache_max_error", "teacher_cache_check_samples",
                     "accept_approximation")
+
+
+def tokenized_fingerprint(data) -> str | None:
+    """A 16-hex-digit hash of a tokenized dataset (every sample's id, input ids and labels, in order);
+    None for no data. What a run's ``train_data``/``dev_data`` fingerprints and a teacher cache's data
+    stamp are."""
+    if data is None:
+        return None
+    h = hashlib.sha256()
+    for s in data:
+        h.update(s.id.encode())
+        h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(s.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def newest_resume_state(folder: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -2,6 +2,10 @@
 
 On resume, records written after the checkpoint's step are dropped from the JSONL file and
 TensorBoard is told to purge them, so a resumed run's logs equal an uninterrupted run's.
+
+:class:`TrainLog` is the training loop's side: a train record (the mean over the steps since the
+last one) every ``log_every`` steps and at the end of each stage, the dev records, and the progress
+display (a bar on a terminal, else a plain line every ``log_every`` steps).
 """
 
 from __future__ import annotations
@@ -10,23 +14,31 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from pocl.errors import CheckpointError
+from pocl.progress import make_progress
 
 log = logging.getLogger("pocl.train")
 
 
 def _clean(value: Any) -> Any:
+    """A JSON-safe value: NaN and infinities as strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible as strings
     return value
 
 
 class MetricsLogger:
+    """``metrics.jsonl`` and TensorBoard scalars of a run (written on the main process only)."""
+
     def __init__(self, output_dir: Path, *, tensorboard: bool = True, enabled: bool = True,
                  resume_step: int | None = None):
+        """Start the logs in ``output_dir``: a new file, or (``resume_step``) the old one cut after that step."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._writer = None
@@ -48,6 +60,7 @@ class MetricsLogger:
                 self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), **kwargs)
 
     def _truncate_after(self, step: int) -> None:
+        """Drop the records after ``step`` from the JSONL file (lines cut by a crash too)."""
         if not self.path.exists():
             return
         keep = []
@@ -64,6 +77,8 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any], *, tb_prefix: str | None = None) -> None:
+        """Append ``record`` (with a ``step``); its numbers also as TensorBoard scalars under ``tb_prefix``.
+        A failed write (a full disk) raises CheckpointError."""
         if not self.enabled:
             return
         rec = {k: _clean(v) for k, v in record.items()}
@@ -85,6 +100,7 @@ class MetricsLogger:
             self._writer.flush()
 
     def close(self) -> None:
+        """Close the file and the TensorBoard writer."""
         if not self.enabled:
             return
         self._fh.close()
@@ -93,6 +109,7 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, in order."""
     out = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -100,3 +117,99 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if line:
                 out.append(json.loads(line))
     return out
+
+
+def window_record(stats: list[dict[str, float]], seconds: float, state) -> dict[str, float]:
+    """A train record from the step statistics since the last one (``seconds`` of wall time): ce and kd
+    per token, loss and gradient norm per step, the last lr, throughput and the run's counters."""
+    if not stats:
+        return {}
+    tokens = sum(s["tokens"] for s in stats)
+    out = {k: sum(s[k] * s["tokens"] for s in stats) / max(tokens, 1.0) for k in ("ce", "kd")}
+    out["loss"] = sum(s["loss"] for s in stats) / len(stats)
+    out["grad_norm"] = sum(s["grad_norm"] for s in stats) / len(stats)
+    out["lr"] = stats[-1]["lr"]
+    out["tokens_per_s"] = tokens / max(seconds, 1e-9)
+    out["skipped_steps"] = state.skipped_steps
+    if any(s.get("on_policy") for s in stats) or state.on_policy_steps:
+        # On-policy steps: their ce/kd are over the student's own samples (ce: its NLL of them).
+        out["on_policy_steps"] = sum(s.get("on_policy", 0.0) for s in stats)
+        out["replayed_steps"] = sum(s.get("replayed", 0.0) for s in stats)
+    return out
+
+
+def _dtype_name(model: nn.Module) -> str:
+    """The dtype of the model's first parameter ("?" without parameters)."""
+    first = next(iter(model.parameters()), None)
+    return "?" if first is None else str(first.dtype).removeprefix("torch.")
+
+
+def log_device(device, num_processes: int, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Say where training runs and in which dtypes (off the CPU: the models' load lines say the rest)."""
+    if device.type != "cpu":
+        log.info("training on %s (%d process%s): student %s%s", device, num_processes,
+                 "" if num_processes == 1 else "es", _dtype_name(student),
+                 "" if teacher is None else f", teacher {_dtype_name(teacher)}")
+
+
+class TrainLog:
+    """The training loop's records and progress display.
+
+    ``train_config``: the run's :class:`pocl.config.TrainConfig`; ``main``: this is the main process
+    (the others write nothing); ``resume_step``: the step a resumed run continues from (later records
+    are dropped); ``planned_total``/``initial``: what the progress counts to and where it starts."""
+
+    def __init__(self, output_dir: Path, train_config, *, main: bool, resume_step: int | None, planned_total: int,
+                 initial: int):
+        """Open the metrics files and the progress display (main process)."""
+        self.every = train_config.log_every
+        self.metrics = MetricsLogger(output_dir, tensorboard=train_config.tensorboard, enabled=main,
+                                     resume_step=resume_step)
+        self.progress = None
+        if main:
+            # A bar on a terminal (unless --no-progress), else a plain line every log_every steps.
+            self.progress = make_progress(planned_total, desc="distill", unit="step", bar=train_config.progress,
+                                          every=train_config.log_every, initial=initial, logger=log)
+        self.start_stage()
+
+    def start_stage(self) -> None:
+        """Start a new window of step statistics (at the start of every stage)."""
+        self._stats: list[dict[str, float]] = []
+        self._t_last = time.perf_counter()
+
+    def step(self, stats: dict[str, float], state, *, stage, stage_index: int, num_stages: int,
+             steps_per_epoch: int, end_of_stage: bool) -> None:
+        """Record one optimizer step's statistics: a train record when one is due (every ``log_every``
+        steps and at the end of the stage), and the progress display (the loss shown is the mean over
+        the steps since the last record when one was written)."""
+        self._stats.append(stats)
+        shown_loss = stats["loss"]
+        if state.global_step % self.every == 0 or end_of_stage:
+            now = time.perf_counter()
+            rec = window_record(self._stats, now - self._t_last, state)
+            rec.update(step=state.global_step, stage=stage.name, stage_index=stage_index,
+                       epoch=state.stage_step / steps_per_epoch,
+                       temperature=stage.temperature, alpha=stage.alpha, split="train")
+            self.metrics.log(rec, tb_prefix="train")
+            self._stats, self._t_last = [], now
+            shown_loss = rec.get("loss", shown_loss)  # the mean over the steps since the last line
+        if self.progress is not None:
+            postfix = {"stage": f"{stage_index + 1}/{num_stages}", "loss": f"{shown_loss:.4f}"}
+            if state.skipped_steps:
+                postfix["skipped"] = state.skipped_steps
+            self.progress.update(1, **postfix)
+
+    def dev(self, dev: dict[str, float], step: int, stage_name: str) -> None:
+        """Record one dev evaluation."""
+        self.metrics.log(dict(dev, step=step, stage=stage_name, split="dev"), tb_prefix="dev")
+
+    def drop_planned(self, steps: int) -> None:
+        """``steps`` planned steps will not run (a stage advanced early): the progress counts to fewer."""
+        if self.progress is not None:
+            self.progress.set_total(self.progress.total - steps)
+
+    def close(self) -> None:
+        """Close the progress display and the metrics files."""
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics.close()

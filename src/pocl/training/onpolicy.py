@@ -20,12 +20,15 @@ language models", the GKD of the POCL spec). This module holds the pieces the tr
   dropped at capacity); a reuse step trains on samples drawn from it. Draws are seeded by (seed,
   stage, step, process), so the buffer has no RNG state: its contents are its whole state, saved
   in every checkpoint (``replay_buffer.json``).
+* :class:`OnPolicySchedule` -- what the trainer asks: the stage's on-policy fraction, the kind of
+  each step (teacher-forced, fresh samples, replay), the step's samples and the run's GKD counters.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -33,17 +36,15 @@ from typing import Any
 import torch
 
 from pocl.data import IGNORE_INDEX, TokenizedSample
+from pocl.errors import ConfigError
 from pocl.generation import DecodingConfig, Generation, generate
+from pocl.model_checks import first_nonfinite_tensor
+from pocl.training.stages import Stage, stream_seed
 
-__all__ = ["ReplayBuffer", "generated_sample", "sample_responses", "step_uniforms", "stream_seed"]
+__all__ = ["OnPolicySchedule", "ReplayBuffer", "generated_sample", "sample_responses", "step_uniforms",
+           "stream_seed"]
 
 REPLAY_FILE = "replay_buffer.json"
-
-
-def stream_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (sha256 of their text): independent streams by name."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def step_uniforms(seed: int, stage_index: int, stage_name: str, stage_step: int) -> tuple[float, float]:
@@ -97,11 +98,13 @@ def sample_responses(model: torch.nn.Module, tokenizer, samples: Sequence[Tokeni
 
 
 def _to_json(s: TokenizedSample) -> dict[str, Any]:
+    """A sample as JSON (the replay buffer's checkpoint file)."""
     return {"id": s.id, "input_ids": list(s.input_ids), "labels": list(s.labels), "prompt_length": s.prompt_length,
             "prompt_truncated": s.prompt_truncated, "response_truncated": s.response_truncated}
 
 
 def _from_json(d: dict[str, Any]) -> TokenizedSample:
+    """The sample :func:`_to_json` wrote."""
     return TokenizedSample(id=d["id"], input_ids=list(d["input_ids"]), labels=list(d["labels"]),
                            prompt_length=int(d["prompt_length"]), prompt_truncated=bool(d["prompt_truncated"]),
                            response_truncated=bool(d["response_truncated"]))
@@ -116,6 +119,7 @@ class ReplayBuffer:
     it is the same on every process, so decisions based on it agree across processes."""
 
     def __init__(self, capacity: int):
+        """An empty buffer of at most ``capacity`` samples (> 0)."""
         if capacity <= 0:
             raise ValueError(f"replay buffer capacity must be > 0 (got {capacity})")
         self.capacity = int(capacity)
@@ -123,13 +127,16 @@ class ReplayBuffer:
         self.fresh_steps = 0
 
     def __len__(self) -> int:
+        """The number of samples held."""
         return len(self.samples)
 
     def push(self, samples: Sequence[TokenizedSample]) -> None:
+        """Add one fresh step's samples (the oldest are dropped beyond capacity); counts the step."""
         self.samples.extend(samples)
         self.fresh_steps += 1
 
     def draw(self, n: int, seed: int) -> list[TokenizedSample]:
+        """``n`` samples chosen by ``seed`` alone (without replacement when the buffer holds n or more)."""
         if n <= 0:
             return []
         if not self.samples:
@@ -142,6 +149,7 @@ class ReplayBuffer:
         return [self.samples[i] for i in picks]
 
     def state_dict(self) -> dict[str, Any]:
+        """The whole state as JSON: capacity, fresh-step count and the samples, oldest first."""
         return {"capacity": self.capacity, "fresh_steps": self.fresh_steps,
                 "samples": [_to_json(s) for s in self.samples]}
 
@@ -149,3 +157,92 @@ class ReplayBuffer:
         """Restore the contents (a smaller capacity keeps the newest samples)."""
         self.samples = deque((_from_json(d) for d in state.get("samples", [])), maxlen=self.capacity)
         self.fresh_steps = int(state.get("fresh_steps", 0))
+
+
+class OnPolicySchedule:
+    """The on-policy (GKD) side of a run: which steps train on the student's own samples, those samples,
+    the replay buffer and the run's counters (``TrainState.on_policy_steps`` and friends).
+
+    ``config`` is the run's :class:`pocl.config.DistillConfig`; ``stages`` the stages as trained (a
+    CE-only method's with alpha 0). Refuses (ConfigError) on-policy stages that cannot work: without
+    ``loss.method kd``, without a teacher, or with nothing to train on (alpha 0 and no on-policy CE)."""
+
+    def __init__(self, config, stages: Sequence[Stage], *, has_teacher: bool):
+        """Check the on-policy stages and create the replay buffer when one is configured and used."""
+        self.cfg = config
+        self.stages = list(stages)
+        lc = config.loss
+        for stage in self.stages:
+            if self.fraction(stage) <= 0:
+                continue
+            where = f"stage '{stage.name}': on_policy_fraction {self.fraction(stage):g}"
+            if lc.method != "kd":
+                raise ConfigError(f"{where}: on-policy steps need loss.method kd (not {lc.method})")
+            if not has_teacher:
+                raise ConfigError(f"{where}: on-policy steps need a teacher to score the student's samples")
+            if stage.alpha == 0 and not lc.on_policy_ce:
+                raise ConfigError(f"{where} with alpha 0 and loss.on_policy_ce off: on-policy steps would train on "
+                                  "nothing (give the stage alpha > 0, or turn on_policy_ce on)")
+        #: this process's replay buffer (None: no replay, or no on-policy stage)
+        self.replay = ReplayBuffer(lc.replay_buffer_size) if (
+            lc.replay_buffer_size > 0 and any(self.fraction(s) > 0 for s in self.stages)) else None
+
+    def fraction(self, stage: Stage) -> float:
+        """The stage's on-policy fraction lambda_on (the loss config's when the stage has none)."""
+        return self.cfg.loss.on_policy_fraction if stage.on_policy_fraction is None else stage.on_policy_fraction
+
+    def kind(self, stage_index: int, stage_step: int) -> str | None:
+        """None (a teacher-forced step on the references), "fresh" (the student generates now) or
+        "replay" (samples drawn from the replay buffer): a pure function of (seed, stage, step) and of
+        the number of fresh steps so far, hence the same on every process and after a resume."""
+        stage = self.stages[stage_index]
+        lam = self.fraction(stage)
+        if lam <= 0:
+            return None
+        u_on, u_replay = step_uniforms(self.cfg.train.seed, stage_index, stage.name, stage_step)
+        if u_on >= lam:
+            return None
+        if self.replay is not None and self.replay.fresh_steps > 0 and u_replay < self.cfg.loss.replay_reuse_prob:
+            return "replay"
+        return "fresh"
+
+    @staticmethod
+    def unsampleable(student: torch.nn.Module) -> str | None:
+        """Why ``student`` cannot sample now (non-finite weights: torch.multinomial fails on NaN
+        probabilities), or None."""
+        bad = first_nonfinite_tensor(student)
+        if bad is None:
+            return None
+        return f"the student's weights are not finite ({bad.describe()}); no on-policy samples generated"
+
+    def samples(self, local: list[TokenizedSample], kind: str, stage_index: int, stage_step: int, *,
+                student: torch.nn.Module, tokenizer, accelerator, state) -> list[TokenizedSample]:
+        """This process's share of an on-policy window: student responses to the prompts of ``local``
+        (fresh; pushed to the replay buffer), or as many samples drawn from its replay buffer (replay).
+        Adds the generation time to ``state.generation_seconds``."""
+        lc = self.cfg.loss
+        stage = self.stages[stage_index]
+        seed = stream_seed(self.cfg.train.seed, kind, stage_index, stage.name, stage_step, accelerator.process_index)
+        if kind == "replay" and self.replay is not None and len(self.replay) > 0:
+            return self.replay.draw(len(local), seed)
+        decoding = DecodingConfig(do_sample=True, temperature=lc.on_policy_temperature, top_p=lc.on_policy_top_p,
+                                  top_k=0, no_repeat_ngram_size=0, max_new_tokens=lc.on_policy_max_new_tokens)
+        t0 = time.perf_counter()
+        with accelerator.autocast():
+            fresh = sample_responses(student, tokenizer, local, decoding=decoding, seed=seed,
+                                     batch_size=self.cfg.train.micro_batch_size, max_length=self.cfg.data.max_length)
+        state.generation_seconds += time.perf_counter() - t0
+        if self.replay is not None and kind == "fresh":
+            # (A "replay" step that found this process's buffer empty generated instead; its samples are
+            # not added, so that fresh_steps, which the decisions read, stays equal on every process.)
+            self.replay.push(fresh)
+        return fresh
+
+    @staticmethod
+    def count(kind: str, state) -> None:
+        """Count one on-policy step of ``kind`` in the run's and the stage's counters of ``state``."""
+        state.on_policy_steps += 1
+        state.stage_on_policy_steps += 1
+        if kind == "replay":
+            state.replayed_steps += 1
+            state.stage_replayed_steps += 1

@@ -28,6 +28,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters (:func:`parameter_groups`), at ``lr`` or ``cfg.lr``."""
     return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=lr or cfg.lr,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
@@ -60,12 +61,15 @@ def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
                     lr: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of a stage of ``total_steps`` (:func:`lr_lambda`) peaking at ``lr`` or
+    ``cfg.lr``; the warm-up is ``warmup_steps`` or ``warmup_ratio`` of the stage, shorter than it."""
     peak = lr or cfg.lr
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     warmup = min(warmup, max(0, total_steps - 1))
     min_ratio = min(1.0, cfg.min_lr / peak)
 
     def fn(step: int) -> float:
+        """The multiplier of the peak learning rate at ``step``."""
         return lr_lambda(step, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.lr_schedule,
                          min_ratio=min_ratio)
 

@@ -71,6 +71,7 @@ def _foreign_entries(folder: Path, kind: str) -> list[Path]:
 
 
 def _relation(out: Path, inp: Path) -> str | None:
+    """How output ``out`` relates to input ``inp`` ("is", "is inside", "contains"), or None."""
     if out == inp:
         return "is"
     if inp in out.parents:

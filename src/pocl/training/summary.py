@@ -1,4 +1,8 @@
-"""The run summary: ``summary.json`` (everything) and ``summary.md`` (a readable table)."""
+"""The run summary: ``summary.json`` (everything) and ``summary.md`` (a readable table).
+
+:func:`stage_record` is one finished stage's entry (``TrainState.stage_summaries``), :func:`run_summary`
+the whole document, built from the trainer's state.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,66 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pocl.training import selection
+
+
+def stage_record(stage, index: int, *, num_samples: int, planned_steps: int, state, advanced_early: bool,
+                 on_policy_fraction: float) -> dict[str, Any]:
+    """The summary entry of stage ``index`` as it ends (``state`` at its last step): its settings, sizes,
+    steps, on-policy counts, wall time and best value of the selection metric in the stage."""
+    return {
+        **stage.to_dict(),
+        "index": index,
+        "num_samples": num_samples,
+        "planned_steps": planned_steps,
+        "steps": state.stage_step,
+        "advanced_early": advanced_early,
+        "on_policy_fraction": on_policy_fraction,
+        "on_policy_steps": state.stage_on_policy_steps,
+        "replayed_steps": state.stage_replayed_steps,
+        "end_global_step": state.global_step,
+        "train_seconds": state.train_seconds - state.stage_started_at_seconds,
+        "best_in_stage": state.stage_best_metric,
+        "selection_metric": state.selection_metric,
+    }
+
+
+def run_summary(status: str, state, *, config, extra: dict[str, Any], has_dev: bool, fingerprints: dict[str, Any],
+                output_dir: Path, num_processes: int) -> dict[str, Any]:
+    """``summary.json`` of a run with ``status`` ("completed"/"interrupted"): ``extra`` (e.g. the
+    ranking's timing) first, then the run's steps, method, timings, best model and stages. The best
+    values are real values of the metric (a checkpoint of an older version stored dev ROUGE-L negated:
+    converted once, in ``state``)."""
+    selection.Selection(config.train.selection_metric, state).adopt()
+    name = state.selection_metric or config.train.selection_metric
+    note = None
+    if state.best_step is None:
+        note = ("no dev set: no dev evaluation and no best/ model (final/ is the run's model)"
+                if not has_dev else "no dev evaluation with a finite value yet: no best/ model")
+    return {
+        **extra,
+        "status": status,
+        "global_steps": state.global_step,
+        "skipped_steps": state.skipped_steps,
+        "on_policy_steps": state.on_policy_steps,
+        "replayed_steps": state.replayed_steps,
+        "generation_seconds": state.generation_seconds,
+        "method": config.loss.method,
+        "train_seconds": state.train_seconds,
+        "selection_metric": name,
+        "selection_direction": selection.metric(name).direction,
+        "best_metric": state.best_metric,
+        "best_step": state.best_step,
+        "best_note": note,
+        "stages": state.stage_summaries,
+        "fingerprints": fingerprints,
+        "output_dir": str(output_dir),
+        "num_processes": num_processes,
+    }
+
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
+    """A table cell: "–" for None, floats by ``spec``."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -17,6 +79,7 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
+    """``summary.md``: the run's summary as a short list and a table of its stages."""
     lines = [f"# Run summary: `{summary.get('output_dir', '')}`", ""]
     lines.append(f"- status: **{summary['status']}**")
     lines.append(f"- optimizer steps: {summary['global_steps']} ({summary['skipped_steps']} skipped as non-finite)")

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pocl import __version__
+from pocl._version import __version__
 from pocl.configuration import stable_hash
 from pocl.data import TokenizedDataset, collate, group_by_length
 from pocl.errors import CheckpointError
@@ -121,14 +121,17 @@ def shard_plan(data: TokenizedDataset) -> list[list[int]]:
 
 
 def _shard_name(j: int) -> str:
+    """The folder name of shard ``j``."""
     return f"shard-{j:05d}"
 
 
 def _stamp_hash(stamp: dict[str, Any]) -> str:
+    """A short hash of a cache stamp (what every shard's manifest records)."""
     return stable_hash(stamp)[:16]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file's contents; None when it is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
@@ -137,6 +140,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two stamps, in words (why a cache is rebuilt)."""
     words = {"teacher": "teacher (fingerprint)", "data": "data (fingerprint)", "dtype": "stored dtype"}
     parts = [f"{words.get(key, key)} {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new[key]]
     return ", ".join(parts) or "another stamp"
@@ -167,7 +171,9 @@ def _compute_shard(indices: Sequence[int], data: TokenizedDataset, teacher_fn: C
 
 
 def _write_shard(folder: Path, payload: dict[str, Any], *, stamp_hash: str, index: int) -> None:
+    """Write shard ``index`` atomically: its arrays (``NAME.npy``, rows [tokens, ...]) and sample index."""
     def write(tmp: Path) -> None:
+        """Fill the shard's temporary folder."""
         for name, value in payload.items():
             if isinstance(value, np.ndarray):
                 np.save(tmp / f"{name}.npy", value)
@@ -312,6 +318,7 @@ class TeacherCache:
     """
 
     def __init__(self, root: str | Path):
+        """Open the complete cache at ``root`` (its shards memory-mapped)."""
         self.root = Path(root)
         manifest = _read_json(self.root / ckpt.MANIFEST)
         if manifest is None or manifest.get("kind") != FORMAT:
@@ -334,6 +341,7 @@ class TeacherCache:
         self.num_tokens = sum(rows for _, _, rows in self._where.values())
 
     def __contains__(self, sample_id: str) -> bool:
+        """Whether the cache holds ``sample_id``'s rows."""
         return sample_id in self._where
 
     @property

@@ -17,14 +17,21 @@ gives it as a :class:`TeacherSide`:
 every temperature of the schedule and with the run's divergence, and reports the teacher's tail
 mass outside the cached tokens; :func:`check_signal_error` refuses an approximation whose error
 exceeds ``loss.teacher_cache_max_error`` unless the user accepted it by name.
+
+A run's teacher signals (the trainer's glue): :func:`cache_temperatures` says whether a run reads a
+cache at all, :func:`open_teacher_caches` reuses, finishes or builds the caches of the training and
+dev data and opens their signals, :func:`check_run_signal` measures an approximate one (at every KD
+stage: :func:`measure_run_signal`) and refuses it when it is too far off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -33,12 +40,16 @@ from torch import Tensor, nn
 from pocl.errors import ConfigError
 from pocl.losses import TopKTeacher, select_response_tokens, teacher_top_k
 from pocl.models import LMHead, hidden_states
+from pocl.training import teacher_cache as tcache
+from pocl.training.checkpoint import tokenized_fingerprint
+from pocl.training.stages import Stage
 from pocl.training.teacher_cache import TeacherCache
 
 log = logging.getLogger("pocl.teacher_signal")
 
 __all__ = ["APPROXIMATIONS", "CachedHiddenTeacher", "CachedTopKTeacher", "LiveTeacher", "SignalError", "TeacherSide",
-           "TeacherSignal", "check_signal_error", "measure_signal_error"]
+           "TeacherSignal", "cache_temperatures", "check_run_signal", "check_signal_error", "live_teacher",
+           "measure_run_signal", "measure_signal_error", "open_teacher_caches", "teacher_fingerprint", "to_device"]
 
 #: The approximations a user can accept by name (``loss.accept_approximation``).
 APPROXIMATIONS = ("topk-cache", "half-precision-cache")
@@ -62,6 +73,7 @@ class TeacherSide:
     topk: TopKTeacher | None = None
 
     def __post_init__(self) -> None:
+        """ValueError unless exactly one form is given (hidden states with their head)."""
         forms = [self.hidden is not None, self.logits is not None, self.topk is not None]
         if sum(forms) != 1 or (self.hidden is not None) != (self.head is not None):
             raise ValueError("a TeacherSide holds exactly one of hidden (+ head), logits or topk")
@@ -76,7 +88,14 @@ class TeacherSignal(Protocol):
     #: True when the signal is the live teacher's up to float reordering.
     exact: bool
 
-    def side(self, batch: dict[str, Any]) -> TeacherSide: ...
+    def side(self, batch: dict[str, Any]) -> TeacherSide:
+        """The teacher at the N response positions of ``batch``."""
+        ...
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """A collated batch with its tensors moved to ``device`` (other entries, e.g. ``ids``, as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class LiveTeacher:
@@ -86,12 +105,14 @@ class LiveTeacher:
     exact = True
 
     def __init__(self, teacher: nn.Module, head: LMHead | None, vocab_size: int):
+        """``teacher`` on the training device in eval mode; ``head`` its LM head (fused path) or None."""
         self.teacher = teacher
         self.head = head
         self.vocab_size = vocab_size
 
     @torch.no_grad()
     def side(self, batch: dict[str, Any]) -> TeacherSide:
+        """hidden [N, H_t] + head (``head`` given) or logits [N, V] at the response positions of ``batch``."""
         if self.head is not None:
             h = hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
             return TeacherSide(hidden=select_response_tokens(h, batch["labels"])[0], head=self.head)
@@ -115,6 +136,7 @@ class LiveTeacher:
 
     def topk_table(self, batch: dict[str, Any], *, k: int, temperatures: Sequence[float],
                    chunk_size: int) -> TopKTeacher:
+        """The teacher's top-k logits [N, k] (ids [N, k]) and tail log-sum-exp [N, n_T] at ``temperatures``."""
         side = self.side(batch)
         opts = dict(k=k, temperatures=temperatures, vocab_size=self.vocab_size, chunk_size=chunk_size)
         if side.hidden is not None:
@@ -129,6 +151,7 @@ class CachedHiddenTeacher:
     name = "hidden-cache"
 
     def __init__(self, cache: TeacherCache, head: LMHead, device: torch.device | str):
+        """A ``hidden`` ``cache`` read onto ``device``, through the teacher's ``head``."""
         if cache.kind != "hidden":
             raise ValueError(f"{cache.root} is a {cache.kind} cache, not a hidden cache")
         self.cache = cache
@@ -137,6 +160,7 @@ class CachedHiddenTeacher:
         self.exact = cache.stamp["dtype"] == "float32"
 
     def side(self, batch: dict[str, Any]) -> TeacherSide:
+        """The cached hidden states [N, H_t] of ``batch["ids"]`` in the head's dtype, with the head."""
         # Cast to the head's dtype: F.linear needs one dtype, and a float16 store is upcast, not the head.
         hidden = self.cache.rows(batch["ids"])["hidden"].to(device=self.device, dtype=self.head.weight.dtype)
         return TeacherSide(hidden=hidden, head=self.head)
@@ -149,12 +173,14 @@ class CachedTopKTeacher:
     exact = False
 
     def __init__(self, cache: TeacherCache, device: torch.device | str):
+        """A ``topk`` ``cache`` read onto ``device``."""
         if cache.kind != "topk":
             raise ValueError(f"{cache.root} is a {cache.kind} cache, not a topk cache")
         self.cache = cache
         self.device = device
 
     def side(self, batch: dict[str, Any]) -> TeacherSide:
+        """The cached top-k table (ids and logits [N, k], tail [N, n_T]) of ``batch["ids"]``."""
         return TeacherSide(topk=self.cache.lookup(batch["ids"]).to(self.device))
 
 
@@ -183,6 +209,7 @@ class SignalError:
     tokens: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON (``summary.json``'s ``teacher_cache.error_vs_live``)."""
         return {"temperature": self.temperature, "divergence": self.divergence, "live": self.live,
                 "cached": self.cached, "relative_error": self.relative_error, "tail_mass": self.tail_mass,
                 "tokens": self.tokens}
@@ -261,3 +288,114 @@ def check_signal_error(signal: TeacherSignal, errors: Sequence[SignalError], *, 
         f"the divergence differs from the live teacher's by {table}. Use the exact cache (--teacher-cache hidden "
         f"--teacher-cache-dtype float32, the default) or the live teacher (--teacher-cache off), or accept the "
         f"approximation by name: --accept-approximation {name}")
+
+
+# ------------------------------------------------------------------------------------ a run's signals
+def live_teacher(teacher: nn.Module | None, *, device, vocab_size: int, fused: bool) -> LiveTeacher | None:
+    """``teacher`` frozen on ``device`` in eval mode, as a :class:`LiveTeacher` (hidden states through its
+    LM head on the fused path, logits otherwise); None without a teacher."""
+    if teacher is None:
+        return None
+    teacher.to(device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return LiveTeacher(teacher, LMHead.from_model(teacher, vocab_size) if fused else None, vocab_size)
+
+
+def cache_temperatures(stages: Sequence[Stage], *, live: LiveTeacher | None, teacher_cache: str,
+                       on_policy_fraction: Callable[[Stage], float]) -> list[float]:
+    """The temperatures of the stages with a KD term (every one is evaluated on the dev set, teacher
+    forced); empty when no step would read a cache (no teacher, ``teacher_cache`` off, or no
+    teacher-forced KD step at all)."""
+    kd = [s for s in stages if s.alpha > 0]
+    if live is None or teacher_cache == "off" or all(on_policy_fraction(s) >= 1 for s in kd):
+        return []
+    return sorted({s.temperature for s in kd})
+
+
+def teacher_fingerprint(teacher: nn.Module, given: str | None) -> str:
+    """The pipeline's fingerprint of the teacher (``given``); without one (the trainer built directly), a
+    hash of its weights, so that a cache is never reused for another teacher."""
+    if given:
+        return str(given)
+    h = hashlib.sha256()
+    for name, tensor in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "weights-" + h.hexdigest()[:16]
+
+
+def open_teacher_caches(live: LiveTeacher, datasets: dict[str, Any], *, root: Path, loss_config,
+                        temperatures: Sequence[float], fingerprint: str | None, chunk_size: int, batch_size: int,
+                        pad_token_id: int, accelerator, device, progress: bool
+                        ) -> tuple[dict[str, TeacherSignal], dict[str, Any]] | None:
+    """Reuse, finish or build the teacher cache (``loss_config.teacher_cache``: hidden or topk) of each
+    named dataset (``{"train": ..., "dev": ... or None}``) under ``root/NAME``, and open its signal.
+
+    Returns ``({name: signal}, {name: the cache's build info})``; None when the live teacher stays (the
+    unfused path cannot recompute logits from a hidden cache). Check the signal with
+    :func:`check_run_signal` before training on it."""
+    kind = loss_config.teacher_cache
+    if kind == "hidden" and live.head is None:
+        log.info("teacher cache hidden: the unfused loss path has no teacher LM head to recompute the logits "
+                 "with; the live teacher is used")
+        return None
+    teacher = teacher_fingerprint(live.teacher, fingerprint)
+    dtype = str(next(live.teacher.parameters()).dtype).removeprefix("torch.")
+    if kind == "hidden":
+        def rows(batch):
+            """The cache's rows of a collated batch: hidden [N, H_t]."""
+            return live.hidden_rows(to_device(batch, device))
+    else:
+        def rows(batch):
+            """The cache's rows of a collated batch: token ids and logits [N, k], tail [N, n_T]."""
+            return live.topk_rows(to_device(batch, device), k=loss_config.teacher_cache_topk,
+                                  temperatures=temperatures, chunk_size=chunk_size)
+    infos: dict[str, Any] = {}
+    signals: dict[str, TeacherSignal] = {}
+    for name, data in datasets.items():
+        if data is None:
+            continue
+        stamp = tcache.cache_stamp(kind=kind, teacher_fingerprint=teacher, teacher_dtype=dtype,
+                                   data_fingerprint=tokenized_fingerprint(data), dtype=loss_config.teacher_cache_dtype,
+                                   vocab_size=live.vocab_size, topk=loss_config.teacher_cache_topk,
+                                   temperatures=temperatures)
+        cache, infos[name] = tcache.prepare_teacher_cache(
+            root / name, data, teacher_fn=rows, stamp=stamp, batch_size=batch_size, pad_token_id=pad_token_id,
+            accelerator=accelerator, progress=progress, name=name)
+        signals[name] = (CachedHiddenTeacher(cache, live.head, device) if kind == "hidden"
+                         else CachedTopKTeacher(cache, device))
+    return signals, infos
+
+
+def check_run_signal(signal: TeacherSignal, infos: dict[str, Any], *, loss_config,
+                     measure: Callable[[TeacherSignal], list[SignalError]]) -> None:
+    """Record in ``infos`` (summary.json's ``teacher_cache``) which signal the run trains on; an
+    approximate one (top-k, or hidden states stored in half precision) is measured against the live
+    teacher with ``measure`` and refused above ``loss.teacher_cache_max_error`` unless accepted
+    (:func:`check_signal_error`)."""
+    infos["signal"] = signal.name
+    infos["exact"] = signal.exact
+    if not signal.exact:
+        errors = measure(signal)
+        infos["error_vs_live"] = [e.to_dict() for e in errors]
+        check_signal_error(signal, errors, max_error=loss_config.teacher_cache_max_error,
+                           accepted=[loss_config.accept_approximation])
+
+
+def measure_run_signal(signal: TeacherSignal, live: TeacherSignal, batches: Sequence[dict[str, Any]],
+                       stages: Sequence[Stage], *, divergence: str,
+                       divergence_sum: Callable[[dict[str, Any], TeacherSide, Stage], tuple[float, int]]
+                       ) -> list[SignalError]:
+    """:func:`measure_signal_error` of ``signal`` against ``live`` on ``batches``, once per distinct
+    (temperature, divergence) of the KD stages, labelled as in the log (``divergence`` with the stage's
+    skew). ``divergence_sum(batch, side, stage)``: the student's divergence sum over the batch's tokens
+    at the stage's temperature and divergence, and the token count."""
+    checks: dict[tuple[float, str], Stage] = {}
+    for stage in stages:
+        if stage.alpha > 0:
+            label = divergence + ("" if stage.skew is None else f"(skew={stage.skew:g})")
+            checks.setdefault((stage.temperature, label), stage)
+    return measure_signal_error(signal, live, batches, checks=sorted(checks),
+                                divergence_sum=lambda batch, side, t, label: divergence_sum(batch, side,
+                                                                                            checks[t, label]))

@@ -1,0 +1,321 @@
+"""A run's output folder: its preparation, checkpoints, resume, the final/ and best/ models, the
+run's config and summary files, and the random streams a checkpoint restores.
+
+Layout of ``OUTPUT_DIR`` (:data:`pocl.training.output_dirs.RUN_NAMES`)::
+
+    config.yaml, metrics.jsonl, summary.json, summary.md, tensorboard/
+    checkpoints/step-NNNNNNNN/   student weights, trainer_state.json, optimizer.pt, scheduler.pt, rng.pt
+                                 (+ replay_buffer.json with on-policy replay), manifest.json last
+    final/, best/                plain Hugging Face model folders (LoRA merged), never of non-finite weights
+
+Nothing here writes non-finite student weights: a checkpoint of them is skipped (the previous ones
+stay), final/ and best/ are refused with :class:`~pocl.training.state.NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pocl.errors import CheckpointError
+from pocl.model_checks import first_nonfinite_tensor
+from pocl.models import load_training_weights, save_model_folder, save_training_weights
+from pocl.training import checkpoint as ckpt
+from pocl.training.onpolicy import REPLAY_FILE
+from pocl.training.state import NonFiniteLossError, TrainState
+from pocl.training.summary import write_summary
+
+log = logging.getLogger("pocl.train")
+
+__all__ = ["Resumed", "RunStore", "check_resume_before_training", "rng_state", "run_fingerprints", "seed_everything"]
+
+#: What ``--overwrite`` deletes in a run folder (the ranking and the teacher cache are kept).
+OVERWRITTEN = ("checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md",
+               "config.yaml")
+
+
+# ------------------------------------------------------------------------------------ random streams
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global random streams."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global random states (Python, numpy, torch and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore the states :func:`rng_state` returned."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ------------------------------------------------------------------------------------ resume checks
+def run_fingerprints(given: dict[str, Any] | None, *, train_data, dev_data, stages: Sequence) -> dict[str, Any]:
+    """The fingerprints a checkpoint records and a resume compares: the ``given`` ones (models, data),
+    the tokenized training and dev data unless given, and the stages (settings and sample ids)."""
+    fingerprints = dict(given or {})
+    fingerprints.setdefault("train_data", ckpt.tokenized_fingerprint(train_data))
+    fingerprints.setdefault("dev_data", ckpt.tokenized_fingerprint(dev_data))
+    fingerprints["stages"] = hashlib.sha256(json.dumps(
+        [dict(s.to_dict(), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
+         for s in stages], sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprints
+
+
+def _check_compatible(saved: dict[str, Any], folder: Path, *, config, fingerprints: dict[str, Any],
+                      num_processes: int, allow_change: bool) -> None:
+    """Refuse (CheckpointError) to resume from ``folder`` (its ``trainer_state.json``: ``saved``) when
+    the run differs from it; with ``allow_change``, a warning instead."""
+    problems = ckpt.resume_differences(saved, config=config, fingerprints=fingerprints, num_processes=num_processes)
+    if not problems:
+        return
+    message = ckpt.resume_refusal_message(folder, problems)
+    if allow_change:
+        log.warning("%s\nresuming anyway (--allow-config-change)", message.rsplit("\n", 1)[0])
+    else:
+        raise CheckpointError(message)
+
+
+def check_resume_before_training(output_dir: Path, *, config, fingerprints: Callable[[], dict[str, Any]],
+                                 num_processes: int) -> None:
+    """The cheap look-ahead of the trainer's resume check (sizes, not checksums): CheckpointError when
+    the newest checkpoint in ``output_dir`` belongs to another run. ``fingerprints()``: the run's
+    fingerprints known so far, called only when there is a checkpoint (hashing the data takes time)."""
+    found = ckpt.newest_resume_state(Path(output_dir) / "checkpoints")
+    if found is None:
+        return
+    folder, saved = found
+    _check_compatible(saved, folder, config=config, fingerprints=fingerprints(), num_processes=num_processes,
+                      allow_change=False)
+
+
+@dataclasses.dataclass
+class Resumed:
+    """A checkpoint found at the start of a run: its folder and state; ``completed``: the output folder
+    holds this run completed (nothing was loaded)."""
+
+    folder: Path
+    state: TrainState
+    completed: bool
+
+
+# ------------------------------------------------------------------------------------ the store
+class RunStore:
+    """The output folder of one run (``config.train.output_dir``) as the trainer's processes see it:
+    the main process writes, every process takes the same decisions."""
+
+    def __init__(self, config, accelerator):
+        """``config``: the run's :class:`pocl.config.DistillConfig`; ``accelerator``: its processes."""
+        self.cfg = config
+        self.accelerator = accelerator
+        self.output_dir = Path(config.train.output_dir)
+
+    # ---------------------------------------------------------------- folder
+    def prepare(self) -> None:
+        """``--overwrite``: delete the run's earlier outputs (not its ranking nor its teacher cache).
+        ``--resume never``: refuse a folder that holds checkpoints."""
+        tc = self.cfg.train
+        if tc.overwrite and self.output_dir.exists() and self.accelerator.is_main_process:
+            for name in OVERWRITTEN:
+                p = self.output_dir / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        self.accelerator.wait_for_everyone()
+        if tc.resume == "never" and ckpt.list_checkpoints(self.output_dir / "checkpoints"):
+            raise CheckpointError(f"{self.output_dir} already holds checkpoints; use --resume auto to continue, "
+                                  "--overwrite to start over, or another --output-dir")
+
+    def write_config(self) -> None:
+        """Create the folder and write ``config.yaml`` (main process)."""
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` and ``summary.md`` (main process)."""
+        if self.accelerator.is_main_process:
+            write_summary(self.output_dir, summary)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, *, student: nn.Module, tokenizer, optimizer, scheduler, state: TrainState,
+                        stages: Sequence, fingerprints: dict[str, Any], replay=None) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically (main process only) and prune old ones.
+
+        Never a checkpoint of non-finite student weights: then nothing is written (a warning names the
+        tensor), the previous checkpoints stay, and a resume starts from finite weights. Returns None
+        then (the decision is the same on every process: they hold the same weights)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.output_dir / "checkpoints" / ckpt.step_dir_name(state.global_step)
+        bad = first_nonfinite_tensor(student)
+        if bad is not None:
+            kept = ckpt.list_checkpoints(folder.parent)
+            (log.warning if acc.is_main_process else log.debug)(
+                "step %d: the student's weights are not finite (%s); not saving checkpoint %s. %s",
+                state.global_step, bad.describe(), folder,
+                f"The last checkpoint, {kept[0][1]}, is kept: a resume starts from it." if kept else
+                "There is no earlier checkpoint: a resume starts over.")
+            return None
+        # Every process's RNG state, so that a resumed run continues each process's random stream.
+        rng_states = [rng_state()]
+        replay_states = [replay.state_dict()] if replay is not None else []
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
+            if replay is not None:
+                replay_states = gather_object(replay_states)
+        if acc.is_main_process:
+            trainer_state = {
+                "state": dataclasses.asdict(state),
+                "config": self.cfg.to_dict(),
+                "config_hash": self.cfg.training_hash(),
+                "fingerprints": fingerprints,
+                "stages": [s.to_dict() for s in stages],
+                "num_processes": acc.num_processes,
+            }
+
+            def write(tmp: Path) -> None:
+                """Fill the checkpoint's temporary folder (its manifest is added after)."""
+                save_training_weights(student, tokenizer, tmp)
+                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str),
+                                                        encoding="utf-8")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
+                torch.save({"per_process": rng_states}, tmp / "rng.pt")
+                if replay is not None:
+                    (tmp / REPLAY_FILE).write_text(json.dumps(
+                        {"format": "pocl-replay-buffer-v1", "per_process": replay_states}), encoding="utf-8")
+
+            ckpt.atomic_folder_write(folder, write, manifest_extra={"step": state.global_step})
+            ckpt.prune_checkpoints(folder.parent, self.cfg.train.save_total_limit)
+        acc.wait_for_everyone()
+        return folder
+
+    def resume(self, *, student: nn.Module, stages: Sequence, fingerprints: dict[str, Any],
+               replay=None) -> Resumed | None:
+        """Find the newest intact checkpoint and, unless the run is already completed on disk, load it:
+        the student's weights, this process's random states and replay buffer. None: nothing to resume
+        (``--resume never``, or no checkpoint). The optimizer and scheduler states are loaded when the
+        stage starts (:meth:`load_optimizer`). Refuses a checkpoint of another run (CheckpointError)."""
+        folder_root = self.output_dir / "checkpoints"
+        ckpt.clean_temporaries(folder_root)
+        ckpt.clean_temporaries(self.output_dir)
+        existing = ckpt.list_checkpoints(folder_root)
+        if self.cfg.train.resume == "never" or not existing:
+            return None
+        folder = ckpt.latest_valid_checkpoint(folder_root)
+        if folder is None:
+            raise CheckpointError(f"{folder_root} has checkpoints but none is complete and intact; "
+                                  "use --overwrite to start over")
+        saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        _check_compatible(saved, folder, config=self.cfg, fingerprints=fingerprints,
+                          num_processes=self.accelerator.num_processes,
+                          allow_change=self.cfg.train.allow_config_change)
+        state = TrainState(**saved["state"])
+        if self.completed_on_disk(state, len(stages)):
+            return Resumed(folder, state, completed=True)  # for the summary of the result; no weights loaded
+        load_training_weights(student, folder)
+        rank = self.accelerator.process_index
+        _set_rng_state(torch.load(folder / "rng.pt", weights_only=False)["per_process"][rank])
+        if replay is not None:
+            replay_file = folder / REPLAY_FILE
+            if replay_file.is_file():
+                states = json.loads(replay_file.read_text(encoding="utf-8"))["per_process"]
+                replay.load_state_dict(states[rank])
+            else:
+                log.warning("%s has no replay buffer; resuming with an empty one", folder)
+        log.info("resuming from %s (stage %d '%s', step %d of the stage, global step %d)", folder,
+                 state.stage_index + 1, stages[min(state.stage_index, len(stages) - 1)].name,
+                 state.stage_step, state.global_step)
+        return Resumed(folder, state, completed=False)
+
+    @staticmethod
+    def load_optimizer(folder: Path, optimizer, scheduler, *, stage_step: int, restart_optimizer: bool) -> None:
+        """The optimizer and scheduler states of checkpoint ``folder``, as the stage resumed there needs
+        them: at a stage boundary a restarting stage begins from a fresh optimizer, exactly as the
+        uninterrupted run does; inside a stage the saved moments and schedule continue."""
+        if stage_step > 0 or not restart_optimizer:
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        sched_state = torch.load(folder / "scheduler.pt", weights_only=False)
+        if sched_state and stage_step > 0:
+            scheduler.load_state_dict(sched_state)
+
+    def completed_on_disk(self, state: TrainState, num_stages: int) -> bool:
+        """Whether the output folder holds this run completed: every stage done in the newest checkpoint,
+        final/ intact (its manifest's files present with their sizes) and summary.json saying so. A run
+        that stopped between its last checkpoint and writing final/ or the summary is not: it finishes."""
+        if not (state.finished or state.stage_index >= num_stages):
+            return False
+        try:
+            ckpt.verify_folder(self.output_dir / "final", check_hashes=False)
+            summary = json.loads((self.output_dir / "summary.json").read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(summary, dict) and summary.get("status") == "completed"
+
+    def report_already_completed(self, step: int) -> None:
+        """The one line of a rerun of a completed run (main process): nothing is trained or written."""
+        if self.accelerator.is_main_process:
+            log.warning("run in %s already completed at step %d (%s exists); nothing to do: nothing was trained "
+                        "or written. To train again, give a new --output-dir, or --overwrite to start this run over "
+                        "(it deletes the run's checkpoints, final/, best/, metrics and summary; the difficulty "
+                        "ranking and the teacher cache are kept and reused when they fit)", self.output_dir,
+                        step, self.output_dir / "final")
+
+    # ---------------------------------------------------------------- models
+    def check_finite_weights(self, student: nn.Module, target: Path, step: int) -> None:
+        """Raise NonFiniteLossError (naming the tensor) when the student's weights hold NaN or inf: such a
+        model is never written to ``target`` (final/ or best/)."""
+        bad = first_nonfinite_tensor(student)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the student's weights are not finite at global step {step}: {bad.describe()}; "
+                f"not writing {target} (nothing was written). No checkpoint holds such weights (checkpoints are "
+                f"saved only with finite weights): the last one in {self.output_dir / 'checkpoints'} is a finite "
+                "state to resume from. Lower the learning rate or check the data.")
+
+    def save_model_folder(self, tmp: Path, student: nn.Module, tokenizer, step: int) -> None:
+        """Write the student as a plain Hugging Face folder (LoRA adapters merged) into ``tmp``, the
+        temporary folder of final/ or best/ (``.tmp-NAME-xxxxxxxx``): refused before any file is written
+        there when its weights are not finite, and atomic_folder_write removes it, so the folder on disk
+        stays as it was."""
+        name = tmp.name[len(".tmp-"):].rsplit("-", 1)[0] if tmp.name.startswith(".tmp-") else tmp.name
+        self.check_finite_weights(student, tmp.parent / name, step)
+        save_model_folder(student, tokenizer, tmp)
+
+    def write_model(self, name: str, write: Callable[[Path], None], manifest_extra: dict[str, Any] | None = None
+                    ) -> Path:
+        """Write ``OUTPUT_DIR/name`` (final or best) atomically with ``write(tmp)`` on the main process."""
+        target = self.output_dir / name
+        if self.accelerator.is_main_process:
+            ckpt.atomic_folder_write(target, write, manifest_extra=manifest_extra)
+        return target
+
+    def existing(self, name: str) -> Path | None:
+        """``OUTPUT_DIR/name`` when it exists (best/ of a run with a dev set), else None."""
+        path = self.output_dir / name
+        return path if path.exists() else None
