@@ -121,7 +121,7 @@ def test_example_configs_load():
 def test_every_selection_metric_has_a_known_direction():
     import typing
 
-    from pocl.configuration import literal_choices
+    from pocl.config.schema import literal_choices
     from pocl.training.selection import METRICS, SELECTABLE, is_better
 
     choices = literal_choices(typing.get_type_hints(TrainConfig)["selection_metric"])

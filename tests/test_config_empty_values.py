@@ -11,7 +11,7 @@ import pytest
 
 from pocl.cli import build_config, flag_name, make_parser, parse_command_line
 from pocl.config import SECTIONS, DistillConfig
-from pocl.configuration import allows_none, strip_optional
+from pocl.config.schema import allows_none, strip_optional
 from pocl.curriculum.schedule import baby_step_stages
 from pocl.errors import ConfigError
 from tests.reliability.helpers import run_cli, snapshot

@@ -10,7 +10,7 @@ import pytest
 
 from pocl.cli import flag_name, main
 from pocl.errors import ConfigError
-from pocl.evaluation.config import EvalConfig, default_model_name, named_specs, split_named_spec
+from pocl.config.eval import EvalConfig, default_model_name, named_specs, split_named_spec
 from tests.conftest import write_jsonl
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pocl.baselines as baselines
-from pocl.configuration import stable_hash
+from pocl.config.schema import stable_hash
 from pocl.data import get_template, load_records, tokenize_records
 from pocl.generation import DecodingConfig
 from tests.conftest import make_llama

@@ -148,7 +148,7 @@ class Spec:
 
 def load_spec(path: str | Path) -> Spec:
     """Read and check a matrix spec; every error names the spec file and the field."""
-    from pocl.configuration import load_yaml
+    from pocl.config.schema import load_yaml
 
     path = Path(path)
     raw = _expand(load_yaml(path), path, "")
@@ -633,8 +633,8 @@ def model_path_of(spec: Spec, run: Run) -> Path | str:
 def evaluate(spec: Spec, run: Run, *, progress: bool = True) -> dict | None:
     """The run's ``pocl eval`` results.json, from the cache when its stamp still matches. None when the
     model does not exist (the run is not finished)."""
-    from pocl.configuration import stable_hash
-    from pocl.evaluation.config import EvalConfig
+    from pocl.config.schema import stable_hash
+    from pocl.config.eval import EvalConfig
     from pocl.evaluation.runner import run_eval
     from pocl.models import model_fingerprint
 
@@ -909,7 +909,7 @@ def estimate_seconds(spec: Spec, plan: list[Run]) -> dict[str, float] | None:
                                + est.get("seconds_per_run_overhead", 0))
     rank = n * est.get("seconds_per_rank_sample", 0) if any(r.is_pocl for r in plan) else 0.0
     prompts = 0
-    from pocl.evaluation.config import default_set_name, named_specs
+    from pocl.config.eval import default_set_name, named_specs
 
     for _, path in named_specs(list(spec.eval["data"]), kind="data", default_name=default_set_name):
         rows = _count_rows(path) or 0

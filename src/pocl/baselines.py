@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from pocl.atomic import atomic_write
-from pocl.configuration import stable_hash
+from pocl.config.schema import stable_hash
 from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
 from pocl.errors import CheckpointError, ConfigError
 from pocl.generation import (DecodingConfig, Generation, effective_settings, generate, length_sorted_batches,

@@ -379,7 +379,7 @@ def fit_ranking_curriculum(curriculum: Any, model: Any, data_settings: dict[str,
 
 # ------------------------------------------------------------------------------------------ eval
 def fit_eval_config(config: Any, context: Context | None) -> tuple[Any, Fit | None]:
-    """``(config, fit)``: the :class:`pocl.evaluation.config.EvalConfig` whose ``max_prompt_length`` and
+    """``(config, fit)``: the :class:`pocl.config.EvalConfig` whose ``max_prompt_length`` and
     ``max_new_tokens`` fit ``context`` (a copy when defaults were clipped, with one warning; ConfigError
     for given values that cannot fit), and the :class:`Fit` (None when the context is unknown)."""
     if context is None:

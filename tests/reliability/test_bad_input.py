@@ -263,7 +263,7 @@ def test_a_full_disk_while_replacing_final(use_copy, tiny_pair, capsys, monkeypa
 
 def test_a_full_disk_while_logging_or_writing_ranking_files(tmp_path, monkeypatch):
     """The other writers report ENOSPC the same way (CheckpointError: exit 2) and keep what was on disk."""
-    import pocl.curriculum.ranking as ranking_mod
+    import pocl.curriculum.ranking_journal as journal_mod
     from pocl.curriculum import RankedSample, write_ranking
     from pocl.errors import CheckpointError
     from pocl.training.metrics import MetricsLogger
@@ -288,13 +288,13 @@ def test_a_full_disk_while_logging_or_writing_ranking_files(tmp_path, monkeypatc
     ranking = [RankedSample(id="a", rank=1, score=None, rouge_l=None, loss=None, rouge_rank=None, loss_rank=None)]
     write_ranking(path, ranking, {"signals_hash": "x"})
     before = snapshot(tmp_path)
-    monkeypatch.setattr(ranking_mod.os, "fsync", _no_space)
+    monkeypatch.setattr(journal_mod.os, "fsync", _no_space)
     with pytest.raises(CheckpointError, match=r"cannot write .*ranking.jsonl: No space left on device \(errno 28\); "
                                               r"the previous file, if any, is unchanged"):
         write_ranking(path, ranking + [dataclasses.replace(ranking[0], id="b", rank=2)], {"signals_hash": "x"})
     assert snapshot(tmp_path) == before  # and no temporary file left
 
-    journal = ranking_mod._PartialMeasurement.__new__(ranking_mod._PartialMeasurement)
+    journal = journal_mod.PartialMeasurement.__new__(journal_mod.PartialMeasurement)
     journal.path = tmp_path / "ranking.partial.jsonl"
     journal._fh = open(journal.path, "ab")
     with pytest.raises(CheckpointError, match=r"cannot append to .*ranking.partial.jsonl: No space left on device "

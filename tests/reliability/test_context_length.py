@@ -27,7 +27,7 @@ from pocl.context_length import (
     read_context,
 )
 from pocl.errors import ConfigError
-from pocl.evaluation.config import EvalConfig
+from pocl.config.eval import EvalConfig
 from tests.reliability.helpers import run_cli, snapshot
 
 WARNING = "is shorter than the default lengths"

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 import pocl.curriculum.difficulty as difficulty
-import pocl.curriculum.ranking as ranking_mod
+import pocl.curriculum.ranking_journal as journal_mod
+import pocl.curriculum.ranking_stamps as stamps_mod
 from pocl.config import CurriculumConfig
 from pocl.curriculum import load_or_compute_ranking, read_ranking
 from pocl.curriculum.ranking import partial_path
@@ -239,26 +240,26 @@ def test_sharded_processes_resume_from_the_same_partial_file(tmp_path, records, 
 
     board = _Board(2)
     appended_by = []
-    real_append = ranking_mod._PartialMeasurement._append
+    real_append = journal_mod.PartialMeasurement._append
 
     def append(self, entry):
         appended_by.append((self.dist.rank, entry["signal"], entry["batch"]))
         real_append(self, entry)
 
-    monkeypatch.setattr(ranking_mod._PartialMeasurement, "_append", append)
+    monkeypatch.setattr(journal_mod.PartialMeasurement, "_append", append)
     models = [student, copy.deepcopy(student)]
     results, errors = {}, []
-    settings, template = ranking_mod._settings(SETTINGS, suite_tokenizer)
+    settings, template = stamps_mod.resolve_settings(SETTINGS, suite_tokenizer)
     curriculum = CurriculumConfig(rank_max_new_tokens=4, rank_batch_size=BATCH)
-    hashes = ranking_mod.sample_hashes(records, template)
-    sig_hash = ranking_mod._hash(ranking_mod.signals_inputs(
+    hashes = stamps_mod.sample_hashes(records, template)
+    sig_hash = stamps_mod.stamp_hash(stamps_mod.signals_inputs(
         records=records, tokenizer=suite_tokenizer, model_fingerprint="student-a", curriculum=curriculum,
         data_settings=settings, _hashes=hashes))
 
     def worker(rank):
         try:
             dist = _FakeDist(board, rank, 2)
-            journal = ranking_mod._PartialMeasurement(partial_path(path), sig_hash, dist)
+            journal = journal_mod.PartialMeasurement(partial_path(path), sig_hash, dist)
             results[rank] = (difficulty.measure_difficulty(
                 models[rank], suite_tokenizer, records, template=template, max_length=40, max_prompt_length=24,
                 decoding=difficulty.ranking_decoding(curriculum), batch_size=BATCH, seed=0, progress=False,

@@ -9,7 +9,7 @@ import json
 import shutil
 
 from pocl.reporting import plot_training_curves, training_curves_data
-from pocl.reporting.plots import _difficulty_stages
+from pocl.reporting.difficulty_plot import difficulty_stages
 from tests.reliability import conftest as reliability
 from tests.reliability.helpers import run_cli, snapshot
 from tests.reporting.test_plots import assert_png
@@ -76,7 +76,7 @@ def test_without_summary_json_the_checkpoint_and_the_metrics_give_the_stages(use
 def test_the_difficulty_plot_gets_every_planned_stage(use_copy):
     run = use_copy("interrupted") / "run"
     summary = json.loads((run / "summary.json").read_text())
-    stages = _difficulty_stages(run, summary)["stages"]
+    stages = difficulty_stages(run, summary)["stages"]
     assert [(s["name"], s["num_samples"]) for s in stages] == [("stage1", 24), ("stage2", 48)]
 
 

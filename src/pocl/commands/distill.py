@@ -56,7 +56,7 @@ def check_models_and_data(config) -> None:
     YAML) it runs the built-in default; with any of them, --teacher, --student and --train-file are all
     required (no --teacher with --method sft). Otherwise a ConfigError (exit 2) names what is missing."""
     for section, name, flag in MODEL_AND_DATA:
-        # An empty value means "not set" for optional settings (pocl.configuration), but an empty path
+        # An empty value means "not set" for optional settings (pocl.config.schema), but an empty path
         # given on purpose is a mistake (an unset shell variable), not a request for the built-in default.
         if config.is_given(f"{section}.{name}") and getattr(getattr(config, section), name) is None:
             raise ConfigError(f"{section}.{name}: {flag} was given an empty value; give a model folder or file, or "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pocl.commands.flags import add_section_flags, collect_overrides
-from pocl.evaluation.config import EvalConfig
+from pocl.config.eval import EvalConfig
 
 
 def register(sub) -> None:

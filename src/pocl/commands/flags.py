@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pocl.config import DistillConfig
-from pocl.configuration import ConfigSection, allows_none, coerce, literal_choices, strip_optional
+from pocl.config.schema import ConfigSection, allows_none, coerce, literal_choices, strip_optional
 from pocl.errors import ConfigError
 
 

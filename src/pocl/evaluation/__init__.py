@@ -5,7 +5,7 @@ from pocl.evaluation.metrics import (EM_NORMALIZATIONS, exact_match, mean_std, n
                                      rouge_l)
 
 _LAZY = {
-    "EvalConfig": "pocl.evaluation.config",
+    "EvalConfig": "pocl.config.eval",
     "EvalSet": "pocl.evaluation.formats",
     "load_eval_set": "pocl.evaluation.formats",
     "SampleResult": "pocl.evaluation.runner",

@@ -94,7 +94,7 @@ def load_ranking(path: str | Path) -> Ranking:
 
 def ranking_specs(specs: Sequence[str], set_names: Sequence[str]) -> dict[str, str]:
     """``[SET=]FILE`` specs -> {set name: ranking path}. SET may be omitted only with one set."""
-    from pocl.evaluation.config import split_named_spec
+    from pocl.config.eval import split_named_spec
 
     out: dict[str, str] = {}
     for spec in specs:

@@ -166,7 +166,7 @@ def load_eval_set(path: str | Path, *, name: str | None = None, max_samples: int
 
     ``max_samples`` keeps the first N rows (after validation of the whole file).
     """
-    from pocl.evaluation.config import default_set_name
+    from pocl.config.eval import default_set_name
 
     source = str(path)
     p = Path(source).expanduser()

@@ -352,7 +352,7 @@ def _check_loaded_context(context, config) -> None:
 def run_eval(config) -> EvalReport:
     """``pocl eval``: every model on every set, then the output files. ``config`` is an EvalConfig."""
     from pocl.evaluation.breakdown import breakdown, load_ranking, ranking_specs, verify_ranking
-    from pocl.evaluation.config import default_model_name, named_specs
+    from pocl.config.eval import default_model_name, named_specs
     from pocl.evaluation.formats import describe, load_eval_set
     from pocl.evaluation.report import markdown_report
     from pocl.model_checks import first_nonfinite_tensor, split_model_spec
@@ -368,7 +368,7 @@ def run_eval(config) -> EvalReport:
     from pocl.training.output_dirs import check_output_dir
 
     check_output_dir(config.output_dir, inputs=[(f"model '{name}'", spec) for name, spec in models], kind="eval")
-    from pocl.evaluation.config import default_set_name
+    from pocl.config.eval import default_set_name
 
     sets = [load_eval_set(path, name=name, max_samples=config.max_samples)
             for name, path in named_specs(config.data, kind="data", default_name=default_set_name)]

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from pocl.config import weight_free_keys
 from pocl.errors import CheckpointError
 
 log = logging.getLogger("pocl.checkpoint")
@@ -283,11 +284,9 @@ def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None)
 
 
 # ------------------------------------------------------------------------------------------- resume checks
-#: Settings that do not change the trained weights: a resumed run may change them freely.
-RESUME_FREE_KEYS = ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
-                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes",
-                    "teacher_cache_dir", "teacher_cache_max_error", "teacher_cache_check_samples",
-                    "accept_approximation")
+#: Settings that do not change the trained weights (declared ``option(..., affects_weights=False)``):
+#: a resumed run may change them freely.
+RESUME_FREE_KEYS = weight_free_keys()
 
 
 def tokenized_fingerprint(data) -> str | None:

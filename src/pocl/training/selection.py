@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pocl.evaluation.runner as eval_runner
+from pocl.config import SELECTABLE_METRICS
 from pocl.data import get_template
 from pocl.errors import ConfigError, suggest
 from pocl.generation import DecodingConfig
@@ -60,7 +61,7 @@ METRICS: dict[str, DevMetric] = {m.name: m for m in (
 )}
 
 #: The metrics ``--selection-metric`` accepts (``TrainConfig.selection_metric``), the default first.
-SELECTABLE = ("dev_rouge_l", "dev_ce", "dev_loss")
+SELECTABLE = SELECTABLE_METRICS  # the one list is the config's (pocl.config.distill.SelectionMetric)
 
 #: Minimal change of the stage's best value that counts as an improvement for the plateau rule.
 PLATEAU_MIN_DELTA = 1e-6

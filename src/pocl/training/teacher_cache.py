@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from pocl._version import __version__
-from pocl.configuration import stable_hash
+from pocl.config.schema import stable_hash
 from pocl.data import TokenizedDataset, collate, group_by_length
 from pocl.errors import CheckpointError
 from pocl.losses import TopKTeacher

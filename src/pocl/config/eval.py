@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from pocl.configuration import ConfigSection, load_yaml, option
+from pocl.config.schema import ConfigSection, load_yaml, option
 from pocl.errors import ConfigError
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)

@@ -21,8 +21,26 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pocl.configuration import ConfigSection, coerce, load_yaml, option, stable_hash
+from pocl.config.schema import (
+    ConfigSection,
+    coerce,
+    load_yaml,
+    option,
+    stable_hash,
+    weight_free_fields,
+)
 from pocl.errors import ConfigError, suggest
+
+#: The metrics that choose a run's best model and measure a stage's plateau; the one list of them
+#: (:data:`pocl.training.selection.SELECTABLE` is this tuple).
+SelectionMetric = Literal["dev_rouge_l", "dev_ce", "dev_loss"]
+SELECTABLE_METRICS: tuple[str, ...] = typing.get_args(SelectionMetric)
+
+#: The difficulty measurers of the curriculum. Their registry
+#: (:data:`pocl.curriculum.difficulty.MEASURERS`) imports torch, which this module must not; a test
+#: asserts that the two name the same measurers.
+MeasurerName = Literal["rrf", "rouge", "loss", "random", "reverse"]
+MEASURER_NAMES: tuple[str, ...] = typing.get_args(MeasurerName)
 
 
 @dataclasses.dataclass
@@ -176,18 +194,19 @@ class LossConfig(ConfigSection):
         "bfloat16 halve the disk and are approximations: their error is measured like topk's.")
     teacher_cache_dir: str | None = option(
         None, "Folder of the teacher cache (default: OUTPUT_DIR/teacher_cache). Reused when its stamp (kind, teacher, "
-        "data, dtype; k and temperatures for topk) matches, rebuilt otherwise.", metavar="PATH")
+        "data, dtype; k and temperatures for topk) matches, rebuilt otherwise.", metavar="PATH", affects_weights=False)
     teacher_cache_max_error: float = option(
         0.01, "Largest relative error of the divergence (cached vs live teacher, measured on the first "
         "--teacher-cache-check-samples training samples at every stage temperature with the initial student) that "
-        "an approximate cache may have; above it the run stops unless --accept-approximation names it.")
+        "an approximate cache may have; above it the run stops unless --accept-approximation names it.",
+        affects_weights=False)
     teacher_cache_check_samples: int = option(
         16, "Training samples on which an approximate teacher cache is compared with the live teacher before "
-        "training (the errors are logged and written to summary.json).")
+        "training (the errors are logged and written to summary.json).", affects_weights=False)
     accept_approximation: Literal["none", "topk-cache", "half-precision-cache"] = option(
         "none", "Accept a teacher signal that changes the objective by more than --teacher-cache-max-error: "
         "topk-cache (--teacher-cache topk) or half-precision-cache (--teacher-cache-dtype float16/bfloat16). The "
-        "measured error is still logged and recorded.")
+        "measured error is still logged and recorded.", affects_weights=False)
 
     def __post_init__(self) -> None:
         from pocl.losses import DIVERGENCES  # late import: the registry imports torch
@@ -270,7 +289,8 @@ class TrainConfig(ConfigSection):
 
     section_name = "train"
 
-    output_dir: str = option("runs/pocl", "Folder of the run: checkpoints, final model, metrics, TensorBoard logs.", metavar="PATH")
+    output_dir: str = option("runs/pocl", "Folder of the run: checkpoints, final model, metrics, TensorBoard logs.",
+                             metavar="PATH", affects_weights=False)
     batch_size: int = option(64, "Global batch size (samples per optimizer step, over all processes).")
     micro_batch_size: int = option(8, "Samples per forward/backward pass on one process; gradient accumulation "
                                    "makes up the global batch.")
@@ -281,19 +301,22 @@ class TrainConfig(ConfigSection):
                                    "stage it falls in is cut short (its learning-rate schedule too) and later "
                                    "stages do not run.")
     seed: int = option(10, "Seed of initialisation, shuffling and sampling.")
-    eval_every: int = option(0, "Evaluate on the dev set every N optimizer steps (0: at the end of every epoch).")
-    eval_batch_size: int = option(16, "Samples per forward pass during dev evaluation.")
-    save_every: int = option(0, "Write a checkpoint every N optimizer steps (0: at the end of every epoch).")
-    save_total_limit: int = option(2, "Keep at most this many step checkpoints (older ones are deleted).")
+    eval_every: int = option(0, "Evaluate on the dev set every N optimizer steps (0: at the end of every epoch).",
+                             affects_weights=False)
+    eval_batch_size: int = option(16, "Samples per forward pass during dev evaluation.", affects_weights=False)
+    save_every: int = option(0, "Write a checkpoint every N optimizer steps (0: at the end of every epoch).",
+                             affects_weights=False)
+    save_total_limit: int = option(2, "Keep at most this many step checkpoints (older ones are deleted).",
+                                   affects_weights=False)
     resume: Literal["auto", "never"] = option(
         "auto", "auto: continue from the last complete checkpoint in output_dir when there is one; never: "
-        "start over (refused if output_dir already has checkpoints, unless --overwrite).")
-    overwrite: bool = option(False, "Delete an existing run in output_dir before starting.")
+        "start over (refused if output_dir already has checkpoints, unless --overwrite).", affects_weights=False)
+    overwrite: bool = option(False, "Delete an existing run in output_dir before starting.", affects_weights=False)
     allow_config_change: bool = option(False, "Resume even though the config, models or data differ from the "
-                                       "checkpoint's (the differences are printed).")
-    log_every: int = option(10, "Log training metrics every N optimizer steps.")
-    tensorboard: bool = option(True, "Write TensorBoard logs to output_dir/tensorboard.")
-    progress: bool = option(True, "Show a progress bar.")
+                                       "checkpoint's (the differences are printed).", affects_weights=False)
+    log_every: int = option(10, "Log training metrics every N optimizer steps.", affects_weights=False)
+    tensorboard: bool = option(True, "Write TensorBoard logs to output_dir/tensorboard.", affects_weights=False)
+    progress: bool = option(True, "Show a progress bar.", affects_weights=False)
     max_nonfinite_steps: int = option(5, "Skip optimizer steps whose loss or gradient is NaN/inf; stop the run "
                                       "after this many in a row.")
     sort_micro_batches: bool = option(True, "Within a step, group samples of similar length into micro-batches "
@@ -306,7 +329,7 @@ class TrainConfig(ConfigSection):
         "selection\"); --selection-metric dev_ce needs none.")
     dev_rouge_max_new_tokens: int = option(256, "Maximum new tokens of the dev ROUGE-L generations (the "
                                            "evaluation protocol's 256).")
-    selection_metric: Literal["dev_rouge_l", "dev_ce", "dev_loss"] = option(
+    selection_metric: SelectionMetric = option(
         "dev_rouge_l", "How the best model (OUTPUT_DIR/best) is chosen, and what a stage's plateau "
         "(--plateau-patience) is measured on: dev_rouge_l (ROUGE-L of sampled dev answers, higher is better; "
         "the spec's choice), dev_ce (reference cross-entropy at T = 1, lower is better; no generation) or "
@@ -314,7 +337,7 @@ class TrainConfig(ConfigSection):
         "curriculum stages). Needs a dev set (--dev-file); without one no best/ is written.")
     num_processes: int = option(1, "Data-parallel processes to launch (GPUs: accelerate launch, one per GPU; "
                                 "CPU: torchrun with the gloo backend). Or start pocl yourself with "
-                                "`accelerate launch -m pocl distill ...`.")
+                                "`accelerate launch -m pocl distill ...`.", affects_weights=False)
 
     def __post_init__(self) -> None:
         self._check_literal("resume")
@@ -345,7 +368,7 @@ class CurriculumConfig(ConfigSection):
     curriculum: Literal["none", "pocl"] = option(
         "none", "none: plain KD over the whole training set; pocl: rank the training samples with the initial "
         "student, then train on growing easy-to-hard subsets with rising temperature and alpha.")
-    measurer: Literal["rrf", "rouge", "loss", "random", "reverse"] = option(
+    measurer: MeasurerName = option(
         "rrf", "Difficulty order: rrf (reciprocal rank fusion of ROUGE-L and loss ranks, the paper's), rouge or "
         "loss alone, random (a seeded shuffle), reverse (rrf order, hardest first). random and reverse are "
         "ablations with the same stage sizes.")
@@ -468,6 +491,13 @@ CURRICULUM_GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def weight_free_keys() -> tuple[str, ...]:
+    """The names of the settings of a distillation run that do not change the trained weights (declared
+    ``option(..., affects_weights=False)``), over all sections: left out of
+    :meth:`DistillConfig.training_hash`, and free to change when a run resumes."""
+    return tuple(key for section in SECTIONS.values() for key in weight_free_fields(section))
+
+
 @dataclasses.dataclass
 class DistillConfig:
     """The whole run: one instance of each section."""
@@ -528,7 +558,7 @@ class DistillConfig:
     # -- what the user gave ---------------------------------------------------------------------------
     def given(self) -> dict[str, frozenset[str]]:
         """Per section, the fields that were given (in YAML, as flags or to ``from_dict``) rather than
-        left at their defaults; see :meth:`pocl.configuration.ConfigSection.given_fields`."""
+        left at their defaults; see :meth:`pocl.config.schema.ConfigSection.given_fields`."""
         return {name: getattr(self, name).given_fields() for name in SECTIONS}
 
     def given_values(self) -> dict[str, dict[str, Any]]:
@@ -584,12 +614,13 @@ class DistillConfig:
         return sorted(f"curriculum.{k}" for k in self.given()["curriculum"] if k != "curriculum")
 
     def training_hash(self) -> str:
-        """Hash of the settings that change the trained weights (not logging or output options)."""
+        """Hash of the settings that change the trained weights: every field but those declared
+        ``option(..., affects_weights=False)`` (output, logging, checkpoint cadence, checks before training;
+        :func:`weight_free_keys`), less the settings a run does not use (below)."""
         values = self.to_dict()
-        for key in ("output_dir", "resume", "overwrite", "allow_config_change", "log_every", "tensorboard",
-                    "progress", "save_every", "save_total_limit", "eval_every", "eval_batch_size", "num_processes"):
-            values["train"].pop(key, None)
-        values["loss"].pop("teacher_cache_dir", None)  # where the cache is kept does not change the weights
+        for name, section in SECTIONS.items():
+            for key in weight_free_fields(section):
+                values[name].pop(key, None)
         if values["loss"]["teacher_cache"] == "off":
             # Without a cache its settings change nothing, and the hash stays that of a config from before
             # these fields existed (such checkpoints resume).
@@ -597,8 +628,6 @@ class DistillConfig:
                 values["loss"].pop(key, None)
         elif values["loss"]["teacher_cache"] == "hidden":
             values["loss"].pop("teacher_cache_topk", None)  # k is a setting of the topk cache only
-        for key in ("teacher_cache_max_error", "teacher_cache_check_samples", "accept_approximation"):
-            values["loss"].pop(key, None)  # checks before training: they stop a run or not, never change its weights
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
         return stable_hash(values)

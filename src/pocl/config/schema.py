@@ -35,16 +35,26 @@ from pocl.errors import ConfigError, suggest
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-           flag: str | None = None, cli: bool = True, metavar: str | None = None) -> Any:
+           flag: str | None = None, cli: bool = True, metavar: str | None = None,
+           affects_weights: bool = True) -> Any:
     """A dataclass field with its documentation (``help``) and CLI settings.
 
     ``flag`` overrides the generated flag name (``--field-name``); ``cli=False`` keeps a field out
-    of the command line (it can still be set from YAML or Python).
+    of the command line (it can still be set from YAML or Python). ``affects_weights=False`` marks a
+    setting that never changes the trained weights (output, logging, checkpoint cadence, checks before
+    training): it is left out of the training hash, and a resumed run may change it
+    (:func:`weight_free_fields`).
     """
-    metadata = {"help": help, "flag": flag, "cli": cli, "metavar": metavar}
+    metadata = {"help": help, "flag": flag, "cli": cli, "metavar": metavar, "affects_weights": affects_weights}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def weight_free_fields(section: Any) -> tuple[str, ...]:
+    """The fields of a config section (class or instance) declared ``option(..., affects_weights=False)``,
+    in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(section) if not f.metadata.get("affects_weights", True))
 
 
 class ConfigSection:

@@ -1,0 +1,30 @@
+"""The automatic chunk size of the chunked losses: the largest power of two whose float32 temporaries
+fit a memory budget at a given vocabulary.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AUTO_CHUNK_BYTES",
+    "auto_chunk_size",
+]
+
+
+#: Memory budget of one loss chunk's float32 temporaries when the chunk size is chosen automatically.
+AUTO_CHUNK_BYTES: int = 1 << 30
+#: About this many float32 ``[chunk, V]`` tensors are alive at the peak of a fused chunk (both models'
+#: logits, softmaxes, mixtures and their gradients; measured in tests/losses/test_engine.py).
+_CHUNK_TEMPORARIES = 16
+
+
+def auto_chunk_size(chunk_size: int, vocab_size: int, *, largest: int = 512, smallest: int = 32) -> int:
+    """``chunk_size`` itself when > 0; for 0, the largest power of two in ``[smallest, largest]`` whose
+    temporaries fit :data:`AUTO_CHUNK_BYTES` at this vocabulary. A fixed 512 would hold 3.3 GiB at a
+    128k vocabulary, and was also slower there than 128 (benchmarks/results/scaling.md)."""
+    if chunk_size > 0:
+        return chunk_size
+    fits = AUTO_CHUNK_BYTES // (_CHUNK_TEMPORARIES * 4 * max(vocab_size, 1))
+    size = largest
+    while size > smallest and size > fits:
+        size //= 2
+    return size
