@@ -2,7 +2,8 @@
 
 - :mod:`pocl.config.schema`: the mechanism (:class:`ConfigSection`, :func:`option` with its help text,
   CLI settings and ``affects_weights``, :func:`coerce`, YAML loading, :func:`stable_hash`);
-- :mod:`pocl.config.distill`: the run of ``pocl distill`` (:class:`DistillConfig` and its sections);
+- :mod:`pocl.config.distill`: the run of ``pocl distill`` (:class:`DistillConfig`), composed of the sections of
+  :mod:`pocl.config.sections` and :mod:`pocl.config.curriculum`;
 - :mod:`pocl.config.eval`: ``pocl eval`` (:class:`EvalConfig`).
 
 Importing this package does not import torch.

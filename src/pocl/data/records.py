@@ -16,20 +16,22 @@ Field spellings (keys are case-sensitive): ``instruction``; ``input`` or ``conte
 Every bad row raises :class:`pocl.errors.DataError` naming the file, the 1-based line and the
 field, unless ``skip_invalid=True``; then it is reported in ``LoadResult.skipped`` and logged.
 Nothing is skipped silently.
+
+The sources are read by :mod:`pocl.data.readers`; this module validates their rows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pocl.errors import DataError
+
+from .readers import BadRaw, RowError, resolve_source, type_name
 
 logger = logging.getLogger("pocl.data")
 
@@ -39,11 +41,6 @@ OUTPUT_KEYS = ("output", "response")
 INSTRUCTION_KEY = "instruction"
 PROMPT_KEY = "prompt"
 DEFAULT_ID_KEY = "id"
-
-_JSON_SUFFIXES = (".jsonl", ".json")
-# suffixes that mark a source as a local path even when it does not exist (never a hub name)
-_PATH_SUFFIXES = _JSON_SUFFIXES + (".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip")
-
 
 @dataclass(frozen=True)
 class Record:
@@ -152,35 +149,12 @@ def id_sort_key(id: str) -> tuple:
 # row validation
 
 
-class _RowError(Exception):
-    def __init__(self, field: str | None, reason: str):
-        super().__init__(reason)
-        self.field = field
-        self.reason = reason
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    if isinstance(value, Mapping):
-        return "object"
-    return type(value).__name__
-
-
 def _pick(row: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
     """The one present (non-null) spelling of a field; two present spellings are an error."""
     present = [k for k in keys if row.get(k) is not None]
     if len(present) > 1:
-        raise _RowError(present[1], f"both '{present[0]}' and '{present[1]}' are given; "
-                                    f"they spell the same field, keep one")
+        raise RowError(present[1], f"both '{present[0]}' and '{present[1]}' are given; "
+                                   f"they spell the same field, keep one")
     if not present:
         return None, None
     return present[0], row[present[0]]
@@ -190,257 +164,76 @@ def _row_id(row: Mapping[str, Any], id_key: str, explicit_field: bool, index: in
     value = row.get(id_key)
     if value is None:
         if explicit_field:
-            raise _RowError(id_key, f"missing id (id_field='{id_key}' was requested)")
+            raise RowError(id_key, f"missing id (id_field='{id_key}' was requested)")
         return f"{index:06d}"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _RowError(id_key, f"id must be a string or an integer, got {_type_name(value)}")
+        raise RowError(id_key, f"id must be a string or an integer, got {type_name(value)}")
     value = str(value)
     if not value.strip():
-        raise _RowError(id_key, "id is empty")
+        raise RowError(id_key, "id is empty")
     return value
 
 
-def _parse_row(row: Any, *, index: int, line: int, source: str, id_key: str,
-               explicit_id: bool, require_output: bool) -> Record:
+def parse_row(row: Any, *, index: int, line: int, source: str, id_key: str,
+              explicit_id: bool, require_output: bool) -> Record:
     if not isinstance(row, Mapping):
-        raise _RowError(None, f"row is not a JSON object (got {_type_name(row)})")
+        raise RowError(None, f"row is not a JSON object (got {type_name(row)})")
     for key in row:
         if not isinstance(key, str):  # not possible from JSON; guards datasets rows
-            raise _RowError(None, f"row has a non-string key {key!r}")
+            raise RowError(None, f"row has a non-string key {key!r}")
     rid = _row_id(row, id_key, explicit_id, index)
 
     prompt = row.get(PROMPT_KEY)
     if prompt is not None:
         if not isinstance(prompt, str):
-            raise _RowError(PROMPT_KEY, f"must be a string, got {_type_name(prompt)}")
+            raise RowError(PROMPT_KEY, f"must be a string, got {type_name(prompt)}")
         if not prompt.strip():
-            raise _RowError(PROMPT_KEY, "prompt is empty")
+            raise RowError(PROMPT_KEY, "prompt is empty")
 
     instruction = row.get(INSTRUCTION_KEY)
     if instruction is None:
         if prompt is None:
-            raise _RowError(INSTRUCTION_KEY, "missing instruction (and no ready-made 'prompt')")
+            raise RowError(INSTRUCTION_KEY, "missing instruction (and no ready-made 'prompt')")
         instruction = ""
     elif not isinstance(instruction, str):
-        raise _RowError(INSTRUCTION_KEY, f"must be a string, got {_type_name(instruction)}")
+        raise RowError(INSTRUCTION_KEY, f"must be a string, got {type_name(instruction)}")
     elif not instruction.strip() and prompt is None:
-        raise _RowError(INSTRUCTION_KEY, "instruction is empty")
+        raise RowError(INSTRUCTION_KEY, "instruction is empty")
 
     input_key, input_value = _pick(row, INPUT_KEYS)
     if input_value is None:
         input_value = ""
     elif not isinstance(input_value, str):
-        raise _RowError(input_key, f"must be a string, got {_type_name(input_value)}")
+        raise RowError(input_key, f"must be a string, got {type_name(input_value)}")
 
     output_key, output_value = _pick(row, OUTPUT_KEYS)
     output: str | tuple[str, ...]
     if output_value is None:
         if require_output:
-            raise _RowError("output", "missing output (spelled 'output' or 'response')")
+            raise RowError("output", "missing output (spelled 'output' or 'response')")
         output = ""
     elif isinstance(output_value, str):
         if not output_value.strip():
-            raise _RowError(output_key, "output is empty or whitespace only")
+            raise RowError(output_key, "output is empty or whitespace only")
         output = output_value
     elif isinstance(output_value, (list, tuple)):
         if not output_value:
-            raise _RowError(output_key, "output is an empty list of references")
+            raise RowError(output_key, "output is an empty list of references")
         for j, ref in enumerate(output_value):
             if not isinstance(ref, str):
-                raise _RowError(output_key, f"reference {j} of the output list must be a "
-                                            f"string, got {_type_name(ref)}")
+                raise RowError(output_key, f"reference {j} of the output list must be a "
+                                           f"string, got {type_name(ref)}")
             if not ref.strip():
-                raise _RowError(output_key, f"reference {j} of the output list is empty")
+                raise RowError(output_key, f"reference {j} of the output list is empty")
         output = tuple(output_value)
     else:
-        raise _RowError(output_key, "must be a string or a list of strings, got "
-                                    f"{_type_name(output_value)}")
+        raise RowError(output_key, "must be a string or a list of strings, got "
+                                   f"{type_name(output_value)}")
 
     known = {INSTRUCTION_KEY, PROMPT_KEY, id_key, *INPUT_KEYS, *OUTPUT_KEYS}
     meta = {k: v for k, v in row.items() if k not in known}
     return Record(id=rid, instruction=instruction, input=input_value, output=output,
                   prompt=prompt, source=source, line=line, meta=meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# raw row readers: each yields (line, row or _RowError)
-
-_Raw = tuple[int, Any]
-
-
-class _BadRaw:
-    """A row that could not even be decoded (bad UTF-8, bad JSON)."""
-
-    def __init__(self, field: str | None, reason: str):
-        self.error = _RowError(field, reason)
-
-
-def _read_jsonl(path: Path) -> Iterator[_Raw]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror or e}", path=str(path)) from None
-    lines = data.split(b"\n")
-    for number, raw in enumerate(lines, start=1):
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte order mark
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield number, _BadRaw(None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
-                                        f"column {e.start + 1}): {e.reason}")
-            continue
-        if not text.strip():
-            continue  # blank lines are not rows
-        try:
-            value = json.loads(text)
-        except RecursionError:
-            yield number, _BadRaw(None, "invalid JSON: nested too deeply")
-            continue
-        except ValueError as e:  # JSONDecodeError, and int strings past the digit limit
-            yield number, _BadRaw(None, f"invalid JSON: {e}")
-            continue
-        yield number, value
-
-
-def _read_json(path: Path, split: str | None) -> Iterator[_Raw]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror or e}", path=str(path)) from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte 0x{data[e.start]:02x}): {e.reason}",
-                        path=str(path), line=line) from None
-    if not text.strip():
-        raise DataError("no rows: the file is empty", path=str(path))
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise DataError("invalid JSON: nested too deeply", path=str(path)) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg} (line {e.lineno} column {e.colno})",
-                        path=str(path), line=e.lineno) from None
-    except ValueError as e:
-        raise DataError(f"invalid JSON: {e}", path=str(path)) from None
-    if isinstance(value, dict):
-        lists = {k: v for k, v in value.items() if isinstance(v, list)}
-        if split is not None and split in lists:
-            value = lists[split]
-        elif len(lists) == 1:
-            value = next(iter(lists.values()))
-        else:
-            keys = ", ".join(repr(k) for k in value) or "none"
-            what = "no list-valued key" if not lists else "several list-valued keys"
-            hint = "; pass split= to choose one" if lists else ""
-            raise DataError(f"a JSON object must hold the rows under one list-valued key "
-                            f"(e.g. 'data'); found {what} (keys: {keys}){hint}", path=str(path))
-    if not isinstance(value, list):
-        raise DataError(f"expected a JSON array of objects, got {_type_name(value)}",
-                        path=str(path))
-    for number, row in enumerate(value, start=1):
-        yield number, row
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
-
-
-def _iter_hf(dataset: Any) -> Iterator[_Raw]:
-    for number, row in enumerate(dataset, start=1):
-        yield number, row
-
-
-def _saved_dataset_has_no_shards(path: Path, split: str | None) -> bool:
-    """datasets cannot load an empty saved dataset (no shards); recognise one."""
-    state = path / (split or "train") / "state.json"
-    if not (path / "dataset_dict.json").is_file():
-        state = path / "state.json"
-    try:
-        return json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _load_saved_dataset(path: Path, split: str | None) -> Any:
-    import datasets  # imported lazily: it is slow to import
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure of a foreign loader is a data problem
-        if _saved_dataset_has_no_shards(path, split):
-            raise DataError("no rows: the saved dataset is empty", path=str(path)) from None
-        raise DataError(f"cannot load the saved dataset: {type(e).__name__}: {e}",
-                        path=str(path)) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        name = split or "train"
-        if name not in loaded:
-            raise DataError(f"split '{name}' not found; available splits: "
-                            f"{', '.join(sorted(loaded))}", path=str(path))
-        return loaded[name]
-    return loaded
-
-
-def _load_hub_dataset(name: str, split: str | None) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # noqa: BLE001
-        raise DataError(
-            f"'{name}' is not a local file or directory, and loading it as a Hugging Face hub "
-            f"dataset failed ({type(e).__name__}: {e}). Check the path; if it is a hub name, "
-            "it was not found locally and offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) "
-            "may be on or the network unreachable.", path=name) from None
-
-
-def _looks_like_path(source: str) -> bool:
-    s = source.strip()
-    return (s.lower().endswith(_PATH_SUFFIXES) or os.path.isabs(s) or s.startswith((".", "~"))
-            or "\\" in s or s.count("/") > 1)
-
-
-def _split_files(path: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for suffix in _JSON_SUFFIXES:  # .jsonl wins over .json
-        for f in sorted(path.glob(f"*{suffix}")):
-            if f.is_file():
-                found.setdefault(f.name[: -len(suffix)], f)
-    return found
-
-
-def _resolve(source: str | os.PathLike, split: str | None) -> tuple[str, Iterable[_Raw]]:
-    """Return (source name, raw rows)."""
-    text = os.fspath(source)
-    path = Path(text).expanduser()
-    if path.is_file():
-        name = path.name.lower()
-        if name.endswith(".jsonl"):
-            return str(path), _read_jsonl(path)
-        if name.endswith(".json"):
-            return str(path), _read_json(path, split)
-        raise DataError("unsupported file type; expected .jsonl or .json (or a directory "
-                        "written by datasets' save_to_disk)", path=str(path))
-    if path.is_dir():
-        if _is_saved_dataset(path):
-            return str(path), _iter_hf(_load_saved_dataset(path, split))
-        files = _split_files(path)
-        name = split or "train"
-        if name in files:
-            f = files[name]
-            reader = _read_jsonl(f) if f.name.lower().endswith(".jsonl") else _read_json(f, None)
-            return str(f), reader
-        available = ", ".join(sorted(files)) or "none"
-        raise DataError(f"directory has no '{name}.jsonl' or '{name}.json' and is not a saved "
-                        f"datasets directory; available splits: {available}", path=str(path))
-    if path.exists():
-        raise DataError("not a regular file or directory", path=str(path))
-    if _looks_like_path(text):
-        raise DataError("no such file or directory", path=text)
-    return text, _iter_hf(_load_hub_dataset(text, split))
 
 
 def load_records(source: str | os.PathLike, *, split: str | None = None,
@@ -458,7 +251,7 @@ def load_records(source: str | os.PathLike, *, split: str | None = None,
     if id_field is not None and (not isinstance(id_field, str) or not id_field):
         raise DataError(f"id_field must be a non-empty string, got {id_field!r}")
     id_key = id_field or DEFAULT_ID_KEY
-    name, raws = _resolve(source, split)
+    name, raws = resolve_source(source, split)
 
     records: list[Record] = []
     skipped: list[SkippedRow] = []
@@ -467,11 +260,11 @@ def load_records(source: str | os.PathLike, *, split: str | None = None,
     for index, (line, raw) in enumerate(raws):
         n_rows += 1
         try:
-            if isinstance(raw, _BadRaw):
+            if isinstance(raw, BadRaw):
                 raise raw.error
-            record = _parse_row(raw, index=index, line=line, source=name, id_key=id_key,
-                                explicit_id=id_field is not None, require_output=require_output)
-        except _RowError as e:
+            record = parse_row(raw, index=index, line=line, source=name, id_key=id_key,
+                               explicit_id=id_field is not None, require_output=require_output)
+        except RowError as e:
             if not skip_invalid:
                 raise DataError(e.reason, path=name, line=line, field=e.field) from None
             rid = _best_effort_id(raw, id_key, index)

@@ -267,14 +267,22 @@ def collate(samples: Sequence[TokenizedSample], pad_token_id: int | None, *,
 
 def count_target_tokens(labels: Any) -> int:
     """Number of predicted tokens: positions ``i >= 1`` (along the last axis) whose label is
-    not -100. Position 0 is never predicted (the loss shifts by one)."""
+    not -100. Position 0 is never predicted (the loss shifts by one).
+
+    A tensor of any rank >= 1 is counted by :func:`pocl.losses.tokens.count_target_tokens` (the
+    count the losses normalise by; it takes ``[B, L]``, so the leading axes are flattened). Token
+    lists -- one row, or a list of rows of any lengths, such as ``TokenizedSample.labels`` -- are
+    counted here, without building a tensor for each sample.
+    """
     try:
         import torch
-
-        if isinstance(labels, torch.Tensor):
-            return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
     except ImportError:  # pragma: no cover
-        pass
+        torch = None
+    if torch is not None and isinstance(labels, torch.Tensor):
+        from pocl.losses.tokens import count_target_tokens as count_tensor_targets
+
+        rows = labels.unsqueeze(0) if labels.dim() == 1 else labels.flatten(0, -2)
+        return count_tensor_targets(rows, ignore_index=IGNORE_INDEX)
     if len(labels) and isinstance(labels[0], (list, tuple)):
         return sum(count_target_tokens(row) for row in labels)
     return sum(1 for x in list(labels)[1:] if x != IGNORE_INDEX)

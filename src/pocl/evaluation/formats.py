@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pocl.data import Record, load_records
-from pocl.data import records as _records
+from pocl.data.readers import BadRaw, RowError, read_json, read_jsonl
+from pocl.data.records import INPUT_KEYS, OUTPUT_KEYS, parse_row
 from pocl.errors import DataError
 
 log = logging.getLogger("pocl.eval")
@@ -82,21 +83,20 @@ def _needs_mapping(path: Path) -> bool:
     if not any(f'"{k}"' in text for k in ALIAS_KEYS):
         return False  # fast path: no alias key anywhere
     rows = _raw_rows(path)
-    return any(not isinstance(raw, _records._BadRaw) and _row_layout(raw) != "instruction" for _, raw in rows)
+    return any(not isinstance(raw, BadRaw) and _row_layout(raw) != "instruction" for _, raw in rows)
 
 
 def _raw_rows(path: Path) -> list[tuple[int, Any]]:
     if path.suffix.lower() == ".jsonl":
-        return list(_records._read_jsonl(path))
-    return list(_records._read_json(path, None))
+        return list(read_jsonl(path))
+    return list(read_json(path, None))
 
 
 def _map_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, str]]:
-    """Rename an alias-layout row to the instruction layout; raise _RowError on conflicts.
+    """Rename an alias-layout row to the instruction layout; raise RowError on conflicts.
 
     Returns the renamed row, its layout and {canonical field: the key the row used}.
     """
-    RowError = _records._RowError
     layout = _row_layout(row)
     out = dict(row)
     renamed: dict[str, str] = {}
@@ -104,8 +104,8 @@ def _map_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, str
         for alias, canonical in SNI_KEYS.items():
             if row.get(alias) is None:
                 continue
-            spellings = {"instruction": ("instruction",), "input": _records.INPUT_KEYS,
-                         "output": _records.OUTPUT_KEYS + REFERENCE_ALIASES}[canonical]
+            spellings = {"instruction": ("instruction",), "input": INPUT_KEYS,
+                         "output": OUTPUT_KEYS + REFERENCE_ALIASES}[canonical]
             clash = [k for k in spellings if row.get(k) is not None]
             if clash:
                 raise RowError(alias, f"both '{clash[0]}' and '{alias}' are given; they spell the same field, "
@@ -117,7 +117,7 @@ def _map_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, str
                 value = "\n\n".join(value)
             out[canonical] = value
             renamed[canonical] = alias
-    present = [k for k in _records.OUTPUT_KEYS + REFERENCE_ALIASES if out.get(k) is not None]
+    present = [k for k in OUTPUT_KEYS + REFERENCE_ALIASES if out.get(k) is not None]
     if len(present) > 1:
         raise RowError(present[1], f"both '{present[0]}' and '{present[1]}' are given; they spell the same "
                                    "field (the references), keep one")
@@ -137,14 +137,14 @@ def _load_mapped(path: Path) -> tuple[list[Record], set[str]]:
         n_rows += 1
         renamed: dict[str, str] = {}
         try:
-            if isinstance(raw, _records._BadRaw):
+            if isinstance(raw, BadRaw):
                 raise raw.error
             if isinstance(raw, Mapping):
                 raw, layout, renamed = _map_row(raw)
                 layouts.add(layout)
-            record = _records._parse_row(raw, index=index, line=line, source=str(path), id_key="id",
-                                         explicit_id=False, require_output=True)
-        except _records._RowError as e:
+            record = parse_row(raw, index=index, line=line, source=str(path), id_key="id",
+                               explicit_id=False, require_output=True)
+        except RowError as e:
             field = renamed.get(e.field, e.field) if e.field else None  # name the key the row used
             if field == "output" and "missing output" in e.reason:
                 raise DataError("missing references: give 'output' (a string or a list of strings), "

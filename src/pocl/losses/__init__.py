@@ -17,13 +17,12 @@ from pocl.losses.engine import (
     TopKTeacher,
     auto_chunk_size,
     chunked_kd_loss_from_logits,
-    count_target_tokens,
     dense_kd_loss,
     fused_kd_loss,
-    select_response_tokens,
     teacher_top_k,
     temperature_scale,
 )
+from pocl.losses.tokens import count_target_tokens, select_response_tokens
 
 __all__ = [
     "DIVERGENCES",
