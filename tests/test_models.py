@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pocl.errors import ModelError
+from pocl.fingerprints import model_fingerprint
 from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
-                         model_fingerprint, shared_vocab_size, split_model_spec)
+                         shared_vocab_size, split_model_spec)
 from tests.conftest import make_llama, save_model
 
 

@@ -633,10 +633,9 @@ def model_path_of(spec: Spec, run: Run) -> Path | str:
 def evaluate(spec: Spec, run: Run, *, progress: bool = True) -> dict | None:
     """The run's ``pocl eval`` results.json, from the cache when its stamp still matches. None when the
     model does not exist (the run is not finished)."""
-    from pocl.config.schema import stable_hash
     from pocl.config.eval import EvalConfig
     from pocl.evaluation.runner import run_eval
-    from pocl.models import model_fingerprint
+    from pocl.fingerprints import model_fingerprint, stable_hash
 
     path = model_path_of(spec, run)
     if run.config is not None and not Path(path).is_dir():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -38,10 +37,11 @@ from typing import Any
 
 import torch
 
+from pocl import fingerprints
 from pocl.atomic import atomic_write
-from pocl.config.schema import stable_hash
 from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
 from pocl.errors import CheckpointError, ConfigError
+from pocl.fingerprints import prompt_hash, sha256_bytes, tokenizer_fingerprint
 from pocl.generation import (DecodingConfig, Generation, effective_settings, generate, length_sorted_batches,
                              special_token_ids)
 from pocl.training.onpolicy import generated_sample
@@ -83,24 +83,12 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(stem + ".meta.json")
 
 
-def _prompt_hash(samples: Sequence[TokenizedSample]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(s.id.encode())
-        h.update(b"\0")
-        h.update(",".join(map(str, s.input_ids[:s.prompt_length])).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
-
-
 def _stamp_inputs(*, teacher_fingerprint: str | None, tokenizer, samples: Sequence[TokenizedSample],
                   decoding: DecodingConfig, batch_size: int) -> dict[str, Any]:
-    from pocl.curriculum.ranking import tokenizer_fingerprint
-
     eos, pad = special_token_ids(tokenizer)
     return {
         "teacher": teacher_fingerprint,
-        "data": {"samples": len(samples), "prompts": _prompt_hash(samples),
+        "data": {"samples": len(samples), "prompts": prompt_hash(samples),
                  "first_id": samples[0].id if samples else None, "last_id": samples[-1].id if samples else None},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "generation": {**dataclasses.asdict(decoding), "batch_size": batch_size, "seed": SEQKD_SEED},
@@ -122,7 +110,7 @@ def _read(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if meta.get("format") != SEQKD_FORMAT or meta.get("format_version") != SEQKD_FORMAT_VERSION:
         raise CheckpointError(f"{meta_file}: not a {SEQKD_FORMAT} v{SEQKD_FORMAT_VERSION} file")
     blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.get("jsonl", {}).get("sha256"):
+    if sha256_bytes(blob) != meta.get("jsonl", {}).get("sha256"):
         raise CheckpointError(f"{path} is corrupt: its sha256 does not match the metadata")
     return [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()], meta
 
@@ -133,7 +121,7 @@ def _write(path: Path, samples: Sequence[TokenizedSample], gens: Sequence[Genera
                                "text": g.text}, ensure_ascii=False) + "\n" for s, g in zip(samples, gens)).encode()
     meta = {"format": SEQKD_FORMAT, "format_version": SEQKD_FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta,
-            "jsonl": {"name": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}
+            "jsonl": {"name": path.name, "sha256": sha256_bytes(blob), "bytes": len(blob)}}
     atomic_write(path, blob)
     atomic_write(_meta_path(path), json.dumps(meta, indent=1, sort_keys=True).encode())  # the metadata last
 
@@ -192,7 +180,7 @@ def teacher_responses(path: str | os.PathLike, *, teacher, tokenizer, samples: S
     samples = list(samples)
     stamp = _stamp_inputs(teacher_fingerprint=teacher_fingerprint, tokenizer=tokenizer, samples=samples,
                           decoding=decoding, batch_size=batch_size)
-    stamp_hash = stable_hash(stamp)[:16]
+    stamp_hash = fingerprints.stamp_hash(stamp)
     reason = f"no file at {path}"
     try:
         lines, meta = _read(path)

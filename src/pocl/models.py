@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -362,30 +360,6 @@ def check_fused_head(model: nn.Module, head: LMHead, *, atol: float = 1e-3) -> t
     diff = float((ref - fused).abs().max())
     scale = float(ref.abs().max()) or 1.0
     return diff <= atol * max(1.0, scale), diff
-
-
-def model_fingerprint(spec: str | None, model: nn.Module | None = None) -> str:
-    """A cheap identity of a model for resume checks: its config plus, for local folders, the name,
-    size and first/last MiB of each weight file (hashing a many-GB teacher on every resume would
-    take minutes)."""
-    h = hashlib.sha256()
-    if model is not None:
-        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    if spec:
-        path = Path(os.path.expanduser(spec))
-        files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.suffix in
-                                                        (".safetensors", ".bin", ".gguf", ".pt")) if path.is_dir() else []
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 1 << 20:
-                    fh.seek(max(0, size - (1 << 20)))
-                    h.update(fh.read(1 << 20))
-        if not files:
-            h.update(spec.encode())
-    return h.hexdigest()[:16]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -23,10 +23,10 @@ from pocl.context_length import Context, Fit, context_of, fit_distill_config, re
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
 from pocl.errors import ConfigError, ModelError
 from pocl.model_checks import split_model_spec
+from pocl.fingerprints import model_fingerprint, tokenized_fingerprint
 from pocl.models import (LMHead, check_fused_head, check_tokenizers, freeze_teacher, load_model, load_tokenizer,
-                         model_fingerprint, resolve_dtype, shared_vocab_size)
+                         resolve_dtype, shared_vocab_size)
 from pocl.training.stages import Stage
-from pocl.training import checkpoint as ckpt
 from pocl.training import output_dirs
 from pocl.training import selection
 from pocl.training.run_store import check_resume_before_training
@@ -221,9 +221,9 @@ def check_resume_before_ranking(config: DistillConfig, inputs: RunInputs, accele
     def fingerprints() -> dict[str, Any]:
         """The run's fingerprints known before ranking (computed only when there is a checkpoint)."""
         dev = inputs.dev_data if inputs.dev_data is not None and len(inputs.dev_data) > 0 else None
-        found = dict(inputs.fingerprints, dev_data=ckpt.tokenized_fingerprint(dev))
+        found = dict(inputs.fingerprints, dev_data=tokenized_fingerprint(dev))
         if config.loss.method != "seqkd":
-            found["train_data"] = ckpt.tokenized_fingerprint(inputs.train_data)
+            found["train_data"] = tokenized_fingerprint(inputs.train_data)
         return found
 
     check_resume_before_training(Path(tc.output_dir), config=config, fingerprints=fingerprints,

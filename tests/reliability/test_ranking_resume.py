@@ -11,6 +11,7 @@ import pytest
 import pocl.curriculum.difficulty as difficulty
 import pocl.curriculum.ranking_journal as journal_mod
 import pocl.curriculum.ranking_stamps as stamps_mod
+import pocl.fingerprints as fingerprints
 from pocl.config import CurriculumConfig
 from pocl.curriculum import load_or_compute_ranking, read_ranking
 from pocl.curriculum.ranking import partial_path
@@ -251,8 +252,8 @@ def test_sharded_processes_resume_from_the_same_partial_file(tmp_path, records, 
     results, errors = {}, []
     settings, template = stamps_mod.resolve_settings(SETTINGS, suite_tokenizer)
     curriculum = CurriculumConfig(rank_max_new_tokens=4, rank_batch_size=BATCH)
-    hashes = stamps_mod.sample_hashes(records, template)
-    sig_hash = stamps_mod.stamp_hash(stamps_mod.signals_inputs(
+    hashes = fingerprints.sample_hashes(records, template)
+    sig_hash = fingerprints.stamp_hash(stamps_mod.signals_inputs(
         records=records, tokenizer=suite_tokenizer, model_fingerprint="student-a", curriculum=curriculum,
         data_settings=settings, _hashes=hashes))
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pocl.curriculum import load_or_compute_ranking, ranking_data_settings, ranking_path, summarize_quartiles
-    from pocl.models import model_fingerprint
+    from pocl.fingerprints import model_fingerprint
     from pocl.pipeline import fit_to_context, load_data, load_models
 
     config = build_config(args)

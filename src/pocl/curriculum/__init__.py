@@ -27,7 +27,6 @@ from .ranking import (
     ranking_path,
     read_ranking,
     signals_inputs,
-    tokenizer_fingerprint,
     write_ranking,
 )
 from .rrf import order_by_score, ordinal_ranks, rrf_order, rrf_scores
@@ -48,5 +47,5 @@ __all__ = [
     "measure_difficulty", "measurer_needs", "meta_path", "nominal_fractions", "order_by_score", "order_inputs", "ordinal_ranks", "prepare_curriculum",
     "rank_samples", "ranked_ids", "ranking_data_settings", "ranking_decoding", "ranking_path", "read_ranking", "rrf_order",
     "rrf_scores", "same_budget_epochs", "same_budget_stage_epochs", "schedule_table", "signals_inputs", "stage_sizes", "summarize_quartiles",
-    "tokenizer_fingerprint", "write_ranking",
+    "write_ranking",
 ]

@@ -46,18 +46,19 @@ from typing import Any
 
 from pocl.data import Record
 from pocl.errors import CheckpointError, ConfigError
+from pocl.fingerprints import sample_hashes, stamp_hash
 
 from .difficulty import (RankedSample, SampleDifficulty, difficulties_from_ranking, measure_difficulty, measurer_needs,
                          rank_samples, ranking_decoding)
 from .ranking_file import FORMAT_VERSION, meta_path, read_ranking, read_ranking_with_hashes, write_ranking
 from .ranking_journal import SIGNAL_WORD, Distributed, PartialMeasurement, drop_leftover_partial, partial_path
 from .ranking_stamps import (GENERATION_SEED, describe_changes, order_inputs, ranking_data_settings, resolve_settings,
-                             sample_hashes, signals_inputs, stamp_hash, tokenizer_fingerprint, why_signals_differ)
+                             signals_inputs, why_signals_differ)
 
 log = logging.getLogger("pocl.curriculum")
 
 __all__ = ["FORMAT_VERSION", "GENERATION_SEED", "meta_path", "partial_path", "ranking_data_settings", "signals_inputs",
-           "order_inputs", "write_ranking", "read_ranking", "load_or_compute_ranking", "tokenizer_fingerprint",
+           "order_inputs", "write_ranking", "read_ranking", "load_or_compute_ranking",
            "ranked_ids", "ranking_path", "prepare_curriculum"]
 
 
@@ -90,7 +91,7 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
 
     ``model`` is the initial student (an ``nn.Module``) or a zero-argument function that loads it
     (called only when something must be measured). ``model_fingerprint`` identifies it
-    (:func:`pocl.models.model_fingerprint`); ``data_settings`` are the tokenisation settings
+    (:func:`pocl.fingerprints.model_fingerprint`); ``data_settings`` are the tokenisation settings
     (:func:`ranking_data_settings`). ``seed`` only matters to the ``random`` measurer; generations
     use :data:`GENERATION_SEED`. ``device``: measure there (the model is moved back afterwards).
 

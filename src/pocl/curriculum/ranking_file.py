@@ -8,7 +8,6 @@ The stamps themselves are made in :mod:`pocl.curriculum.ranking_stamps`; see
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 from pocl._version import __version__
 from pocl.atomic import atomic_write
 from pocl.errors import CheckpointError
+from pocl.fingerprints import sha256_bytes
 
 from .difficulty import SIGNALS, RankedSample
 
@@ -69,7 +69,7 @@ def write_ranking(path: str | os.PathLike, ranking: Sequence[RankedSample], meta
         "signals": signals,
         "counts": {"samples": len(ranking), **{f"with_{s}": sum(getattr(r, s) is not None for r in ranking)
                                                for s in SIGNALS}},
-        "jsonl": {"name": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
+        "jsonl": {"name": path.name, "sha256": sha256_bytes(blob), "bytes": len(blob)},
     }
     write_atomically(path, blob)
     write_atomically(meta_path(path), (json.dumps(full, indent=2, sort_keys=False, default=str) + "\n").encode())
@@ -108,7 +108,7 @@ def read_ranking_with_hashes(path: Path) -> tuple[list[RankedSample], dict[str, 
     expected = meta.get("jsonl") or {}
     if len(blob) != expected.get("bytes"):
         raise corrupt(f"{len(blob)} bytes, the metadata says {expected.get('bytes')} (truncated or changed)")
-    if hashlib.sha256(blob).hexdigest() != expected.get("sha256"):
+    if sha256_bytes(blob) != expected.get("sha256"):
         raise corrupt("its sha256 does not match the metadata (the file was changed)")
     ranking: list[RankedSample] = []
     hashes: dict[str, str] = {}

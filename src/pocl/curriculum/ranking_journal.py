@@ -12,13 +12,13 @@ measured in rounds, gathered after each round and appended by the main process o
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from pocl.errors import CheckpointError
+from pocl.fingerprints import line_check
 
 from .difficulty import SIGNALS
 from .ranking_file import write_atomically, write_ranking
@@ -35,11 +35,6 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 PARTIAL_FORMAT = "pocl-ranking-partial"
 PARTIAL_FORMAT_VERSION = 1
-
-
-def _line_check(entry: dict[str, Any]) -> str:
-    blob = json.dumps(entry, sort_keys=True, ensure_ascii=False, allow_nan=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def _read_partial(path: Path) -> tuple[dict[str, Any] | None, list[tuple[bytes, dict[str, Any]]], int]:
@@ -62,7 +57,7 @@ def _read_partial(path: Path) -> tuple[dict[str, Any] | None, list[tuple[bytes, 
         try:
             entry = json.loads(raw)
             check = entry.pop("check")
-            sound = (check == _line_check(entry) and entry["signal"] in SIGNALS and isinstance(entry["batch"], int)
+            sound = (check == line_check(entry) and entry["signal"] in SIGNALS and isinstance(entry["batch"], int)
                      and isinstance(entry["ids"], list))
         except (ValueError, TypeError, KeyError, AttributeError):
             sound = False
@@ -156,7 +151,7 @@ class PartialMeasurement:
 
     # -- file
     def _append(self, entry: dict[str, Any]) -> None:
-        line = json.dumps({**entry, "check": _line_check(entry)}, ensure_ascii=False, allow_nan=True)
+        line = json.dumps({**entry, "check": line_check(entry)}, ensure_ascii=False, allow_nan=True)
         try:
             self._fh.write(line.encode("utf-8") + b"\n")
             self._fh.flush()

@@ -3,26 +3,25 @@
 ``signals_hash`` stamps what the signals depend on: the student (its fingerprint), the data (ids,
 rendered prompts, references; tokenizer; tokenisation settings) and the generation settings.
 ``order_hash`` stamps how the order is made from the signals (measurer, k, and the seed for
-``random``). :func:`why_signals_differ` and :func:`describe_changes` say in plain words what changed
-between a stored stamp and the current one.
+``random``); both are :func:`pocl.fingerprints.stamp_hash` of these inputs.
+:func:`why_signals_differ` and :func:`describe_changes` say in plain words what changed between a
+stored stamp and the current one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
-from pocl.config.schema import stable_hash
 from pocl.data import Record, get_template
 from pocl.errors import ConfigError
+from pocl.fingerprints import records_hash, sample_hashes, tokenizer_fingerprint
 from pocl.generation import effective_settings, special_token_ids
 
 from .difficulty import ranking_decoding
 
 __all__ = ["GENERATION_SEED", "describe_changes", "order_inputs", "ranking_data_settings", "resolve_settings",
-           "sample_hashes", "signals_inputs", "stamp_hash", "tokenizer_fingerprint", "why_signals_differ"]
+           "signals_inputs", "why_signals_differ"]
 
 
 #: Seed of the measurer's generations. Fixed (not the training seed), so that runs that differ only
@@ -52,31 +51,6 @@ def resolve_settings(data_settings: dict[str, Any], tokenizer) -> tuple[dict[str
     return out, template
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's vocabulary/model, special tokens and chat template."""
-    h = hashlib.sha256()
-    h.update(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    special = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    special["chat_template"] = getattr(tokenizer, "chat_template", None)
-    h.update(json.dumps(special, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def sample_hashes(records: Sequence[Record], template) -> list[str]:
-    """One hash per record of its id, rendered prompt and references (what ``ranking.jsonl`` stores as
-    ``sample_hash``; ``pocl eval --ranking`` checks a ranking against its evaluation set with it)."""
-    out = []
-    for r in records:
-        blob = json.dumps([r.id, template.render(r), r.references], ensure_ascii=False)
-        out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
-    return out
-
-
 def _generation_inputs(curriculum, tokenizer) -> dict[str, Any]:
     d = ranking_decoding(curriculum)
     eos, pad = special_token_ids(tokenizer)
@@ -96,7 +70,7 @@ def signals_inputs(*, records: Sequence[Record], tokenizer, model_fingerprint: s
         _hashes = sample_hashes(records, template)
     return {
         "student": model_fingerprint,
-        "data": {"samples": len(records), "hash": hashlib.sha256("".join(_hashes).encode()).hexdigest()[:16],
+        "data": {"samples": len(records), "hash": records_hash(_hashes),
                  "first_id": records[0].id if records else None, "last_id": records[-1].id if records else None,
                  "settings": settings, "tokenizer": tokenizer_fingerprint(tokenizer)},
         "generation": _generation_inputs(curriculum, tokenizer),
@@ -109,9 +83,6 @@ def order_inputs(curriculum, seed: int) -> dict[str, Any]:
     return {"measurer": measurer, "rrf_k": None if measurer == "random" else curriculum.rrf_k,
             "seed": seed if measurer == "random" else None}
 
-
-def stamp_hash(inputs: dict[str, Any]) -> str:
-    return stable_hash(inputs)[:16]
 
 def _fmt(value) -> str:
     return "None" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))

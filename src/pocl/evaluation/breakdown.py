@@ -17,7 +17,7 @@ evaluated id is in the ranking (for example a *training-set* ranking given for a
 ``pocl eval`` is stricter (:func:`verify_ranking`, before anything is generated): every evaluated
 sample must be in the ranking **with the same sample hash** (``sample_hash``, which ``pocl rank``
 writes on every line: a hash of the id, the rendered prompt and the references, computed by
-:func:`pocl.curriculum.ranking.sample_hashes`). Ids alone prove nothing: rows without an ``id`` are
+:func:`pocl.fingerprints.sample_hashes`). Ids alone prove nothing: rows without an ``id`` are
 numbered ``000000``, ``000001`` ... in every file, so a training-set ranking would otherwise "cover"
 a test set. A ranking that lacks an evaluated sample, has no hash for it, or has another hash stops
 the run with a :class:`pocl.errors.CheckpointError` naming both files and the samples.
@@ -163,7 +163,7 @@ def verify_ranking(ranking: Ranking, records: Sequence, template, *, set_name: s
     ``template`` must be the prompt template the ranking was made with (its ``ranking.meta.json``
     says which), since the rendered prompt is part of the hash.
     """
-    from pocl.curriculum.ranking import sample_hashes  # the hash pocl rank writes; one definition
+    from pocl.fingerprints import sample_hashes  # the hash pocl rank writes; one definition
 
     records = list(records)
     hashes = sample_hashes(records, template)

@@ -24,7 +24,6 @@ files already on disk are unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,27 +34,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pocl.config import weight_free_keys
 from pocl.errors import CheckpointError
+from pocl.fingerprints import sha256_file
 
 log = logging.getLogger("pocl.checkpoint")
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file, read ``chunk`` bytes at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -287,20 +273,6 @@ def prune_checkpoints(folder: Path, keep: int, protect: set[Path] | None = None)
 #: Settings that do not change the trained weights (declared ``option(..., affects_weights=False)``):
 #: a resumed run may change them freely.
 RESUME_FREE_KEYS = weight_free_keys()
-
-
-def tokenized_fingerprint(data) -> str | None:
-    """A 16-hex-digit hash of a tokenized dataset (every sample's id, input ids and labels, in order);
-    None for no data. What a run's ``train_data``/``dev_data`` fingerprints and a teacher cache's data
-    stamp are."""
-    if data is None:
-        return None
-    h = hashlib.sha256()
-    for s in data:
-        h.update(s.id.encode())
-        h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
-        h.update(np.asarray(s.labels, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
 
 
 def newest_resume_state(folder: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -15,7 +15,6 @@ stay), final/ and best/ are refused with :class:`~pocl.training.state.NonFiniteL
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -38,7 +37,7 @@ from pocl.training.summary import write_summary
 
 log = logging.getLogger("pocl.train")
 
-__all__ = ["Resumed", "RunStore", "check_resume_before_training", "rng_state", "run_fingerprints", "seed_everything"]
+__all__ = ["Resumed", "RunStore", "check_resume_before_training", "rng_state", "seed_everything"]
 
 #: What ``--overwrite`` deletes in a run folder (the ranking and the teacher cache are kept).
 OVERWRITTEN = ("checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md",
@@ -71,18 +70,6 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ resume checks
-def run_fingerprints(given: dict[str, Any] | None, *, train_data, dev_data, stages: Sequence) -> dict[str, Any]:
-    """The fingerprints a checkpoint records and a resume compares: the ``given`` ones (models, data),
-    the tokenized training and dev data unless given, and the stages (settings and sample ids)."""
-    fingerprints = dict(given or {})
-    fingerprints.setdefault("train_data", ckpt.tokenized_fingerprint(train_data))
-    fingerprints.setdefault("dev_data", ckpt.tokenized_fingerprint(dev_data))
-    fingerprints["stages"] = hashlib.sha256(json.dumps(
-        [dict(s.to_dict(), ids=hashlib.sha256("\n".join(s.sample_ids or ()).encode()).hexdigest())
-         for s in stages], sort_keys=True).encode()).hexdigest()[:16]
-    return fingerprints
-
-
 def _check_compatible(saved: dict[str, Any], folder: Path, *, config, fingerprints: dict[str, Any],
                       num_processes: int, allow_change: bool) -> None:
     """Refuse (CheckpointError) to resume from ``folder`` (its ``trainer_state.json``: ``saved``) when

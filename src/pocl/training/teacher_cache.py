@@ -61,8 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pocl import fingerprints
 from pocl._version import __version__
-from pocl.config.schema import stable_hash
 from pocl.data import TokenizedDataset, collate, group_by_length
 from pocl.errors import CheckpointError
 from pocl.losses import TopKTeacher
@@ -123,11 +123,6 @@ def shard_plan(data: TokenizedDataset) -> list[list[int]]:
 def _shard_name(j: int) -> str:
     """The folder name of shard ``j``."""
     return f"shard-{j:05d}"
-
-
-def _stamp_hash(stamp: dict[str, Any]) -> str:
-    """A short hash of a cache stamp (what every shard's manifest records)."""
-    return stable_hash(stamp)[:16]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -202,7 +197,7 @@ def _shards_to_compute(root: Path, stamp: dict[str, Any], num_shards: int) -> tu
 
     ``action``: reused (complete and intact), repaired (damaged shards), rebuilt (another stamp),
     resumed (an interrupted pass) or built."""
-    stamp_hash = _stamp_hash(stamp)
+    stamp_hash = fingerprints.stamp_hash(stamp)
     ckpt.clean_temporaries(root)  # the temporary folder of a shard whose write was killed
     top = _read_json(root / ckpt.MANIFEST)
     if top is not None and top.get("stamp") == stamp_hash:
@@ -229,7 +224,7 @@ def _finish(root: Path, stamp: dict[str, Any], num_shards: int) -> None:
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith("shard-") and p.name not in keep:
             shutil.rmtree(p)
-    ckpt.write_manifest(root, {"kind": FORMAT, "stamp": _stamp_hash(stamp), "stamp_inputs": stamp,
+    ckpt.write_manifest(root, {"kind": FORMAT, "stamp": fingerprints.stamp_hash(stamp), "stamp_inputs": stamp,
                                "shards": num_shards, "pocl_version": __version__})
 
 
@@ -254,7 +249,7 @@ def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *,
     rank = accelerator.process_index if accelerator is not None else 0
     main = rank == 0
     plan = shard_plan(data)
-    stamp_hash = _stamp_hash(stamp)
+    stamp_hash = fingerprints.stamp_hash(stamp)
     todo, action, why = [], "", ""
     if main:
         root.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ stage: :func:`measure_run_signal`) and refuses it when it is too far off.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -38,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from pocl.errors import ConfigError
+from pocl.fingerprints import teacher_fingerprint, tokenized_fingerprint
 from pocl.losses import TopKTeacher, select_response_tokens, teacher_top_k
 from pocl.models import LMHead, hidden_states
 from pocl.training import teacher_cache as tcache
-from pocl.training.checkpoint import tokenized_fingerprint
 from pocl.training.stages import Stage
 from pocl.training.teacher_cache import TeacherCache
 
@@ -49,7 +48,7 @@ log = logging.getLogger("pocl.teacher_signal")
 
 __all__ = ["APPROXIMATIONS", "CachedHiddenTeacher", "CachedTopKTeacher", "LiveTeacher", "SignalError", "TeacherSide",
            "TeacherSignal", "cache_temperatures", "check_run_signal", "check_signal_error", "live_teacher",
-           "measure_run_signal", "measure_signal_error", "open_teacher_caches", "teacher_fingerprint", "to_device"]
+           "measure_run_signal", "measure_signal_error", "open_teacher_caches", "to_device"]
 
 #: The approximations a user can accept by name (``loss.accept_approximation``).
 APPROXIMATIONS = ("topk-cache", "half-precision-cache")
@@ -311,18 +310,6 @@ def cache_temperatures(stages: Sequence[Stage], *, live: LiveTeacher | None, tea
     if live is None or teacher_cache == "off" or all(on_policy_fraction(s) >= 1 for s in kd):
         return []
     return sorted({s.temperature for s in kd})
-
-
-def teacher_fingerprint(teacher: nn.Module, given: str | None) -> str:
-    """The pipeline's fingerprint of the teacher (``given``); without one (the trainer built directly), a
-    hash of its weights, so that a cache is never reused for another teacher."""
-    if given:
-        return str(given)
-    h = hashlib.sha256()
-    for name, tensor in teacher.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "weights-" + h.hexdigest()[:16]
 
 
 def open_teacher_caches(live: LiveTeacher, datasets: dict[str, Any], *, root: Path, loss_config,

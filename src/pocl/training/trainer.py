@@ -32,7 +32,8 @@ from pocl.training import teacher_signal as tsignal
 from pocl.training.metrics import TrainLog, log_device
 from pocl.training.onpolicy import OnPolicySchedule
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
-from pocl.training.run_store import RunStore, run_fingerprints, seed_everything
+from pocl.fingerprints import run_fingerprints
+from pocl.training.run_store import RunStore, seed_everything
 from pocl.training.stages import Stage, StagePlan
 from pocl.training.state import NonFiniteLossError, StopRequest, TrainResult, TrainState
 from pocl.training.student_loss import SEQKD_ORIGIN, StudentLoss
