@@ -97,7 +97,7 @@ def no_generation(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("generation started although the ranking is wrong")
 
-    monkeypatch.setattr("pocl.evaluation.runner.generate", forbidden)
+    monkeypatch.setattr("pocl.evaluation.scoring.generate", forbidden)
 
 
 def test_yaml_config_greedy_and_ranking_breakdown(tmp_path, tiny_pair, sets, capsys):
@@ -214,7 +214,7 @@ def test_exact_match_normalization_option(tmp_path, tiny_pair, sets, monkeypatch
         assert len(prompts) == len(refs)
         return [Generation([1], f"THE {r.upper()}.", True) for r in refs]
 
-    monkeypatch.setattr("pocl.evaluation.runner.generate", shouting)
+    monkeypatch.setattr("pocl.evaluation.scoring.generate", shouting)
     common = ["--model", str(tiny_pair[1]), "--data", str(sets[0]), "--seeds", "1", "--no-progress"]
     assert main(["eval", *common, "--output-dir", str(tmp_path / "squad")]) == 0
     assert main(["eval", *common, "--em-normalization", "whitespace", "--output-dir", str(tmp_path / "ws")]) == 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import pocl.curriculum.difficulty as difficulty
+import pocl.curriculum.measurement as measurement
 from pocl.cli import main
 
 
@@ -33,7 +33,7 @@ def test_rank_writes_reuses_and_reranks(tmp_path, tiny_pair, tiny_data, capsys, 
     def forbidden(*a, **k):
         raise AssertionError("generate called")
 
-    monkeypatch.setattr(difficulty, "generate", forbidden)
+    monkeypatch.setattr(measurement, "generate", forbidden)
     assert main(_args(tiny_pair, tiny_data, out)) == 0
     assert "(reused: reusing" in capsys.readouterr().out
     assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == first

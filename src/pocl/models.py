@@ -1,25 +1,18 @@
-"""Loading teacher and student, checking that they can be distilled into each other.
+"""Loading teacher and student, and saving what training produces.
 
 - Models load from a folder, a hub name (from the local cache when offline) or a ``.gguf`` file
   (transformers dequantizes it; the GGUF quantization config is dropped so that the model saves as
   a normal checkpoint).
 - The teacher is put in eval mode with gradients off.
-- Tokenizers must agree (same token -> id mapping and the same EOS). When the models' output
-  layers differ only by padded rows beyond the tokenizer's vocabulary (Qwen2.5 has 151,936 rows in
-  small models and 152,064 in large ones), both are trimmed to the shared size; any other mismatch
-  stops with an error.
-- :class:`LMHead` exposes the output layer as (weight, bias, logit transform) so the loss engine can
-  compute logits chunk by chunk from hidden states; :func:`check_fused_head` verifies at start that
-  this reproduces the model's own logits (architectures that post-process logits in a way pocl does
-  not know fall back to the model's full logits).
+- The checks that teacher and student can be distilled into each other (tokenizers, shared
+  vocabulary) are in :mod:`pocl.model_compat`, the LM head and hidden-states helpers in
+  :mod:`pocl.model_head`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +21,15 @@ from torch import nn
 from pocl.errors import ModelError
 from pocl.model_checks import (NonFiniteWeightsError, check_config_json, check_folder_kind, check_model_folder,
                                first_nonfinite_tensor, role_suffix, split_model_spec, weight_file_of)
+from pocl.model_compat import check_teacher_larger, check_tokenizers, count_parameters, human_count, shared_vocab_size
+from pocl.model_head import LMHead, check_fused_head, decoder_of, hidden_states, output_rows
 
 log = logging.getLogger("pocl.models")
+
+__all__ = ["LMHead", "apply_lora", "check_fused_head", "check_teacher_larger", "check_tokenizers", "count_parameters",
+           "decoder_of", "describe_model", "freeze_teacher", "hidden_states", "is_peft_model", "load_model",
+           "load_tokenizer", "load_training_weights", "merged_copy", "model_shape", "offline_mode", "output_rows",
+           "resolve_dtype", "save_model_folder", "save_training_weights", "shared_vocab_size"]
 
 
 def offline_mode() -> bool:
@@ -134,13 +134,6 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, local_files_onl
     return model
 
 
-def _human_count(n: int) -> str:
-    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
-        if n >= size:
-            return f"{n / size:.3g}{suffix}"
-    return str(n)
-
-
 def _config_value(config, *names: str):
     for name in names:
         value = getattr(config, name, None)
@@ -182,23 +175,10 @@ def describe_model(model: nn.Module, *, what: str = "model", spec: str | None = 
 
     where = spec if spec is not None else (getattr(model, "name_or_path", "") or "?")
     return (f"{what}: {where} ({s['architecture']}): {s['parameters']:,} parameters "
-            f"({_human_count(s['parameters'])}), {s['dtype']}, on {s['device']}; "
+            f"({human_count(s['parameters'])}), {s['dtype']}, on {s['device']}; "
             f"{s['layers'] if s['layers'] is not None else '?'} layer{'' if s['layers'] == 1 else 's'}, "
             f"{known(s['hidden_size'], 'hidden size')}, "
             f"{known(s['vocab'], 'vocab')}, {known(s['context'], 'context')}")
-
-
-def check_teacher_larger(teacher: nn.Module, student: nn.Module) -> bool:
-    """Warn (and return False) when the teacher has fewer parameters than the student: the two paths may
-    have been given the wrong way round (--teacher and --student swapped)."""
-    nt, ns = count_parameters(teacher), count_parameters(student)
-    if nt >= ns:
-        return True
-    log.warning("the teacher has fewer parameters than the student (%s < %s: teacher %s, student %s); are "
-                "--teacher and --student swapped? pocl distils the teacher into the student as given",
-                _human_count(nt), _human_count(ns), getattr(teacher, "name_or_path", "") or "?",
-                getattr(student, "name_or_path", "") or "?")
-    return False
 
 
 def _drop_gguf_quantization(model: nn.Module) -> None:
@@ -227,143 +207,6 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def check_tokenizers(teacher_tok, student_tok, *, teacher_name: str = "teacher", student_name: str = "student") -> None:
-    """Raise ModelError unless both tokenizers map the same tokens to the same ids with the same EOS."""
-    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if tv != sv:
-        only_t = [t for t in tv if t not in sv][:5]
-        only_s = [t for t in sv if t not in tv][:5]
-        moved = [t for t in tv if t in sv and tv[t] != sv[t]][:5]
-        detail = []
-        if only_t:
-            detail.append(f"only in the {teacher_name}'s: {only_t}")
-        if only_s:
-            detail.append(f"only in the {student_name}'s: {only_s}")
-        if moved:
-            detail.append(f"different ids for {moved}")
-        raise ModelError(
-            f"the {teacher_name} and {student_name} tokenizers differ ({len(tv)} vs {len(sv)} tokens; "
-            + "; ".join(detail) + "). White-box distillation compares distributions token by token, so both "
-            "models must share one tokenizer.")
-    if teacher_tok.eos_token_id != student_tok.eos_token_id:
-        raise ModelError(f"EOS differs: {teacher_name} {teacher_tok.eos_token!r} (id {teacher_tok.eos_token_id}) vs "
-                         f"{student_name} {student_tok.eos_token!r} (id {student_tok.eos_token_id})")
-
-
-def output_rows(model: nn.Module) -> int:
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ModelError(f"{type(model).__name__} has no output embedding layer; pocl needs a causal LM head")
-    return int(head.weight.shape[0])
-
-
-def shared_vocab_size(teacher: nn.Module | None, student: nn.Module, tokenizer) -> int:
-    """The number of output rows both models share; every token of the tokenizer must be inside it.
-    Also warns when the teacher is the smaller model (:func:`check_teacher_larger`)."""
-    n_tok = len(tokenizer)
-    rows_s = output_rows(student)
-    if teacher is None:
-        if rows_s < n_tok:
-            raise ModelError(f"the student's output layer has {rows_s} rows but the tokenizer has {n_tok} tokens")
-        return rows_s
-    check_teacher_larger(teacher, student)
-    rows_t = output_rows(teacher)
-    shared = min(rows_t, rows_s)
-    if shared < n_tok:
-        raise ModelError(
-            f"vocabulary mismatch: teacher output layer {rows_t} rows, student {rows_s}, tokenizer {n_tok} tokens. "
-            "Only padded rows beyond the tokenizer's vocabulary can be trimmed; these models do not share a "
-            "vocabulary.")
-    if rows_t != rows_s:
-        log.warning("teacher has %d output rows and student %d; both are trimmed to the shared %d "
-                    "(the extra rows are padding beyond the tokenizer's %d tokens)", rows_t, rows_s, shared, n_tok)
-    return shared
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The transformer body of a causal LM (everything but the output layer)."""
-    getter = getattr(model, "get_decoder", None)
-    body = getter() if callable(getter) else None
-    if body is None:
-        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if body is None or body is model:
-        raise ModelError(f"cannot find the transformer body of {type(model).__name__}")
-    return body
-
-
-@dataclasses.dataclass
-class LMHead:
-    """The output layer as data: ``logits = logit_fn(hidden @ weight.T + bias)[..., :vocab_size]``."""
-
-    weight: torch.Tensor  # [V_rows, H]
-    bias: torch.Tensor | None  # [V_rows] or None
-    vocab_size: int
-    logit_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    @classmethod
-    def from_model(cls, model: nn.Module, vocab_size: int) -> "LMHead":
-        head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            raise ModelError(f"output layer of {type(model).__name__} is {type(head).__name__}, not nn.Linear")
-        return cls(head.weight, head.bias, vocab_size, _logit_postprocess(model.config))
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(hidden, self.weight, self.bias)[..., : self.vocab_size]
-        return self.logit_fn(out) if self.logit_fn is not None else out
-
-
-def _logit_postprocess(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Known post-processing of logits after the head (checked numerically by check_fused_head)."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
-    fns = []
-    if scale not in (None, 1, 1.0):
-        fns.append(lambda x, s=float(scale): x * s)
-    if divide not in (None, 1, 1.0):
-        fns.append(lambda x, d=float(divide): x / d)
-    if cap:
-        fns.append(lambda x, c=float(cap): torch.tanh(x / c) * c)
-    if not fns:
-        return None
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        for fn in fns:
-            x = fn(x)
-        return x
-
-    return apply
-
-
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states ``[B, L, H]`` of the transformer body (no logits are computed)."""
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-@torch.no_grad()
-def check_fused_head(model: nn.Module, head: LMHead, *, atol: float = 1e-3) -> tuple[bool, float]:
-    """Compare ``head.logits(hidden_states(...))`` with the model's own logits on a probe input."""
-    device = head.weight.device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, head.vocab_size, (2, 8), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    was_training = model.training
-    model.eval()
-    try:
-        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., : head.vocab_size].float()
-        fused = head.logits(hidden_states(model, ids, mask)).float()
-    finally:
-        model.train(was_training)
-    diff = float((ref - fused).abs().max())
-    scale = float(ref.abs().max()) or 1.0
-    return diff <= atol * max(1.0, scale), diff
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------- LoRA / saving

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pocl.curriculum.difficulty as difficulty
+import pocl.curriculum.measurement as measurement
 from pocl.curriculum import MEASURERS, SampleDifficulty, measure_difficulty, measurer_needs, rank_samples
 from pocl.data import Record, generate_suite, tokenize_records
 from pocl.errors import ConfigError, DataError, UnknownNameError
@@ -50,7 +51,7 @@ def naive_losses(model, tokenizer, records):
 
 @pytest.mark.parametrize("fused", [None, False])
 def test_loss_matches_naive_per_sample_computation(student, suite_tokenizer, records, monkeypatch, fused):
-    monkeypatch.setattr(difficulty, "generate", lambda *a, **k: pytest.fail("generate called"))
+    monkeypatch.setattr(measurement, "generate", lambda *a, **k: pytest.fail("generate called"))
     student.train()
     got = measure_difficulty(student, suite_tokenizer, records, template="alpaca", decoding=DECODING, batch_size=5,
                              need_rouge=False, progress=False, chunk_size=7, fused=fused, **LIMITS)
@@ -67,14 +68,14 @@ def test_generation_respects_max_new_tokens_and_rouge_is_rouge_score(student, su
     from rouge_score import rouge_scorer
 
     seen: list[Generation] = []
-    real = difficulty.generate
+    real = measurement.generate
 
     def spy(*args, **kwargs):
         gens = real(*args, **kwargs)
         seen.extend(gens)
         return gens
 
-    monkeypatch.setattr(difficulty, "generate", spy)
+    monkeypatch.setattr(measurement, "generate", spy)
     got = measure_difficulty(student, suite_tokenizer, records, decoding=DecodingConfig(temperature=0.01,
                              max_new_tokens=3, no_repeat_ngram_size=6), batch_size=4, need_loss=False,
                              progress=False, **LIMITS)
@@ -102,7 +103,7 @@ def test_rouge_signal_scores_the_returned_generations(suite_tokenizer, student, 
         progress(len(prompts))
         return [Generation([], answers[r.id], True) for r in records]
 
-    monkeypatch.setattr(difficulty, "generate", fake_generate)
+    monkeypatch.setattr(measurement, "generate", fake_generate)
     got = measure_difficulty(student, suite_tokenizer, records, decoding=DECODING, batch_size=4, need_loss=False,
                              progress=False, **LIMITS)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -116,7 +117,7 @@ def test_rouge_signal_scores_the_returned_generations(suite_tokenizer, student, 
 
 
 def test_need_rouge_false_never_generates_and_timings_are_reported(student, suite_tokenizer, records, monkeypatch):
-    monkeypatch.setattr(difficulty, "generate", lambda *a, **k: pytest.fail("generate called"))
+    monkeypatch.setattr(measurement, "generate", lambda *a, **k: pytest.fail("generate called"))
     timings: dict = {}
     measure_difficulty(student, suite_tokenizer, records[:3], decoding=DECODING, batch_size=2, need_rouge=False,
                        progress=False, timings=timings, **LIMITS)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import pocl.curriculum.difficulty as difficulty
+import pocl.curriculum.measurement as measurement
 from pocl.config import CurriculumConfig
 from pocl.curriculum import load_or_compute_ranking, meta_path, rank_samples, read_ranking, difficulties_from_ranking
 from pocl.data import Record, generate_suite
@@ -44,7 +44,7 @@ class Calls:
 
     def __init__(self, monkeypatch, forbid=False):
         self.generate = self.loss = 0
-        real_gen, real_loss = difficulty.generate, difficulty._response_losses
+        real_gen, real_loss = measurement.generate, measurement._response_losses
 
         def gen(*a, **k):
             assert not forbid, "generate called"
@@ -56,8 +56,8 @@ class Calls:
             self.loss += 1
             return real_loss(*a, **k)
 
-        monkeypatch.setattr(difficulty, "generate", gen)
-        monkeypatch.setattr(difficulty, "_response_losses", loss)
+        monkeypatch.setattr(measurement, "generate", gen)
+        monkeypatch.setattr(measurement, "_response_losses", loss)
 
 
 def compute(path, records, tokenizer, model, *, fingerprint="student-a", settings=SETTINGS, seed=0, **cur):

@@ -84,7 +84,7 @@ def test_scoring_and_aggregation(monkeypatch, suite_tokenizer):
             progress(len(prompts))
         return [Generation(token_ids=[1] * len(t.split()), text=t, stopped_at_eos=True) for t in outputs[seed]]
 
-    monkeypatch.setattr("pocl.evaluation.runner.generate", fake_generate)
+    monkeypatch.setattr("pocl.evaluation.scoring.generate", fake_generate)
     calls = []
     res = evaluate_records(None, suite_tokenizer, recs, seeds=[10, 20], progress=calls.append, name="toy")
     expect = {seed: [rouge_l(t, r.references) for t, r in zip(outs, recs)] for seed, outs in outputs.items()}
@@ -118,7 +118,7 @@ def test_exact_match_normalization(monkeypatch, suite_tokenizer):
     def fake_generate(model, tokenizer, prompts, decoding, *, batch_size, seed, progress=None):
         return [Generation(token_ids=[1], text=t, stopped_at_eos=True) for t in texts]
 
-    monkeypatch.setattr("pocl.evaluation.runner.generate", fake_generate)
+    monkeypatch.setattr("pocl.evaluation.scoring.generate", fake_generate)
     squad = evaluate_records(None, suite_tokenizer, recs, seeds=[1])  # default: the papers' squad normalisation
     ws = evaluate_records(None, suite_tokenizer, recs, seeds=[1], em_normalization="whitespace")
     assert [s.exact_match for s in squad.samples] == [[100.0], [100.0], [100.0]] and squad.em_normalization == "squad"

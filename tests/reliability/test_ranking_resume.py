@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import pocl.curriculum.difficulty as difficulty
+import pocl.curriculum.measurement as measurement
 import pocl.curriculum.ranking_journal as journal_mod
 import pocl.curriculum.ranking_stamps as stamps_mod
 import pocl.fingerprints as fingerprints
@@ -21,7 +22,7 @@ from tests.conftest import make_llama
 SETTINGS = {"template": "alpaca", "use_prompt_field": None, "max_length": 40, "max_prompt_length": 24,
             "truncation_side": "left"}
 N, BATCH = 20, 4  # 5 loss batches and 5 generation batches
-REAL_HIDDEN, REAL_GENERATE = difficulty.hidden_states, difficulty.generate
+REAL_HIDDEN, REAL_GENERATE = measurement.hidden_states, measurement.generate
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ class Spy:
             self.generate += 1
             return real_generate(*a, **k)
 
-        monkeypatch.setattr(difficulty, "hidden_states", hidden)
-        monkeypatch.setattr(difficulty, "generate", generate)
+        monkeypatch.setattr(measurement, "hidden_states", hidden)
+        monkeypatch.setattr(measurement, "generate", generate)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def test_sharded_processes_resume_from_the_same_partial_file(tmp_path, records, 
     """A one-process pass is interrupted; two 'processes' resume it. Each round's batches are
     gathered, only the main process appends, and both end with every sample's values, equal to a
     one-process pass; the partial file is the one a single process would have written."""
-    monkeypatch.setattr(difficulty, "generate", _fake_generate)
+    monkeypatch.setattr(measurement, "generate", _fake_generate)
     whole_path = tmp_path / "one" / "ranking.jsonl"
     whole, _ = rank(whole_path, records, suite_tokenizer, student)
 
@@ -232,10 +233,10 @@ def test_sharded_processes_resume_from_the_same_partial_file(tmp_path, records, 
         calls["n"] += 1
         return _fake_generate(*a, **k)
 
-    monkeypatch.setattr(difficulty, "generate", failing)
+    monkeypatch.setattr(measurement, "generate", failing)
     with pytest.raises(Interrupted):
         rank(path, records, suite_tokenizer, student)
-    monkeypatch.setattr(difficulty, "generate", _fake_generate)
+    monkeypatch.setattr(measurement, "generate", _fake_generate)
 
     import copy
 
@@ -307,7 +308,7 @@ def test_sigterm_during_the_ranking_pass_exits_130_and_keeps_the_finished_batche
             os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a job scheduler would
         return REAL_GENERATE(*a, **k)
 
-    monkeypatch.setattr(difficulty, "generate", generate)
+    monkeypatch.setattr(measurement, "generate", generate)
     code, _, err = run_cli(argv, capsys)
     assert code == 130 and "pocl: interrupted" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the command
