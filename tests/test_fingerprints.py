@@ -158,13 +158,14 @@ def test_run_fingerprints_values():
 def test_callers_use_the_one_implementation():
     """The modules that store fingerprints use these functions, not copies of their own."""
     from pocl.curriculum import ranking, ranking_stamps
-    from pocl.training import checkpoint, teacher_signal, trainer
+    from pocl.artifacts import folders
+    from pocl.training import run_store, teacher_signal
 
-    assert checkpoint.sha256_file is fp.sha256_file
+    assert folders.sha256_file is fp.sha256_file
     assert ranking_stamps.sample_hashes is fp.sample_hashes
-    assert ranking.stamp_hash is fp.stamp_hash
+    assert ranking.Stamp({"a": 1}).hash == fp.stamp_hash({"a": 1})  # the ranking's stamps are pocl.artifacts.Stamp
     assert teacher_signal.teacher_fingerprint is fp.teacher_fingerprint
-    assert trainer.run_fingerprints is fp.run_fingerprints
+    assert run_store.run_fingerprints is fp.run_fingerprints
 
 
 def test_imports_no_torch():

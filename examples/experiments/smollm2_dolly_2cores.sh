@@ -11,7 +11,7 @@ set -euo pipefail
 SPEC=examples/experiments/smollm2_dolly.yaml
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-run() { "$PY" examples/experiments/run_matrix.py "$SPEC" --no-progress "$@"; }
+run() { "$PY" -m pocl matrix "$SPEC" --no-progress "$@"; }
 
 # 1. One process: the teacher's GGUF -> HF checkpoint, pocl init-student, the healing SFT, the shared
 #    ranking, and the first POCL run (the two runners below must not prepare or rank at the same time).

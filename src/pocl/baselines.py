@@ -26,7 +26,6 @@ text is never re-tokenised.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -37,11 +36,10 @@ from typing import Any
 
 import torch
 
-from pocl import fingerprints
-from pocl.atomic import atomic_write
+from pocl.artifacts import Stamp, StampedFile
 from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
 from pocl.errors import CheckpointError, ConfigError
-from pocl.fingerprints import prompt_hash, sha256_bytes, tokenizer_fingerprint
+from pocl.fingerprints import prompt_hash, tokenizer_fingerprint
 from pocl.generation import (DecodingConfig, Generation, effective_settings, generate, length_sorted_batches,
                              special_token_ids)
 from pocl.training.onpolicy import generated_sample
@@ -78,9 +76,14 @@ def seqkd_decoding(loss_config) -> DecodingConfig:
     return DecodingConfig.greedy(**common)
 
 
-def _meta_path(path: Path) -> Path:
-    stem = path.name[:-len(".jsonl")] if path.name.endswith(".jsonl") else path.name
-    return path.with_name(stem + ".meta.json")
+def _file(path: Path) -> StampedFile:
+    """The SeqKD answers at ``path`` as a stamped file (``NAME.jsonl`` + ``NAME.meta.json``)."""
+    return StampedFile(path, format=SEQKD_FORMAT, version=SEQKD_FORMAT_VERSION, label="the SeqKD answers")
+
+
+#: Readable names of the stamp's keys in the reason a file is generated again.
+_STAMP_LABELS = {"teacher": "teacher (fingerprint)", "tokenizer": "tokenizer (fingerprint)",
+                 "data.prompts": "data.prompts (hash)"}
 
 
 def _stamp_inputs(*, teacher_fingerprint: str | None, tokenizer, samples: Sequence[TokenizedSample],
@@ -99,53 +102,25 @@ def _stamp_inputs(*, teacher_fingerprint: str | None, tokenizer, samples: Sequen
 
 
 def _read(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Lines and metadata of a cache file; CheckpointError when missing parts or corrupt."""
-    meta_file = _meta_path(path)
-    if not path.is_file() or not meta_file.is_file():
-        raise FileNotFoundError(path)
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(f"{meta_file} is unreadable: {exc}") from None
-    if meta.get("format") != SEQKD_FORMAT or meta.get("format_version") != SEQKD_FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: not a {SEQKD_FORMAT} v{SEQKD_FORMAT_VERSION} file")
-    blob = path.read_bytes()
-    if sha256_bytes(blob) != meta.get("jsonl", {}).get("sha256"):
-        raise CheckpointError(f"{path} is corrupt: its sha256 does not match the metadata")
+    """Lines and metadata of a cache file; FileNotFoundError when there is none, CheckpointError when
+    it is damaged (:meth:`pocl.artifacts.StampedFile.read`)."""
+    blob, meta = _file(path).read()
     return [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()], meta
 
 
 def _write(path: Path, samples: Sequence[TokenizedSample], gens: Sequence[Generation], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = "".join(json.dumps({"id": s.id, "token_ids": list(g.token_ids), "stopped_at_eos": g.stopped_at_eos,
                                "text": g.text}, ensure_ascii=False) + "\n" for s, g in zip(samples, gens)).encode()
-    meta = {"format": SEQKD_FORMAT, "format_version": SEQKD_FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta,
-            "jsonl": {"name": path.name, "sha256": sha256_bytes(blob), "bytes": len(blob)}}
-    atomic_write(path, blob)
-    atomic_write(_meta_path(path), json.dumps(meta, indent=1, sort_keys=True).encode())  # the metadata last
+    _file(path).write(blob, meta, sort_keys=True)
 
 
-def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> str:
-    if old.get("teacher") != new["teacher"]:
-        return f"the teacher changed (fingerprint {old.get('teacher')} -> {new['teacher']})"
-    if old.get("data") != new["data"]:
-        o, n = old.get("data") or {}, new["data"]
-        if o.get("samples") != n["samples"]:
-            return f"the data changed ({o.get('samples')} samples in the file vs {n['samples']} now)"
-        return "the data changed (the prompts differ)"
-    if old.get("tokenizer") != new["tokenizer"]:
-        return "the tokenizer changed"
-    o, n = old.get("generation") or {}, new["generation"]
-    changed = [f"{k} {o.get(k)!r} -> {n[k]!r}" for k in n if o.get(k) != n[k]]
-    if changed:
-        return "settings changed: " + ", ".join(changed)
-    if "transformers_generate" not in old:
+def _why_stale(old: dict[str, Any], stamp: Stamp) -> str:
+    """Why a stored file with stamp inputs ``old`` does not apply to ``stamp``."""
+    rest = {k: v for k, v in stamp.inputs.items() if k != "transformers_generate"}
+    if "transformers_generate" not in old and old == rest:
         return ("the file was written before pocl passed every decoding setting to transformers explicitly (its "
                 "answers may have used top-k 50 or the teacher's own generation_config)")
-    o, n = old.get("transformers_generate") or {}, new["transformers_generate"]
-    return "the settings handed to transformers changed: " + ", ".join(
-        f"{k} {o.get(k)!r} -> {n.get(k)!r}" for k in dict.fromkeys([*n, *o]) if o.get(k) != n.get(k))
+    return "it was made for other inputs: " + stamp.why_stale(old)
 
 
 def _generate_sharded(teacher, tokenizer, prompts: list[list[int]], decoding: DecodingConfig, batch_size: int,
@@ -178,13 +153,12 @@ def teacher_responses(path: str | os.PathLike, *, teacher, tokenizer, samples: S
     ``info`` (action ``reused`` or ``generated``, reason, seconds, path)."""
     path = Path(path)
     samples = list(samples)
-    stamp = _stamp_inputs(teacher_fingerprint=teacher_fingerprint, tokenizer=tokenizer, samples=samples,
-                          decoding=decoding, batch_size=batch_size)
-    stamp_hash = fingerprints.stamp_hash(stamp)
+    stamp = Stamp(_stamp_inputs(teacher_fingerprint=teacher_fingerprint, tokenizer=tokenizer, samples=samples,
+                                decoding=decoding, batch_size=batch_size), labels=_STAMP_LABELS)
     reason = f"no file at {path}"
     try:
         lines, meta = _read(path)
-        if meta.get("stamp_hash") == stamp_hash and [d["id"] for d in lines] == [s.id for s in samples]:
+        if stamp.matches(meta.get("stamp_hash")) and [d["id"] for d in lines] == [s.id for s in samples]:
             gens = [Generation(list(map(int, d["token_ids"])), d["text"], bool(d["stopped_at_eos"])) for d in lines]
             log.info("seqkd: reusing the teacher's answers in %s", path)
             return gens, {"action": "reused", "reason": "the stamp matches", "path": str(path),
@@ -202,7 +176,7 @@ def teacher_responses(path: str | os.PathLike, *, teacher, tokenizer, samples: S
     gens = _generate_sharded(teacher, tokenizer, prompts, decoding, batch_size, accelerator)
     seconds = time.perf_counter() - t0
     if accelerator is None or accelerator.is_main_process:
-        _write(path, samples, gens, {"stamp_hash": stamp_hash, "stamp_inputs": stamp, "seconds": seconds})
+        _write(path, samples, gens, {"stamp_hash": stamp.hash, "stamp_inputs": dict(stamp.inputs), "seconds": seconds})
     if accelerator is not None:
         accelerator.wait_for_everyone()
     log.info("seqkd: %d answers in %.1f s, written to %s", len(gens), seconds, path)

@@ -144,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    # A command that runs other pocl command lines in this process (`pocl matrix --in-process`) does so
+    # through this function; it cannot import pocl.cli, which imports every command.
+    args.pocl_main = main
     _setup_logging(getattr(args, "verbose", False))
     installed, previous = _sigterm_as_ctrl_c()
     try:

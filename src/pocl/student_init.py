@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pocl.errors import ConfigError, ModelError
-from pocl.training.checkpoint import atomic_folder_write
+from pocl.artifacts import atomic_folder_write
 from pocl.training.output_dirs import check_output_dir
 
 log = logging.getLogger("pocl.student_init")
@@ -214,14 +214,16 @@ def getattr_path(obj: Any, path: str) -> Any:
 def init_student(teacher: str, output_dir: str | Path | None, *, keep_layers: Sequence[int] | None = None,
                  keep_every: int | None = None, num_layers: int | None = None, keep_last: bool = True,
                  dtype: torch.dtype | None = None, local_files_only: bool = False,
-                 trust_remote_code: bool = False, overwrite: bool = False) -> StudentInitResult:
+                 trust_remote_code: bool = False, overwrite: bool = False,
+                 extra_info: dict[str, Any] | None = None) -> StudentInitResult:
     """Make a student from ``teacher`` (a model folder, hub name or ``.gguf`` file, dequantised) by
     keeping some of its decoder layers (see the module docstring for ``keep_layers`` /
     ``keep_every`` / ``num_layers`` / ``keep_last``), and save it with the teacher's tokenizer to
     ``output_dir`` (None: do not save). ``dtype``: of the saved weights (default: as loaded, float32
     for GGUF). ``overwrite``: replace a previous pocl model in ``output_dir`` (recognised by its
     manifest). A folder that pocl did not write, or one that is, lies inside or contains the teacher, is
-    refused (ConfigError) before the teacher is loaded, whatever ``overwrite`` says."""
+    refused (ConfigError) before the teacher is loaded, whatever ``overwrite`` says. ``extra_info``: more
+    keys for the folder's ``init_student.json`` (the run matrix records the options it asked for)."""
     from transformers import AutoTokenizer
 
     from pocl.model_checks import split_model_spec
@@ -254,7 +256,8 @@ def init_student(teacher: str, output_dir: str | Path | None, *, keep_layers: Se
         raise ModelError(f"cannot load the tokenizer of '{teacher}': {exc}") from None
     info = {"teacher": str(teacher), "teacher_layers": n, "kept_layers": kept, "num_layers": len(kept),
             "teacher_parameters": result.teacher_parameters, "student_parameters": result.student_parameters,
-            "trimmed_config_fields": trimmed, "architecture": type(student).__name__}
+            "trimmed_config_fields": trimmed, "architecture": type(student).__name__,
+            **(extra_info or {})}
 
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp, safe_serialization=True)

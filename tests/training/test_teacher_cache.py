@@ -251,7 +251,7 @@ import pocl.training.teacher_cache as tc
 
 tc.SHARD_SAMPLES = 8
 written = []
-real_write = tc.ckpt.atomic_folder_write
+real_write = tc.artifacts.atomic_folder_write
 
 def dies_writing_the_fourth_shard(target, write, **kw):
     written.append(target.name)
@@ -264,7 +264,7 @@ def dies_writing_the_fourth_shard(target, write, **kw):
 
     return real_write(target, partial, **kw)
 
-tc.ckpt.atomic_folder_write = dies_writing_the_fourth_shard
+tc.artifacts.atomic_folder_write = dies_writing_the_fourth_shard
 from pocl.cli import main
 sys.exit(main(sys.argv[1:]))
 """

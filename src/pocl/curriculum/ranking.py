@@ -46,7 +46,8 @@ from typing import Any
 
 from pocl.data import Record
 from pocl.errors import CheckpointError, ConfigError
-from pocl.fingerprints import sample_hashes, stamp_hash
+from pocl.artifacts import Stamp
+from pocl.fingerprints import sample_hashes
 
 from .difficulty import (RankedSample, SampleDifficulty, difficulties_from_ranking, measure_difficulty, measurer_needs,
                          rank_samples, ranking_decoding)
@@ -123,7 +124,7 @@ def load_or_compute_ranking(path: str | os.PathLike, *, records: Sequence[Record
     sig_in = signals_inputs(records=records, tokenizer=tokenizer, model_fingerprint=model_fingerprint,
                             curriculum=curriculum, data_settings=settings, _hashes=hashes)
     ord_in = order_inputs(curriculum, seed)
-    sig_hash, ord_hash = stamp_hash(sig_in), stamp_hash(ord_in)
+    sig_hash, ord_hash = Stamp(sig_in).hash, Stamp(ord_in).hash
 
     stored: list[RankedSample] | None = None
     meta: dict[str, Any] = {}

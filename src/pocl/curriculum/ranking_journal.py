@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pocl.artifacts import write_file
 from pocl.errors import CheckpointError
 from pocl.fingerprints import line_check
 
 from .difficulty import SIGNALS
-from .ranking_file import write_atomically, write_ranking
+from .ranking_file import write_ranking
 
 __all__ = ["PARTIAL_FORMAT", "PARTIAL_FORMAT_VERSION", "SIGNAL_WORD", "Distributed", "PartialMeasurement",
            "drop_leftover_partial", "partial_path"]
@@ -109,7 +110,7 @@ class PartialMeasurement:
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             blob = b"".join(line + b"\n" for line in [json.dumps(header).encode()] + keep)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, blob)
+            write_file(path, blob)
             try:
                 self._fh = open(path, "ab")
             except OSError as exc:

@@ -3,7 +3,7 @@
 ``signals_hash`` stamps what the signals depend on: the student (its fingerprint), the data (ids,
 rendered prompts, references; tokenizer; tokenisation settings) and the generation settings.
 ``order_hash`` stamps how the order is made from the signals (measurer, k, and the seed for
-``random``); both are :func:`pocl.fingerprints.stamp_hash` of these inputs.
+``random``); both are the hash of a :class:`pocl.artifacts.Stamp` of these inputs.
 :func:`why_signals_differ` and :func:`describe_changes` say in plain words what changed between a
 stored stamp and the current one.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pocl.artifacts import describe_changes
 from pocl.data import Record, get_template
 from pocl.errors import ConfigError
 from pocl.fingerprints import records_hash, sample_hashes, tokenizer_fingerprint
@@ -82,27 +83,6 @@ def order_inputs(curriculum, seed: int) -> dict[str, Any]:
     measurer = curriculum.measurer
     return {"measurer": measurer, "rrf_k": None if measurer == "random" else curriculum.rrf_k,
             "seed": seed if measurer == "random" else None}
-
-
-def _fmt(value) -> str:
-    return "None" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
-
-
-def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key old -> new`` for every differing key; nested dicts by their own keys (``a.b 1 -> 2``)."""
-    keys = [k for k in new if k in old] + [k for k in new if k not in old] + [k for k in old if k not in new]
-    out = []
-    for k in dict.fromkeys(keys):
-        a, b = old.get(k), new.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += describe_changes(a, b, f"{prefix}{k}.")
-        elif a is None and isinstance(b, dict):  # a stamp from before the key existed
-            out.append(f"{prefix}{k} not recorded -> {len(b)} settings")
-        else:
-            out.append(f"{prefix}{k} {_fmt(a)} -> {_fmt(b)}")
-    return out
 
 
 def why_signals_differ(old: dict, new: dict, old_hashes: dict[str, str], new_hashes: dict[str, str]) -> str:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pocl.artifacts import atomic_open
 from pocl.errors import ConfigError
 
 from .records import Record
@@ -175,7 +176,7 @@ def write_suite(out_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Path]:
         if not rows:
             continue
         path = out / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8", newline="\n") as f:
+        with atomic_open(path) as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         paths[split] = path

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pocl._version import __version__
-from pocl.atomic import atomic_open, atomic_write
+from pocl.artifacts import atomic_open, atomic_write
 from pocl.data import get_template
 from pocl.errors import ConfigError
 from pocl.evaluation.scoring import (METRICS, SampleResult, SeedResult, SetResult, average_over_sets, decoding_dict,
@@ -40,7 +40,7 @@ __all__ = ["METRICS", "SCHEMA", "EvalReport", "SampleResult", "SeedResult", "Set
 
 # ------------------------------------------------------------------------------------------ files
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`pocl.atomic.atomic_write`), creating its folder."""
+    """Write ``text`` to ``path`` atomically (:func:`pocl.artifacts.atomic_write`), creating its folder."""
     atomic_write(path, text, make_parents=True)
 
 

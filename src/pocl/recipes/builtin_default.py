@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from pocl.artifacts import atomic_write
 from pocl.config import DistillConfig
 from pocl.curriculum.schedule import same_budget_epochs, same_budget_stage_epochs
 from pocl.data import (
@@ -114,7 +115,7 @@ def prepare_suite(out: Path, s: BuiltinSettings):
         path = data_dir / f"{split}.jsonl"
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+            atomic_write(path, text)
         paths[split] = path
     tok_dir = out / "tokenizer"
     # Trained on the training split only, so that the vocabulary (and hence a trained teacher) does
@@ -378,7 +379,7 @@ def run_builtin_default(config: DistillConfig | None = None, *, user_overrides: 
               "numerics": numerics(), "budget": budget, "kd_config": run_configs["kd"],
               "pocl_config": run_configs["pocl"], "scores": scores, "timings": timings,
               "kd_summary": kd_result.summary, "pocl_summary": pocl_result.summary}
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    atomic_write(out / "results.json", json.dumps(report, indent=2, default=str))
     _print_scores(scores, timings, out)
     return report
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from pocl.artifacts import atomic_write
 from pocl.errors import CheckpointError
 from pocl.progress import make_progress
 
@@ -72,9 +72,7 @@ class MetricsLogger:
                     continue  # a line cut by a crash
                 if rec.get("step", 0) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(keep))
 
     def log(self, record: dict[str, Any], *, tb_prefix: str | None = None) -> None:
         """Append ``record`` (with a ``step``); its numbers also as TensorBoard scalars under ``tb_prefix``.

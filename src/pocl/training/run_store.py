@@ -27,13 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pocl.artifacts import atomic_write
 from pocl.errors import CheckpointError
+from pocl.fingerprints import run_fingerprints
 from pocl.model_checks import first_nonfinite_tensor
 from pocl.models import load_training_weights, save_model_folder, save_training_weights
 from pocl.training import checkpoint as ckpt
 from pocl.training.onpolicy import REPLAY_FILE
 from pocl.training.state import NonFiniteLossError, TrainState
-from pocl.training.summary import write_summary
+from pocl.training.summary import run_summary, write_summary
 
 log = logging.getLogger("pocl.train")
 
@@ -112,11 +114,17 @@ class RunStore:
     """The output folder of one run (``config.train.output_dir``) as the trainer's processes see it:
     the main process writes, every process takes the same decisions."""
 
-    def __init__(self, config, accelerator):
-        """``config``: the run's :class:`pocl.config.DistillConfig`; ``accelerator``: its processes."""
+    def __init__(self, config, accelerator, *, fingerprints: dict[str, Any] | None = None, train_data=None,
+                 dev_data=None, stages: Sequence = ()):
+        """``config``: the run's :class:`pocl.config.DistillConfig`; ``accelerator``: its processes.
+
+        :attr:`fingerprints` identify the run (every checkpoint records them and a resume compares them):
+        the given ``fingerprints`` (models) plus those of ``train_data``, ``dev_data`` and ``stages``
+        (:func:`pocl.fingerprints.run_fingerprints`)."""
         self.cfg = config
         self.accelerator = accelerator
         self.output_dir = Path(config.train.output_dir)
+        self.fingerprints = run_fingerprints(fingerprints, train_data=train_data, dev_data=dev_data, stages=stages)
 
     # ---------------------------------------------------------------- folder
     def prepare(self) -> None:
@@ -139,7 +147,13 @@ class RunStore:
         """Create the folder and write ``config.yaml`` (main process)."""
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+            atomic_write(self.output_dir / "config.yaml", self.cfg.to_yaml())
+
+    def summary(self, status: str, state: TrainState, *, extra: dict[str, Any], has_dev: bool) -> dict[str, Any]:
+        """``summary.json`` of the run as it stands (:func:`pocl.training.summary.run_summary`)."""
+        return run_summary(status, state, config=self.cfg, extra=extra, has_dev=has_dev,
+                           fingerprints=self.fingerprints, output_dir=self.output_dir,
+                           num_processes=self.accelerator.num_processes)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` and ``summary.md`` (main process)."""

@@ -169,3 +169,24 @@ class StagePlan:
         if i >= len(totals):
             return state.global_step
         return state.global_step + max(totals[i] - state.stage_step, 0) + sum(totals[i + 1:])
+
+
+def stage_record(stage, index: int, *, num_samples: int, planned_steps: int, state, advanced_early: bool,
+                 on_policy_fraction: float) -> dict[str, Any]:
+    """The summary entry of stage ``index`` as it ends (``state`` at its last step): its settings, sizes,
+    steps, on-policy counts, wall time and best value of the selection metric in the stage."""
+    return {
+        **stage.to_dict(),
+        "index": index,
+        "num_samples": num_samples,
+        "planned_steps": planned_steps,
+        "steps": state.stage_step,
+        "advanced_early": advanced_early,
+        "on_policy_fraction": on_policy_fraction,
+        "on_policy_steps": state.stage_on_policy_steps,
+        "replayed_steps": state.stage_replayed_steps,
+        "end_global_step": state.global_step,
+        "train_seconds": state.train_seconds - state.stage_started_at_seconds,
+        "best_in_stage": state.stage_best_metric,
+        "selection_metric": state.selection_metric,
+    }

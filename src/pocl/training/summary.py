@@ -1,38 +1,17 @@
 """The run summary: ``summary.json`` (everything) and ``summary.md`` (a readable table).
 
-:func:`stage_record` is one finished stage's entry (``TrainState.stage_summaries``), :func:`run_summary`
-the whole document, built from the trainer's state.
+:func:`run_summary` is the whole document, built from the trainer's state (each finished stage's entry
+is :func:`pocl.training.stages.stage_record`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from pocl.artifacts import atomic_write
 from pocl.training import selection
-
-
-def stage_record(stage, index: int, *, num_samples: int, planned_steps: int, state, advanced_early: bool,
-                 on_policy_fraction: float) -> dict[str, Any]:
-    """The summary entry of stage ``index`` as it ends (``state`` at its last step): its settings, sizes,
-    steps, on-policy counts, wall time and best value of the selection metric in the stage."""
-    return {
-        **stage.to_dict(),
-        "index": index,
-        "num_samples": num_samples,
-        "planned_steps": planned_steps,
-        "steps": state.stage_step,
-        "advanced_early": advanced_early,
-        "on_policy_fraction": on_policy_fraction,
-        "on_policy_steps": state.stage_on_policy_steps,
-        "replayed_steps": state.stage_replayed_steps,
-        "end_global_step": state.global_step,
-        "train_seconds": state.train_seconds - state.stage_started_at_seconds,
-        "best_in_stage": state.stage_best_metric,
-        "selection_metric": state.selection_metric,
-    }
 
 
 def run_summary(status: str, state, *, config, extra: dict[str, Any], has_dev: bool, fingerprints: dict[str, Any],
@@ -126,6 +105,4 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
     output_dir = Path(output_dir)
     for name, text in (("summary.json", json.dumps(summary, indent=2, default=str)),
                        ("summary.md", render_markdown(summary))):
-        tmp = output_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, output_dir / name)
+        atomic_write(output_dir / name, text)

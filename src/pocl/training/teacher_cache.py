@@ -61,12 +61,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pocl import fingerprints
+from pocl import artifacts
 from pocl._version import __version__
+from pocl.artifacts import Stamp
 from pocl.data import TokenizedDataset, collate, group_by_length
 from pocl.errors import CheckpointError
 from pocl.losses import TopKTeacher
-from pocl.training import checkpoint as ckpt
 
 log = logging.getLogger("pocl.teacher_cache")
 
@@ -125,20 +125,13 @@ def _shard_name(j: int) -> str:
     return f"shard-{j:05d}"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file's contents; None when it is missing, unreadable or not an object."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
+#: Readable names of the stamp's keys in the reason a cache is rebuilt.
+_STAMP_LABELS = {"teacher": "teacher (fingerprint)", "data": "data (fingerprint)", "dtype": "stored dtype"}
 
 
-def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """What differs between two stamps, in words (why a cache is rebuilt)."""
-    words = {"teacher": "teacher (fingerprint)", "data": "data (fingerprint)", "dtype": "stored dtype"}
-    parts = [f"{words.get(key, key)} {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new[key]]
-    return ", ".join(parts) or "another stamp"
+def _stamp(inputs: dict[str, Any]) -> Stamp:
+    """The stamp of a cache (:func:`cache_stamp`'s inputs) as a :class:`pocl.artifacts.Stamp`."""
+    return Stamp(inputs, labels=_STAMP_LABELS)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -175,17 +168,17 @@ def _write_shard(folder: Path, payload: dict[str, Any], *, stamp_hash: str, inde
         (tmp / "samples.json").write_text(json.dumps({"ids": payload["ids"], "tokens": payload["tokens"]}),
                                           encoding="utf-8")
 
-    ckpt.atomic_folder_write(folder, write, manifest_extra={"stamp": stamp_hash, "shard": index,
+    artifacts.atomic_folder_write(folder, write, manifest_extra={"stamp": stamp_hash, "shard": index,
                                                              "tokens": int(sum(payload["tokens"]))})
 
 
 def _shard_is_sound(folder: Path, *, stamp_hash: str, index: int) -> bool:
     """A finished shard of this stamp whose files match their checksums."""
-    manifest = _read_json(folder / ckpt.MANIFEST)
+    manifest = artifacts.pocl_manifest(folder)
     if manifest is None or manifest.get("stamp") != stamp_hash or manifest.get("shard") != index:
         return False
     try:
-        ckpt.verify_folder(folder)
+        artifacts.verify_folder(folder)
     except CheckpointError as exc:
         log.warning("teacher cache: %s; computing the shard again", exc)
         return False
@@ -197,21 +190,22 @@ def _shards_to_compute(root: Path, stamp: dict[str, Any], num_shards: int) -> tu
 
     ``action``: reused (complete and intact), repaired (damaged shards), rebuilt (another stamp),
     resumed (an interrupted pass) or built."""
-    stamp_hash = fingerprints.stamp_hash(stamp)
-    ckpt.clean_temporaries(root)  # the temporary folder of a shard whose write was killed
-    top = _read_json(root / ckpt.MANIFEST)
-    if top is not None and top.get("stamp") == stamp_hash:
+    current = _stamp(stamp)
+    stamp_hash = current.hash
+    artifacts.clean_temporaries(root)  # the temporary folder of a shard whose write was killed
+    top = artifacts.pocl_manifest(root)
+    if top is not None and current.matches(top.get("stamp")):
         try:
-            ckpt.verify_folder(root)
+            artifacts.verify_folder(root)
             return [], "reused", "complete, every checksum matches"
         except CheckpointError as exc:
             action, why = "repaired", f"{exc}"
     elif top is not None:
-        action, why = "rebuilt", f"it was built for another {_changes(top.get('stamp_inputs') or {}, stamp)}"
+        action, why = "rebuilt", f"it was built for another {current.why_stale(top.get('stamp_inputs'))}"
     else:
         action, why = "built", "no cache yet"
     # From here on the folder is not a complete cache: the top manifest must not vouch for it.
-    (root / ckpt.MANIFEST).unlink(missing_ok=True)
+    (root / artifacts.MANIFEST).unlink(missing_ok=True)
     todo = [j for j in range(num_shards) if not _shard_is_sound(root / _shard_name(j), stamp_hash=stamp_hash, index=j)]
     if action == "built" and len(todo) < num_shards:
         action, why = "resumed", f"an interrupted pass left {num_shards - len(todo)} of {num_shards} shards"
@@ -224,7 +218,7 @@ def _finish(root: Path, stamp: dict[str, Any], num_shards: int) -> None:
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith("shard-") and p.name not in keep:
             shutil.rmtree(p)
-    ckpt.write_manifest(root, {"kind": FORMAT, "stamp": fingerprints.stamp_hash(stamp), "stamp_inputs": stamp,
+    artifacts.write_manifest(root, {"kind": FORMAT, "stamp": _stamp(stamp).hash, "stamp_inputs": stamp,
                                "shards": num_shards, "pocl_version": __version__})
 
 
@@ -249,7 +243,7 @@ def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *,
     rank = accelerator.process_index if accelerator is not None else 0
     main = rank == 0
     plan = shard_plan(data)
-    stamp_hash = fingerprints.stamp_hash(stamp)
+    stamp_hash = _stamp(stamp).hash
     todo, action, why = [], "", ""
     if main:
         root.mkdir(parents=True, exist_ok=True)
@@ -287,7 +281,7 @@ def prepare_teacher_cache(root: str | Path, data: TokenizedDataset, *,
     finally:
         if bar is not None:
             bar.close()
-    if main and (todo or not (root / ckpt.MANIFEST).is_file()):
+    if main and (todo or not (root / artifacts.MANIFEST).is_file()):
         _finish(root, stamp, len(plan))
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the others read only what the main process has finished
@@ -315,9 +309,9 @@ class TeacherCache:
     def __init__(self, root: str | Path):
         """Open the complete cache at ``root`` (its shards memory-mapped)."""
         self.root = Path(root)
-        manifest = _read_json(self.root / ckpt.MANIFEST)
+        manifest = artifacts.pocl_manifest(self.root)
         if manifest is None or manifest.get("kind") != FORMAT:
-            raise CheckpointError(f"{self.root}: not a complete teacher cache (no readable {ckpt.MANIFEST})")
+            raise CheckpointError(f"{self.root}: not a complete teacher cache (no readable {artifacts.MANIFEST})")
         self.stamp: dict[str, Any] = manifest["stamp_inputs"]
         self.kind: str = self.stamp["kind"]
         self.temperatures = tuple(float(t) for t in self.stamp.get("temperatures", ()))

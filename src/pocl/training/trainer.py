@@ -32,12 +32,10 @@ from pocl.training import teacher_signal as tsignal
 from pocl.training.metrics import TrainLog, log_device
 from pocl.training.onpolicy import OnPolicySchedule
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
-from pocl.fingerprints import run_fingerprints
 from pocl.training.run_store import RunStore, seed_everything
-from pocl.training.stages import Stage, StagePlan
+from pocl.training.stages import Stage, StagePlan, stage_record
 from pocl.training.state import NonFiniteLossError, StopRequest, TrainResult, TrainState
 from pocl.training.student_loss import SEQKD_ORIGIN, StudentLoss
-from pocl.training.summary import run_summary, stage_record
 
 if TYPE_CHECKING:  # annotations only
     from pocl.config import DistillConfig
@@ -94,9 +92,9 @@ class DistillTrainer:
         self.optimizer = self.accelerator.prepare_optimizer(build_optimizer(self.student, config.optim))
         self.scheduler = None
         self.state = TrainState()
-        self.fingerprints = run_fingerprints(fingerprints, train_data=train_data, dev_data=self.dev_data,
-                                             stages=self.stages)
-        self.store = RunStore(config, self.accelerator)
+        self.store = RunStore(config, self.accelerator, fingerprints=fingerprints, train_data=train_data,
+                              dev_data=self.dev_data, stages=self.stages)
+        self.fingerprints = self.store.fingerprints
         self.dev_eval = selection.DevEvaluator(config, accelerator=self.accelerator, tokenizer=tokenizer,
                                                dev_data=self.dev_data, dev_records=self.dev_records)
         self._stop = StopRequest()  # SIGINT/SIGTERM during train(), or request_stop()
@@ -279,9 +277,7 @@ class DistillTrainer:
 
     def summary(self, status: str) -> dict[str, Any]:
         """``summary.json`` of the run as it stands (:func:`pocl.training.summary.run_summary`)."""
-        return run_summary(status, self.state, config=self.cfg, extra=self.summary_extra,
-                           has_dev=self.dev_data is not None, fingerprints=self.fingerprints,
-                           output_dir=self.output_dir, num_processes=self.accelerator.num_processes)
+        return self.store.summary(status, self.state, extra=self.summary_extra, has_dev=self.dev_data is not None)
 
     def request_stop(self) -> None:
         """Stop after the current optimizer step: save a checkpoint and return "interrupted"."""

@@ -38,3 +38,39 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, make_parents: bo
     """Write ``data`` (bytes; or text, written as UTF-8) to ``path`` atomically (:func:`atomic_open`)."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", make_parents=make_parents) as fh:
         fh.write(data)
+
+
+def write_file(path: str | os.PathLike, data: bytes | str) -> None:
+    """:func:`atomic_write` (folders above ``path`` created) that reports a failure (a full disk, no
+    permission) as a :class:`pocl.errors.CheckpointError` naming the file; the previous file, if any,
+    is unchanged."""
+    from pocl.errors import CheckpointError
+
+    try:
+        atomic_write(path, data, make_parents=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc} (errno {exc.errno}); the previous "
+                              f"file, if any, is unchanged") from exc
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2, sort_keys: bool = False,
+                      make_parents: bool = False) -> None:
+    """Write ``value`` as JSON (UTF-8, a final newline) to ``path`` atomically."""
+    import json
+
+    atomic_write(path, json.dumps(value, indent=indent, sort_keys=sort_keys, ensure_ascii=False, default=str) + "\n",
+                 make_parents=make_parents)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (renames, new files) to disk, where the system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
