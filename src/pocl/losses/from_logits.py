@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from pocl.losses.divergences import Divergence
 from pocl.losses.options import (KDLossOutput, LogitFn, LossOptions, as_float, check_number, check_targets,
                                  make_options, resolve_vocab)
-from pocl.losses.terms import combine, requires_grad, token_terms, values_only, zero_scalar
+from pocl.losses.terms import combine, requires_grad, token_terms, token_terms_and_grad, values_only, zero_scalar
 from pocl.losses.topk import TopKTeacher, checked_topk
 
 __all__ = [
@@ -51,12 +51,24 @@ class _ChunkedLogitsKD(torch.autograd.Function):
             leaf = s_logits[start:end, :v].detach().requires_grad_(True)
             t_chunk = teacher_logits_chunk(t_logits, t_topk, start, end, opts)
             with torch.enable_grad():
-                ce, div = token_terms(as_float(leaf, opts.student_logit_fn), t_chunk,
-                                       targets[start:end], opts)
+                s_float = as_float(leaf, opts.student_logit_fn)
+            # The divergence's kernel when it has one (see fused.py); else autograd through token_terms.
+            fast = token_terms_and_grad(s_float, t_chunk, targets[start:end], opts)
+            if fast is not None:
+                ce, div, grad_logits = fast
                 chunk_ce = ce.sum()
                 chunk_div = None if div is None else div.sum()
                 chunk_loss = combine(chunk_ce, chunk_div, opts)
-            (grad[start:end, :v],) = torch.autograd.grad(chunk_loss, [leaf])
+                (grad[start:end, :v],) = torch.autograd.grad(s_float, [leaf], grad_outputs=grad_logits)
+                del grad_logits
+            else:
+                with torch.enable_grad():
+                    ce, div = token_terms(s_float, t_chunk, targets[start:end], opts)
+                    chunk_ce = ce.sum()
+                    chunk_div = None if div is None else div.sum()
+                    chunk_loss = combine(chunk_ce, chunk_div, opts)
+                (grad[start:end, :v],) = torch.autograd.grad(chunk_loss, [leaf])
+            del s_float
             loss += chunk_loss.detach()
             ce_sum += chunk_ce.detach()
             if chunk_div is not None:

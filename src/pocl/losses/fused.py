@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from pocl.losses.divergences import Divergence
 from pocl.losses.options import (KDLossOutput, LogitFn, LossOptions, check_number, check_targets, linear_logits,
                                  make_options, resolve_vocab)
-from pocl.losses.terms import combine, requires_grad, token_terms, values_only, zero_scalar
+from pocl.losses.terms import combine, requires_grad, token_terms, token_terms_and_grad, values_only, zero_scalar
 from pocl.losses.topk import TopKTeacher, checked_topk
 
 __all__ = [
@@ -66,15 +66,28 @@ class _FusedLinearKD(torch.autograd.Function):
             end = min(start + opts.chunk_size, n)
             t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, t_topk, start, end, opts)
             h_leaf = s_hidden[start:end].detach().requires_grad_(need_h)
+            leaves = [x for x, need in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b))
+                      if need]
             with torch.enable_grad():
                 s_logits = linear_logits(h_leaf, w_leaf, b_leaf, opts.student_logit_fn)
-                ce, div = token_terms(s_logits, t_logits, targets[start:end], opts)
+            # The divergence's kernel (closed-form gradient w.r.t. the logits) when it has one; else
+            # autograd through the reference function (token_terms).
+            fast = token_terms_and_grad(s_logits, t_logits, targets[start:end], opts)
+            if fast is not None:
+                ce, div, grad_logits = fast
                 chunk_ce = ce.sum()
                 chunk_div = None if div is None else div.sum()
                 chunk_loss = combine(chunk_ce, chunk_div, opts)
-            leaves = [x for x, need in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b))
-                      if need]
-            grads = iter(torch.autograd.grad(chunk_loss, leaves)) if leaves else iter(())
+                grads = (iter(torch.autograd.grad(s_logits, leaves, grad_outputs=grad_logits))
+                         if leaves else iter(()))
+                del grad_logits
+            else:
+                with torch.enable_grad():
+                    ce, div = token_terms(s_logits, t_logits, targets[start:end], opts)
+                    chunk_ce = ce.sum()
+                    chunk_div = None if div is None else div.sum()
+                    chunk_loss = combine(chunk_ce, chunk_div, opts)
+                grads = iter(torch.autograd.grad(chunk_loss, leaves)) if leaves else iter(())
             if need_h:
                 grad_h[start:end] = next(grads)
             if need_w:

@@ -1,5 +1,7 @@
 """The shared per-token loss math: CE and divergence of one chunk (:func:`token_terms`, the single
-place where the formulas live), the combination of token sums into the loss (:func:`combine`), and the
+place where the formulas live), the combination of token sums into the loss (:func:`combine`, and its
+derivative :func:`term_weights`), the same chunk with its gradient w.r.t. the student logits in closed form
+when the divergence has a kernel (:func:`token_terms_and_grad`, :mod:`pocl.losses.kernels`), and the
 gradient-free chunk loop that evaluation and frozen students use (:func:`values_only`).
 """
 
@@ -12,13 +14,16 @@ import torch
 from torch import Tensor
 
 from pocl.losses.divergences import LOG_PROB_FLOOR
+from pocl.losses.kernels import divergence_kernel, has_kernel
 from pocl.losses.options import LossOptions
 from pocl.losses.topk import TopKTeacher
 
 __all__ = [
     "combine",
     "requires_grad",
+    "term_weights",
     "token_terms",
+    "token_terms_and_grad",
     "values_only",
     "zero_scalar",
 ]
@@ -98,6 +103,46 @@ def combine(ce_sum: Tensor, div_sum: Tensor | None, opts: LossOptions) -> Tensor
     if div_sum is not None:
         loss = loss + (opts.alpha * opts.scale) * div_sum
     return loss / opts.normalizer
+
+
+def term_weights(opts: LossOptions) -> tuple[float, float]:
+    """∂ combine / ∂ ce_sum and ∂ combine / ∂ div_sum: ``((1−α)/normalizer, α·s(T)/normalizer)``."""
+    return (1.0 - opts.alpha) / opts.normalizer, (opts.alpha * opts.scale) / opts.normalizer
+
+
+def token_terms_and_grad(student_logits: Tensor, teacher: Tensor | TopKTeacher | None, targets: Tensor,
+                         opts: LossOptions) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """:func:`token_terms` plus the gradient of ``combine(ce.sum(), div.sum(), opts)`` w.r.t.
+    ``student_logits``, in closed form: the CE's ``softmax − onehot`` and the divergence kernel's
+    gradient (:mod:`pocl.losses.kernels`), no autograd graph.
+
+    Returns ``(ce [n], div [n] or None, grad [n, V])`` (values detached, as :func:`token_terms`
+    computes them, except that the divergence is the kernel's value of the same formula), or None when
+    this chunk has no kernel (a divergence without one, or a cached top-k teacher): the caller then
+    differentiates :func:`token_terms` with autograd.
+    """
+    if opts.use_teacher and (not isinstance(teacher, Tensor) or not has_kernel(opts.divergence)):
+        return None
+    ce_w, div_w = term_weights(opts)
+    with torch.no_grad():
+        student_logits = student_logits.detach()
+        student_logp = torch.log_softmax(student_logits, dim=-1)
+        index = targets.unsqueeze(-1)
+        ce = -student_logp.gather(-1, index).squeeze(-1)
+        grad = None
+        if ce_w != 0.0:  # d ce_w·CE / d logits = ce_w·(softmax − onehot)
+            grad = student_logp.exp_().mul_(ce_w)
+            grad.scatter_add_(-1, index, torch.full_like(ce, -ce_w).unsqueeze(-1))
+        del student_logp
+        div = None
+        if opts.use_teacher:
+            assert opts.divergence is not None and isinstance(teacher, Tensor)
+            div, div_grad = divergence_kernel(opts.divergence, student_logits, teacher, opts.temperature)
+            div_grad = div_grad.to(student_logits.dtype)
+            grad = div_grad.mul_(div_w) if grad is None else grad.add_(div_grad, alpha=div_w)
+            div = div.to(ce.dtype)
+        assert grad is not None  # ce_w == 0 only when alpha == 1, which uses the teacher
+    return ce, div, grad
 
 
 def zero_scalar(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -1,0 +1,341 @@
+"""Single-pass divergence kernels: the value AND the analytical gradient w.r.t. the student's logits.
+
+The registry's functions in :mod:`pocl.losses.divergences` are the *definition* of every divergence;
+the loss engine used to differentiate them with autograd on each ``[chunk, V]`` block, which
+materialises many ``[n, V]`` temporaries (two log-softmaxes, exps, mixtures, the divergence) and then
+autograd's backward through all of them. A kernel here computes, for one chunk,
+
+    (student_logits [n, V], teacher_logits [n, V], temperature) -> (D [n], dD/d student_logits [n, V])
+
+in one go with a closed-form gradient (no autograd graph), in float32 whatever the input dtype (float64
+inputs stay float64). The tests (``tests/losses/test_kernels.py``) hold every kernel to the reference
+function: value, and gradient against ``torch.autograd.grad`` of the reference.
+
+Notation: z = logits / T, log q = log_softmax(z_student), log p = log_softmax(z_teacher); ``a`` and ``b``
+are log q and log p clamped at :data:`~pocl.losses.divergences.LOG_PROB_FLOOR`, exactly as the
+references clamp them. For any D(log q, log p), with g = ∂D/∂log q (elementwise),
+
+    ∂D/∂z = g − q · Σ_v g,        ∂D/∂logits = (∂D/∂z) / T
+
+(the log-softmax Jacobian). Per divergence (m is the mixture, L = log m in log space):
+
+* fkl   D = Σ p (b − a);                   g = −p ⊙ [log q ≥ floor]      ->  ∂D/∂z = q Σ p' − p'
+* rkl   D = Σ q (a − b);                   ∂D/∂z = q ⊙ (a − b − D)
+* tvd   D = ½ Σ |p − q|;                   ∂D/∂z = ½ q ⊙ (s − Σ s q),  s = sign(q − p)
+* jsd(λ) m = (1−λ) p + λ q, D = λ KL(q‖m) + (1−λ) KL(p‖m);
+                                           g = λ q ⊙ (a − L)  ->  ∂D/∂z = λ q ⊙ (a − L − KL(q‖m))
+  (the p-term's and the mixture's derivatives cancel: λ q (a − L) + λ q − r·m with r m = λ q).
+  ``gjsd(β)`` is the same with λ = 1 − β (and fkl / rkl at β = 0 / 1, as its reference).
+* skl(α) m = α p + (1−α) q, D = KL(p‖m);   g = −p ⊙ r,  r = (1−α) q / m   ->  ∂D/∂z = q Σ p r − p r
+* srkl(α) m = (1−α) p + α q, D = KL(q‖m);  g = q ⊙ (a − L + 1 − r),  r = α q / m
+                                           ->  ∂D/∂z = q ⊙ (a − L − D + Σ q r) − q r
+  (using Σ q = 1).
+
+Parameters at the ends of their range reduce as the references do (jsd λ ∈ {0, 1}, skl/srkl skew 1:
+exactly 0; skew 0: fkl / rkl).
+
+On CPU the kernels run under ``torch.compile`` (inductor, dynamic shapes, so a short last chunk does
+not recompile) with a persistent compile cache; ``POCL_COMPILE_KERNELS`` (``auto`` | ``1`` | ``0``)
+chooses: ``0`` forces the eager kernel, ``1`` compiles on every device, ``auto`` (the default) compiles
+float32 math on CPU only. If compilation fails the eager kernel is used and ONE warning says why.
+See docs/losses.md, "Divergence kernels".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pocl.losses.divergences import (
+    LOG_PROB_FLOOR,
+    Divergence,
+    forward_kl,
+    generalized_jsd,
+    jensen_shannon,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+
+__all__ = [
+    "COMPILE_ENV",
+    "KERNELS",
+    "compile_mode",
+    "divergence_kernel",
+    "has_kernel",
+    "kernel_cache_dir",
+    "run_kernel",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable that chooses compiled or eager kernels: ``auto`` (default), ``1``, ``0``.
+COMPILE_ENV = "POCL_COMPILE_KERNELS"
+
+# A raw kernel: (student_logits, teacher_logits, temperature [0-dim tensor], params tensor) -> (D, grad),
+# all inputs already in the compute dtype. ``params`` is a 1-d tensor of constants (tensors, not Python
+# floats, so that one compiled graph serves every temperature and parameter value).
+RawKernel = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+# --------------------------------------------------------------------------------------------
+# The raw kernels (pure tensor code: eager as is, or compiled)
+# --------------------------------------------------------------------------------------------
+
+def _log_probs(s: Tensor, t: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.log_softmax(s / temperature, dim=-1), torch.log_softmax(t / temperature, dim=-1)
+
+
+def _fkl(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    lq, lp = _log_probs(s, t, temperature)
+    a, b = lq.clamp(min=LOG_PROB_FLOOR), lp.clamp(min=LOG_PROB_FLOOR)
+    p = b.exp()
+    value = (p * (b - a)).sum(-1)
+    # The clamp of log q passes no gradient below the floor (where q is exactly 0).
+    pm = torch.where(lq >= LOG_PROB_FLOOR, p, torch.zeros_like(p))
+    grad = (lq.exp() * pm.sum(-1, keepdim=True) - pm) / temperature
+    return value, grad
+
+
+def _rkl(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    lq, lp = _log_probs(s, t, temperature)
+    a, b = lq.clamp(min=LOG_PROB_FLOOR), lp.clamp(min=LOG_PROB_FLOOR)
+    q = a.exp()
+    diff = a - b
+    value = (q * diff).sum(-1)
+    grad = q * (diff - value.unsqueeze(-1)) / temperature
+    return value, grad
+
+
+def _tvd(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    lq, lp = _log_probs(s, t, temperature)
+    p, q = lp.exp(), lq.exp()
+    value = 0.5 * (p - q).abs().sum(-1)
+    sign = torch.sign(q - p)
+    grad = 0.5 * q * (sign - (sign * q).sum(-1, keepdim=True)) / temperature
+    return value, grad
+
+
+def _mixture_jsd(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    # params: log w_p, log w_q (mixture m = w_p p + w_q q), c_q, c_p (D = c_q KL(q‖m) + c_p KL(p‖m)),
+    # with c_q = w_q and c_p = w_p (jsd: w_q = λ; gjsd: w_p = β).
+    log_wp, log_wq, c_q, c_p = params[0], params[1], params[2], params[3]
+    lq, lp = _log_probs(s, t, temperature)
+    a, b = lq.clamp(min=LOG_PROB_FLOOR), lp.clamp(min=LOG_PROB_FLOOR)
+    log_m = torch.logaddexp(b + log_wp, a + log_wq)
+    q = a.exp()
+    a_m = a - log_m
+    kl_q = (q * a_m).sum(-1)
+    kl_p = (b.exp() * (b - log_m)).sum(-1)
+    value = c_q * kl_q + c_p * kl_p
+    grad = c_q * q * (a_m - kl_q.unsqueeze(-1)) / temperature
+    return value, grad
+
+
+def _skew_fkl(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    # params: log α, log(1 − α); m = α p + (1 − α) q; D = KL(p‖m).
+    log_wp, log_wq = params[0], params[1]
+    lq, lp = _log_probs(s, t, temperature)
+    a, b = lq.clamp(min=LOG_PROB_FLOOR), lp.clamp(min=LOG_PROB_FLOOR)
+    log_m = torch.logaddexp(b + log_wp, a + log_wq)
+    p = b.exp()
+    value = (p * (b - log_m)).sum(-1)
+    pr = p * (a + log_wq - log_m).exp()          # p ⊙ r, r = (1 − α) q / m
+    grad = (lq.exp() * pr.sum(-1, keepdim=True) - pr) / temperature
+    return value, grad
+
+
+def _skew_rkl(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    # params: log α, log(1 − α); m = (1 − α) p + α q; D = KL(q‖m).
+    log_wq, log_wp = params[0], params[1]
+    lq, lp = _log_probs(s, t, temperature)
+    a, b = lq.clamp(min=LOG_PROB_FLOOR), lp.clamp(min=LOG_PROB_FLOOR)
+    log_m = torch.logaddexp(a + log_wq, b + log_wp)
+    q = a.exp()
+    a_m = a - log_m
+    value = (q * a_m).sum(-1)
+    qr = q * (a + log_wq - log_m).exp()          # q ⊙ r, r = α q / m
+    grad = (q * (a_m - value.unsqueeze(-1) + qr.sum(-1, keepdim=True)) - qr) / temperature
+    return value, grad
+
+
+#: The raw kernels by name.
+KERNELS: dict[str, RawKernel] = {
+    "fkl": _fkl, "rkl": _rkl, "tvd": _tvd, "jsd": _mixture_jsd, "skl": _skew_fkl, "srkl": _skew_rkl,
+}
+
+
+def _bind(divergence: Divergence) -> tuple[str, tuple[float, ...]] | None:
+    """(raw kernel name, its constants) for ``divergence``; ("zero", ()) when it is identically 0;
+    None when the divergence has no kernel (it keeps the autograd path)."""
+    fn, prm = divergence.spec.fn, divergence.params
+    if fn is forward_kl:
+        return "fkl", ()
+    if fn is reverse_kl:
+        return "rkl", ()
+    if fn is total_variation:
+        return "tvd", ()
+    if fn is jensen_shannon:
+        lam = prm["lam"]
+        if lam <= 0.0 or lam >= 1.0:
+            return "zero", ()
+        w_p = 1.0 - lam   # the reference: log_mixture(p, q, weight_a = 1 − λ)
+        return "jsd", (math.log(w_p), math.log1p(-w_p), lam, 1.0 - lam)
+    if fn is generalized_jsd:
+        beta = prm["beta"]
+        if beta <= 0.0:
+            return "fkl", ()
+        if beta >= 1.0:
+            return "rkl", ()
+        return "jsd", (math.log(beta), math.log1p(-beta), 1.0 - beta, beta)
+    if fn is skew_forward_kl:
+        skew = prm["skew"]
+        if skew >= 1.0:
+            return "zero", ()
+        if skew <= 0.0:
+            return "fkl", ()
+        return "skl", (math.log(skew), math.log1p(-skew))
+    if fn is skew_reverse_kl:
+        skew = prm["skew"]
+        if skew >= 1.0:
+            return "zero", ()
+        if skew <= 0.0:
+            return "rkl", ()
+        return "srkl", (math.log(skew), math.log1p(-skew))
+    return None
+
+
+def has_kernel(divergence: Divergence | None) -> bool:
+    """True when ``divergence`` (matched by its reference function, so aliases count) has a kernel."""
+    return divergence is not None and _bind(divergence) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation: mode, persistent cache, one-warning fallback
+# --------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_compiled: dict[str, RawKernel] = {}
+_compile_failure: str | None = None
+
+
+def compile_mode() -> str:
+    """``"auto"``, ``"compiled"`` or ``"eager"`` from :data:`COMPILE_ENV` (unset or empty: auto)."""
+    raw = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on", "compile", "compiled"):
+        return "compiled"
+    if raw in ("0", "false", "no", "off", "eager"):
+        return "eager"
+    raise ValueError(f"{COMPILE_ENV} must be auto, 1 or 0; got {raw!r}")
+
+
+def kernel_cache_dir() -> Path:
+    """Where inductor keeps its compiled artefacts: ``TORCHINDUCTOR_CACHE_DIR`` when the user set it,
+    else ``$XDG_CACHE_HOME/pocl/inductor`` (``~/.cache/pocl/inductor``)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pocl" / "inductor"
+
+
+def _use_compiled(device: torch.device, dtype: torch.dtype) -> bool:
+    if _compile_failure is not None:
+        return False
+    mode = compile_mode()
+    if mode == "eager":
+        return False
+    if mode == "compiled":
+        return True
+    # auto: float32 math on CPU (measured: benchmarks/results/loss_kernels.json). Float64 (tests only)
+    # and accelerators use the eager kernel.
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def _compiled_kernel(name: str) -> RawKernel:
+    with _lock:
+        fn = _compiled.get(name)
+        if fn is None:
+            # The persistent FX-graph cache of inductor: a later process reuses the compiled code.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kernel_cache_dir()))
+            fn = torch.compile(KERNELS[name], dynamic=True, fullgraph=True)
+            _compiled[name] = fn
+        return fn
+
+
+def _fall_back(error: BaseException) -> None:
+    global _compile_failure
+    with _lock:
+        if _compile_failure is None:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            _compile_failure = f"{type(error).__name__}: {' '.join(lines[:2])[:300]}"
+            log.warning("pocl: torch.compile of the divergence kernels failed (%s); using the eager kernels "
+                        "from now on (same values, slower). Set %s=0 to skip compiling.",
+                        _compile_failure, COMPILE_ENV)
+
+
+def run_kernel(name: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+               constants: tuple[float, ...] = (), *, compiled: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Run raw kernel ``name`` (a key of :data:`KERNELS`, or ``"zero"``) on one chunk.
+
+    ``compiled``: None chooses by :func:`compile_mode`; True/False force (True still falls back to
+    eager, with one warning, if compilation fails). Returns ``(D [n], ∂D/∂student_logits [n, V])`` in
+    the compute dtype (float32, or float64 for float64 inputs).
+    """
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"kernel {name!r} needs student and teacher logits of one [n, V] shape; got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s = student_logits.detach().to(dtype)
+    t = teacher_logits.detach().to(dtype)
+    if name == "zero":
+        return s.new_zeros(s.shape[:-1]), torch.zeros_like(s)
+    temp = torch.tensor(float(temperature), dtype=dtype, device=s.device)
+    params = torch.tensor(constants if constants else (0.0,), dtype=dtype, device=s.device)
+    use = _use_compiled(s.device, dtype) if compiled is None else (compiled and _compile_failure is None)
+    with torch.no_grad():
+        if use and s.shape[0] > 0:
+            try:
+                with warnings.catch_warnings():
+                    # torch's own inductor imports use the deprecated torch.jit.script_method.
+                    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*",
+                                            category=DeprecationWarning)
+                    return _compiled_kernel(name)(s, t, temp, params)
+            except Exception as error:  # noqa: BLE001 (any compile failure: fall back, warn once)
+                _fall_back(error)
+        return KERNELS[name](s, t, temp, params)
+
+
+def divergence_kernel(divergence: Divergence, student_logits: Tensor, teacher_logits: Tensor | None,
+                      temperature: float, *, compiled: bool | None = None) -> tuple[Tensor, Tensor]:
+    """``divergence`` of one chunk and its gradient w.r.t. ``student_logits``, in one pass.
+
+    Args:
+        divergence: a :class:`Divergence` with a kernel (:func:`has_kernel`).
+        student_logits, teacher_logits: ``[n, V]`` raw logits (any float dtype; the math is float32,
+            float64 for float64 inputs). ``teacher_logits`` None means no teacher: D = 0, gradient 0.
+        temperature: T > 0; both models are softened, z = logits / T, and the gradient is w.r.t. the
+            logits (it carries the 1/T).
+        compiled: as in :func:`run_kernel`.
+
+    Returns:
+        ``(D [n], ∂Σ_n D / ∂student_logits [n, V])``; D equals ``divergence(log_softmax(z_s),
+        log_softmax(z_t))``.
+    """
+    bound = _bind(divergence)
+    if bound is None:
+        raise ValueError(f"divergence {divergence.name!r} has no kernel; use the autograd path")
+    if teacher_logits is None:
+        teacher_logits = student_logits
+        bound = ("zero", ())
+    return run_kernel(bound[0], student_logits, teacher_logits, temperature, bound[1], compiled=compiled)
