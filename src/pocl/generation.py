@@ -180,10 +180,51 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tup
     return ids.to(device), mask.to(device)
 
 
+KV_CACHES = ("dynamic", "static")
+
+
+def speed_settings(cache: str = "dynamic", compile: bool = False) -> dict[str, Any]:
+    """The transformers settings of the speed-only knobs of :func:`generate` (validated).
+
+    ``cache``: ``"dynamic"`` (transformers' default: the KV cache grows by one position per step) or
+    ``"static"`` (pre-allocated to prompt width + ``max_new_tokens`` per batch). ``compile``:
+    ``torch.compile`` the decoding step (transformers' ``compile_config``; needs ``cache="static"``,
+    and transformers only compiles on CPU when asked to with ``_compile_all_devices``).
+
+    These knobs are *not* part of :func:`effective_settings` and never enter ranking or SeqKD
+    stamps: they change how fast the answers come, not which answers come for greedy decoding
+    (``tests/test_generation_cache.py`` checks token equality; the float summation order of the
+    attention over a longer, masked cache could in principle flip an exact tie in the logits).
+    Measured on a 2-core CPU (``benchmarks/generation_cache.py``) neither is faster than the
+    default, so both stay opt-in.
+    """
+    if cache not in KV_CACHES:
+        raise ConfigError(f"generation cache must be one of {', '.join(KV_CACHES)} (got {cache!r})")
+    if not isinstance(compile, bool):
+        raise ConfigError(f"generation compile must be true or false (got {compile!r})")
+    if compile and cache != "static":
+        raise ConfigError("compiled decoding needs cache='static' (a dynamic cache changes shape at every step)")
+    out: dict[str, Any] = {}
+    if cache == "static":
+        out["cache_implementation"] = "static"
+    if compile:
+        from transformers import CompileConfig
+
+        # "default" mode: "reduce-overhead" (transformers' default) means CUDA graphs; dynamic=None
+        # lets torch mark the cache length dynamic after the first recompilation (prompt widths vary)
+        config = CompileConfig(fullgraph=False, dynamic=None, mode="default")
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+        out.update(compile_config=config, disable_compile=False)
+    else:
+        out["disable_compile"] = True
+    return out
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], decoding: DecodingConfig, *,
              batch_size: int = 16, seed: int = 0, progress: Callable[[int], None] | None = None,
-             batch_plan: Sequence[tuple[int, Sequence[int]]] | None = None) -> list[Generation]:
+             batch_plan: Sequence[tuple[int, Sequence[int]]] | None = None, cache: str = "dynamic",
+             compile: bool = False) -> list[Generation]:
     """Generate one answer per prompt (token ids). Results come back in the order of ``prompts``.
 
     Each batch re-seeds the RNG with ``seed`` and the batch's index, so a run with the same
@@ -194,12 +235,18 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], deco
     batches; prompts not in the plan get ``None``. Processes that share the work of one pass each
     take a part of the same plan (``length_sorted_batches``), so every batch has the same
     composition and seed as in a single-process pass and gives the same answers.
+
+    ``cache`` and ``compile`` are speed-only knobs (:func:`speed_settings`); they are not part of
+    :func:`effective_settings`.
     """
     if batch_size <= 0:
         raise ConfigError(f"generation batch size must be > 0 (got {batch_size})")
+    speed = speed_settings(cache, compile)
     eos, pad = special_token_ids(tokenizer)
     device = next(model.parameters()).device
     hf_config = decoding.to_hf(eos_token_id=eos, pad_token_id=pad)
+    for name, value in speed.items():
+        setattr(hf_config, name, value)
     was_training = model.training
     model.eval()
     results: list[Generation | None] = [None] * len(prompts)
