@@ -156,11 +156,29 @@ def test_compile_mode_setting(monkeypatch):
 
 
 def test_cache_dir_respects_the_user(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    # The user's TORCHINDUCTOR_CACHE_DIR as it was when pocl was imported (torch sets the variable itself
+    # to its /tmp default once anything compiles, so a later value is not the user's).
+    monkeypatch.setattr(K, "_USER_CACHE_DIR", str(tmp_path))
     assert K.kernel_cache_dir() == tmp_path
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(K, "_USER_CACHE_DIR", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_someone")  # torch's own default
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert K.kernel_cache_dir() == tmp_path / "xdg" / "pocl" / "inductor"
+
+
+def test_compiled_kernels_are_cached_under_pocls_folder(tmp_path):
+    """In a fresh process (the user set no TORCHINDUCTOR_CACHE_DIR) the compiled code lands in
+    $XDG_CACHE_HOME/pocl/inductor, so the next process reuses it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), POCL_COMPILE_KERNELS="1")
+    code = ("import torch; from pocl.losses.kernels import run_kernel; "
+            "run_kernel('rkl', torch.randn(4, 50), torch.randn(4, 50), 1.0)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert any((tmp_path / "pocl" / "inductor").rglob("*.py"))
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
@@ -235,3 +253,28 @@ def test_fused_bf16_head_uses_the_kernel_and_stays_close():
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("temperature,ce_weight,div_weight", [(1.0, 0.3, 0.7), (2.0, 0.0, 1.0), (2.0, 0.5, 0.0)])
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("jsd", {"lam": 0.9}), ("srkl", {"skew": 0.1}), (None, {})],
+                         ids=["fkl", "jsd", "srkl", "ce-only"])
+def test_chunk_terms_match_autograd_of_ce_plus_divergence(name, params, temperature, ce_weight, div_weight, compiled):
+    """The whole per-chunk kernel (CE at T = 1, D at T and the weighted gradient) against autograd of
+    ce_weight * sum(CE) + div_weight * sum(D) in float64."""
+    div = None if name is None else make_divergence(name, **params)
+    s, t = logits(9, 257, torch.float32, 5), logits(9, 257, torch.float32, 6)
+    targets = torch.randint(0, 257, (9,), generator=torch.Generator().manual_seed(7))
+    ce, d, grad = K.chunk_terms(div, s, t, temperature, targets, ce_weight, div_weight, compiled=compiled)
+    s64 = s.double().requires_grad_(True)
+    ref_ce = F.cross_entropy(s64, targets, reduction="none")
+    total = ce_weight * ref_ce.sum()
+    if div is not None:
+        ref_d = div(torch.log_softmax(s64 / temperature, -1), torch.log_softmax(t.double() / temperature, -1))
+        total = total + div_weight * ref_d.sum()
+        torch.testing.assert_close(d.double(), ref_d.detach(), rtol=1e-4, atol=2e-6)
+    else:
+        assert d is None
+    (ref_grad,) = torch.autograd.grad(total, s64)
+    torch.testing.assert_close(ce.double(), ref_ce.detach(), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=2e-6)

@@ -38,8 +38,9 @@ class ModelConfig(ConfigSection):
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Teacher weight dtype. auto: float32 on CPU, bfloat16 on a GPU that supports it, else float16.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
-        "auto", "Student compute precision (weights stay float32). auto: no on CPU, bf16 on a GPU that "
-        "supports it, else fp16.")
+        "auto", "Compute precision of the model passes (weights and the loss stay float32). auto: bf16 on a GPU "
+        "that supports it, else fp16; on CPU bf16 autocast when the CPU computes bfloat16 natively (AVX512-BF16, "
+        "AMX) and the student is at least 256 wide (where it measured faster), else no.")
     local_files_only: bool = option(False, "Never contact the hub (also on when HF_HUB_OFFLINE=1).")
     trust_remote_code: bool = option(False, "Allow model code from the model folder (only for models you trust).")
     attn_implementation: str | None = option(None, "Attention implementation passed to transformers "
@@ -154,6 +155,11 @@ class LossConfig(ConfigSection):
                              "vocabulary, not with batch x length x vocabulary. 0 (auto): the largest power of two "
                              "up to 512 whose float32 temporaries (about 16 of [chunk, vocabulary]) fit in 1 GiB: "
                              "512 up to a 32k vocabulary, 256 at 49k, 128 at 128k, 64 at 152k.")
+    kernels: Literal["auto", "compiled", "eager"] = option(
+        "auto", "How the divergence kernels (value and closed-form gradient per chunk; docs/losses.md) run: compiled "
+        "(torch.compile, cached in ~/.cache/pocl/inductor; after a failed compile the eager kernels, with one "
+        "warning), eager, or auto: compiled for float32 on CPU, eager elsewhere (the environment variable "
+        "POCL_COMPILE_KERNELS=1/0 decides auto when set). The same formulas either way.", affects_weights=False)
     loss_path: Literal["auto", "fused", "logits"] = option(
         "auto", "fused: logits are computed chunk by chunk from hidden states (bounded memory); logits: the "
         "model's own full logits are used (for heads pocl cannot reproduce); auto: fused when a check at start "

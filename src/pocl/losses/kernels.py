@@ -69,11 +69,13 @@ from pocl.losses.divergences import (
 __all__ = [
     "COMPILE_ENV",
     "KERNELS",
+    "chunk_terms",
     "compile_mode",
     "divergence_kernel",
     "has_kernel",
     "kernel_cache_dir",
     "run_kernel",
+    "set_compile_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,39 @@ KERNELS: dict[str, RawKernel] = {
 }
 
 
+def _zero(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    return s.new_zeros(s.shape[:-1]), torch.zeros_like(s)
+
+
+# A chunk's terms: (student_logits, teacher_logits, temperature, params, targets [n] int64, weights [2])
+# -> (CE [n], D [n], weights[0] * dCE/dlogits + weights[1] * dD/dlogits [n, V]).
+TermsKernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def _with_ce(raw: RawKernel) -> TermsKernel:
+    """The raw kernel plus the cross-entropy at T = 1 and the weighted sum of both gradients, so that one
+    compiled graph reads the chunk's logits once for everything (the loss engine's whole per-chunk math)."""
+    def terms(s: Tensor, t: Tensor, temperature: Tensor, params: Tensor, targets: Tensor,
+              weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        log_p1 = torch.log_softmax(s, dim=-1)
+        index = targets.unsqueeze(-1)
+        ce = -log_p1.gather(-1, index).squeeze(-1)
+        div, div_grad = raw(s, t, temperature, params)
+        grad = weights[0] * log_p1.exp() + weights[1] * div_grad  # d CE / d logits = softmax - onehot
+        grad = grad.scatter_add(-1, index, (-weights[0]).expand(index.shape).to(grad.dtype))
+        return ce, div, grad
+
+    # One code object per kernel: torch.compile keeps its compiled graphs (and counts recompilations
+    # against its limit) per code object, and every closure made here would otherwise share one.
+    terms.__code__ = terms.__code__.replace(co_name=f"terms{raw.__name__}")
+    terms.__name__ = terms.__qualname__ = f"terms{raw.__name__}"
+    return terms
+
+
+#: The per-chunk terms kernels by raw kernel name ("zero": cross-entropy only).
+TERMS: dict[str, TermsKernel] = {name: _with_ce(fn) for name, fn in {**KERNELS, "zero": _zero}.items()}
+
+
 def _bind(divergence: Divergence) -> tuple[str, tuple[float, ...]] | None:
     """(raw kernel name, its constants) for ``divergence``; ("zero", ()) when it is identically 0;
     None when the divergence has no kernel (it keeps the autograd path)."""
@@ -228,8 +263,24 @@ _compiled: dict[str, RawKernel] = {}
 _compile_failure: str | None = None
 
 
+#: The run's ``loss.kernels`` when it is not auto (:func:`set_compile_mode`); it wins over the environment.
+_configured_mode: str | None = None
+
+
+def set_compile_mode(mode: str) -> None:
+    """Set the process's kernel mode from a run's ``loss.kernels``: ``"compiled"`` or ``"eager"`` win over
+    :data:`COMPILE_ENV`; ``"auto"`` leaves the choice to it (and to the device and dtype)."""
+    global _configured_mode
+    if mode not in ("auto", "compiled", "eager"):
+        raise ValueError(f"kernel mode must be auto, compiled or eager; got {mode!r}")
+    _configured_mode = None if mode == "auto" else mode
+
+
 def compile_mode() -> str:
-    """``"auto"``, ``"compiled"`` or ``"eager"`` from :data:`COMPILE_ENV` (unset or empty: auto)."""
+    """``"auto"``, ``"compiled"`` or ``"eager"``: the run's setting (:func:`set_compile_mode`), else
+    :data:`COMPILE_ENV` (unset or empty: auto)."""
+    if _configured_mode is not None:
+        return _configured_mode
     raw = os.environ.get(COMPILE_ENV, "auto").strip().lower()
     if raw in ("", "auto"):
         return "auto"
@@ -240,11 +291,16 @@ def compile_mode() -> str:
     raise ValueError(f"{COMPILE_ENV} must be auto, 1 or 0; got {raw!r}")
 
 
+#: ``TORCHINDUCTOR_CACHE_DIR`` as the user's environment had it when pocl was imported (torch itself sets
+#: the variable to its /tmp default the first time anything compiles, so it is read once, here).
+_USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
+
+
 def kernel_cache_dir() -> Path:
     """Where inductor keeps its compiled artefacts: ``TORCHINDUCTOR_CACHE_DIR`` when the user set it,
     else ``$XDG_CACHE_HOME/pocl/inductor`` (``~/.cache/pocl/inductor``)."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    if _USER_CACHE_DIR:
+        return Path(_USER_CACHE_DIR)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pocl" / "inductor"
 
@@ -262,15 +318,35 @@ def _use_compiled(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
-def _compiled_kernel(name: str) -> RawKernel:
+def _compiled_kernel(name: str) -> Callable:
+    """The compiled form of ``KERNELS[name]`` (or ``TERMS[x]`` for ``name = "terms:x"``), made once."""
     with _lock:
         fn = _compiled.get(name)
         if fn is None:
             # The persistent FX-graph cache of inductor: a later process reuses the compiled code.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kernel_cache_dir()))
-            fn = torch.compile(KERNELS[name], dynamic=True, fullgraph=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(kernel_cache_dir())
+            eager = TERMS[name[len("terms:"):]] if name.startswith("terms:") else KERNELS[name]
+            fn = torch.compile(eager, dynamic=True, fullgraph=True)
             _compiled[name] = fn
         return fn
+
+
+def _call(name: str, eager: Callable, args: tuple, *, device: torch.device, dtype: torch.dtype, rows: int,
+          compiled: bool | None):
+    """``eager(*args)``, or its compiled form ``name`` when the mode (or ``compiled``) says so; a failed
+    compile falls back to ``eager`` after one warning."""
+    use = _use_compiled(device, dtype) if compiled is None else (compiled and _compile_failure is None)
+    with torch.no_grad():
+        if use and rows > 0:
+            try:
+                with warnings.catch_warnings():
+                    # torch's own inductor imports use the deprecated torch.jit.script_method.
+                    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*",
+                                            category=DeprecationWarning)
+                    return _compiled_kernel(name)(*args)
+            except Exception as error:  # noqa: BLE001 (any compile failure: fall back, warn once)
+                _fall_back(error)
+        return eager(*args)
 
 
 def _fall_back(error: BaseException) -> None:
@@ -302,18 +378,8 @@ def run_kernel(name: str, student_logits: Tensor, teacher_logits: Tensor, temper
         return s.new_zeros(s.shape[:-1]), torch.zeros_like(s)
     temp = torch.tensor(float(temperature), dtype=dtype, device=s.device)
     params = torch.tensor(constants if constants else (0.0,), dtype=dtype, device=s.device)
-    use = _use_compiled(s.device, dtype) if compiled is None else (compiled and _compile_failure is None)
-    with torch.no_grad():
-        if use and s.shape[0] > 0:
-            try:
-                with warnings.catch_warnings():
-                    # torch's own inductor imports use the deprecated torch.jit.script_method.
-                    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*",
-                                            category=DeprecationWarning)
-                    return _compiled_kernel(name)(s, t, temp, params)
-            except Exception as error:  # noqa: BLE001 (any compile failure: fall back, warn once)
-                _fall_back(error)
-        return KERNELS[name](s, t, temp, params)
+    return _call(name, KERNELS[name], (s, t, temp, params), device=s.device, dtype=dtype, rows=s.shape[0],
+                 compiled=compiled)
 
 
 def divergence_kernel(divergence: Divergence, student_logits: Tensor, teacher_logits: Tensor | None,
@@ -339,3 +405,44 @@ def divergence_kernel(divergence: Divergence, student_logits: Tensor, teacher_lo
         teacher_logits = student_logits
         bound = ("zero", ())
     return run_kernel(bound[0], student_logits, teacher_logits, temperature, bound[1], compiled=compiled)
+
+
+def chunk_terms(divergence: Divergence | None, student_logits: Tensor, teacher_logits: Tensor | None,
+                temperature: float, targets: Tensor, ce_weight: float, div_weight: float, *,
+                compiled: bool | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The whole per-chunk math of the loss engine in one kernel: the cross-entropy at T = 1, the
+    divergence at ``temperature`` and the gradient of ``ce_weight * Σ CE + div_weight * Σ D`` w.r.t.
+    the student logits (:func:`pocl.losses.terms.term_weights` gives the weights).
+
+    Args:
+        divergence: a :class:`Divergence` with a kernel, or None (cross-entropy only; ``teacher_logits``
+            is then ignored).
+        student_logits: ``[n, V]``; teacher_logits: ``[n, V]`` or None; targets: ``[n]`` token ids.
+        compiled: as in :func:`run_kernel`.
+
+    Returns:
+        ``(CE [n], D [n] or None, grad [n, V])`` in the compute dtype (float32, float64 for float64
+        inputs). CE and D equal :func:`pocl.losses.terms.token_terms`'s values.
+    """
+    if divergence is None or teacher_logits is None:
+        name, constants = "zero", ()
+    else:
+        bound = _bind(divergence)
+        if bound is None:
+            raise ValueError(f"divergence {divergence.name!r} has no kernel; use the autograd path")
+        name, constants = bound
+    if student_logits.dim() != 2 or (teacher_logits is not None and teacher_logits.shape != student_logits.shape):
+        raise ValueError(f"chunk_terms needs [n, V] student and teacher logits of one shape; got "
+                         f"{tuple(student_logits.shape)} and "
+                         f"{None if teacher_logits is None else tuple(teacher_logits.shape)}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    if teacher_logits is not None:
+        dtype = torch.promote_types(dtype, teacher_logits.dtype)
+    s = student_logits.detach().to(dtype)
+    t = s if teacher_logits is None or name == "zero" else teacher_logits.detach().to(dtype)
+    temp = torch.tensor(float(temperature), dtype=dtype, device=s.device)
+    params = torch.tensor(constants if constants else (0.0,), dtype=dtype, device=s.device)
+    weights = torch.tensor((float(ce_weight), float(div_weight)), dtype=dtype, device=s.device)
+    ce, div, grad = _call(f"terms:{name}", TERMS[name], (s, t, temp, params, targets.long(), weights),
+                          device=s.device, dtype=dtype, rows=s.shape[0], compiled=compiled)
+    return ce, (None if divergence is None else div), grad

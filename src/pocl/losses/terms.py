@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pocl.losses.divergences import LOG_PROB_FLOOR
-from pocl.losses.kernels import divergence_kernel, has_kernel
+from pocl.losses.kernels import chunk_terms, has_kernel
 from pocl.losses.options import LossOptions
 from pocl.losses.topk import TopKTeacher
 
@@ -124,25 +124,9 @@ def token_terms_and_grad(student_logits: Tensor, teacher: Tensor | TopKTeacher |
     if opts.use_teacher and (not isinstance(teacher, Tensor) or not has_kernel(opts.divergence)):
         return None
     ce_w, div_w = term_weights(opts)
-    with torch.no_grad():
-        student_logits = student_logits.detach()
-        student_logp = torch.log_softmax(student_logits, dim=-1)
-        index = targets.unsqueeze(-1)
-        ce = -student_logp.gather(-1, index).squeeze(-1)
-        grad = None
-        if ce_w != 0.0:  # d ce_w·CE / d logits = ce_w·(softmax − onehot)
-            grad = student_logp.exp_().mul_(ce_w)
-            grad.scatter_add_(-1, index, torch.full_like(ce, -ce_w).unsqueeze(-1))
-        del student_logp
-        div = None
-        if opts.use_teacher:
-            assert opts.divergence is not None and isinstance(teacher, Tensor)
-            div, div_grad = divergence_kernel(opts.divergence, student_logits, teacher, opts.temperature)
-            div_grad = div_grad.to(student_logits.dtype)
-            grad = div_grad.mul_(div_w) if grad is None else grad.add_(div_grad, alpha=div_w)
-            div = div.to(ce.dtype)
-        assert grad is not None  # ce_w == 0 only when alpha == 1, which uses the teacher
-    return ce, div, grad
+    ce, div, grad = chunk_terms(opts.divergence if opts.use_teacher else None, student_logits.detach(),
+                                teacher if opts.use_teacher else None, opts.temperature, targets, ce_w, div_w)
+    return ce, div, grad.to(student_logits.dtype)
 
 
 def zero_scalar(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -216,10 +216,11 @@ class OnPolicySchedule:
         return f"the student's weights are not finite ({bad.describe()}); no on-policy samples generated"
 
     def samples(self, local: list[TokenizedSample], kind: str, stage_index: int, stage_step: int, *,
-                student: torch.nn.Module, tokenizer, accelerator, state) -> list[TokenizedSample]:
+                student: torch.nn.Module, tokenizer, accelerator, state, autocast=None) -> list[TokenizedSample]:
         """This process's share of an on-policy window: student responses to the prompts of ``local``
         (fresh; pushed to the replay buffer), or as many samples drawn from its replay buffer (replay).
-        Adds the generation time to ``state.generation_seconds``."""
+        Adds the generation time to ``state.generation_seconds``. ``autocast``: the context of the run's
+        model passes (default: accelerate's)."""
         lc = self.cfg.loss
         stage = self.stages[stage_index]
         seed = stream_seed(self.cfg.train.seed, kind, stage_index, stage.name, stage_step, accelerator.process_index)
@@ -228,7 +229,7 @@ class OnPolicySchedule:
         decoding = DecodingConfig(do_sample=True, temperature=lc.on_policy_temperature, top_p=lc.on_policy_top_p,
                                   top_k=0, no_repeat_ngram_size=0, max_new_tokens=lc.on_policy_max_new_tokens)
         t0 = time.perf_counter()
-        with accelerator.autocast():
+        with (autocast or accelerator.autocast)():
             fresh = sample_responses(student, tokenizer, local, decoding=decoding, seed=seed,
                                      batch_size=self.cfg.train.micro_batch_size, max_length=self.cfg.data.max_length)
         state.generation_seconds += time.perf_counter() - t0

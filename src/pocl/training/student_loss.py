@@ -26,6 +26,7 @@ from pocl.losses import (
     make_divergence,
     select_response_tokens,
 )
+from pocl.losses.kernels import set_compile_mode
 from pocl.models import LMHead, hidden_states
 from pocl.training.stages import Stage, check_stages
 from pocl.training.teacher_signal import TeacherSide, to_device
@@ -99,7 +100,9 @@ class StudentLoss(nn.Module):
 
 def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bool) -> StudentLoss:
     """The student made ready to train (gradient checkpointing when configured, train mode) inside its
-    :class:`StudentLoss` (chunk size: ``loss.chunk_size``, automatic when 0)."""
+    :class:`StudentLoss` (chunk size: ``loss.chunk_size``, automatic when 0; the divergence kernels run as
+    ``loss.kernels`` says)."""
+    set_compile_mode(config.loss.kernels)
     if config.model.gradient_checkpointing:
         student.gradient_checkpointing_enable()
         if hasattr(student.config, "use_cache"):
@@ -129,14 +132,15 @@ class Divergences:
         return self._cache[key]
 
 
-def divergence_sum_fn(module: nn.Module, accelerator, divergences: Divergences
+def divergence_sum_fn(module: nn.Module, autocast: Callable[[], Any], divergences: Divergences
                       ) -> Callable[[dict[str, Any], TeacherSide, Stage], tuple[float, int]]:
     """``(batch, side, stage) -> (divergence sum, tokens)``: the student's (``module``, a wrapped
     :class:`StudentLoss`) divergence from the teacher ``side`` over the response tokens of ``batch``
-    ([B, L] tensors on the device), at the stage's temperature and divergence, not T²-scaled."""
+    ([B, L] tensors on the device), at the stage's temperature and divergence, not T²-scaled; the passes
+    run in ``autocast()`` (the run's precision)."""
     def divergence_sum(batch: dict[str, Any], side: TeacherSide, stage: Stage) -> tuple[float, int]:
         """(Σ divergence over the batch's N response tokens, N)."""
-        with accelerator.autocast():
+        with autocast():
             out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=side,
                          divergence=divergences.for_stage(stage), temperature=stage.temperature, alpha=1.0,
                          normalizer=1.0)

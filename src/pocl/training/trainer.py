@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pocl.launch import make_accelerator
+from pocl.launch import cpu_auto_bf16, make_accelerator
 from pocl.training import selection
 from pocl.training import student_loss as sloss
 from pocl.training import teacher_signal as tsignal
@@ -75,6 +75,9 @@ class DistillTrainer:
         self.step_callbacks = list(step_callbacks)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
         self.device = self.accelerator.device
+        # The model passes' precision: accelerate's mixed precision, or (model.mixed_precision auto on a CPU
+        # with native bf16 and a wide enough student) bf16 autocast; the loss math stays float32.
+        self.cpu_bf16, self.precision_note = cpu_auto_bf16(config.model.mixed_precision, self.accelerator, student)
         tc = config.train
         self.plan = StagePlan(self.stages, train_data, batch_size=tc.batch_size, micro_batch_size=tc.micro_batch_size,
                               world=self.accelerator.num_processes, seed=tc.seed)
@@ -100,10 +103,20 @@ class DistillTrainer:
         self._stop = StopRequest()  # SIGINT/SIGTERM during train(), or request_stop()
         self._resume_optimizer_from: Path | None = None
         self.summary_extra: dict[str, Any] = {}  # added to summary.json (e.g. the ranking's timing)
+        self.summary_extra["precision"] = {
+            "model_passes": "bf16-autocast" if self.cpu_bf16 else str(self.accelerator.mixed_precision),
+            "why": self.precision_note or f"model.mixed_precision {config.model.mixed_precision}"}
         # The teacher signals of teacher-forced steps on the training and dev data (pocl.training.teacher_signal):
         # the live teacher, or a teacher cache opened by prepare_teacher_cache() in train().
         self.train_signal: tsignal.TeacherSignal | None = self.live_teacher
         self.dev_signal: tsignal.TeacherSignal | None = self.live_teacher
+
+    def autocast(self):
+        """The context of the model passes: bf16 autocast on CPU when :func:`pocl.launch.cpu_auto_bf16`
+        chose it, else accelerate's (its mixed precision, or nothing)."""
+        if self.cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     # ------------------------------------------------------------------ data and teacher
     def window(self, stage_index: int, stage_step: int) -> list[int]:
@@ -147,14 +160,15 @@ class DistillTrainer:
         with sloss.eval_mode(self.module):
             return tsignal.measure_run_signal(
                 signal, self.live_teacher, batches, self.stages, divergence=self.cfg.loss.divergence,
-                divergence_sum=sloss.divergence_sum_fn(self.module, self.accelerator, self.divergences))
+                divergence_sum=sloss.divergence_sum_fn(self.module, self.autocast, self.divergences))
 
     def _on_policy_samples(self, local: list[TokenizedSample], kind: str, stage_index: int,
                            stage_step: int) -> list[TokenizedSample]:
         """This process's share of an on-policy window: student responses to its prompts (fresh), or
         as many samples drawn from its replay buffer (replay)."""
         return self.on_policy.samples(local, kind, stage_index, stage_step, student=self.student,
-                                      tokenizer=self.tokenizer, accelerator=self.accelerator, state=self.state)
+                                      tokenizer=self.tokenizer, accelerator=self.accelerator, state=self.state,
+                                      autocast=self.autocast)
 
     # ------------------------------------------------------------------ the optimizer step
     def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float, *,
@@ -163,10 +177,10 @@ class DistillTrainer:
         from ``signal`` (the live teacher on on-policy steps, whose samples no cache holds)."""
         alpha, normalizer = sloss.loss_weights(stage, normalizer, on_policy=on_policy,
                                                on_policy_ce=self.cfg.loss.on_policy_ce)
-        teacher = None
-        if alpha > 0:
-            teacher = (self.live_teacher if on_policy else signal).side(batch)
-        with self.accelerator.autocast():
+        # Both models' passes under the run's mixed precision (model.mixed_precision); the loss math
+        # itself is float32 (pocl.losses.kernels).
+        with self.autocast():
+            teacher = (self.live_teacher if on_policy else signal).side(batch) if alpha > 0 else None
             return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher=teacher,
                                divergence=self.divergences.for_stage(stage), temperature=stage.temperature,
                                alpha=alpha, normalizer=normalizer)
@@ -303,6 +317,8 @@ class DistillTrainer:
         self.store.write_config()
         if acc.is_main_process:  # the models' load lines (pocl.models) say where they were loaded
             log_device(self.device, acc.num_processes, self.student, self.teacher)
+            if self.precision_note:
+                log.info("precision: %s", self.precision_note)
         totals = [self.plan.total_steps(i) for i in range(len(self.stages))]
         tlog = TrainLog(self.output_dir, self.cfg.train, main=acc.is_main_process,
                         resume_step=self.state.global_step if resumed else None,
