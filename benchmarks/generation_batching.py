@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -212,10 +211,7 @@ def main(argv=None) -> int:
                                                 else smollm_case(args, decoding))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    C.write_json(out, result)
     for name, case in result["cases"].items():
         if "skipped" in case:
             print(f"{name}: skipped ({case['skipped']})")

@@ -16,13 +16,6 @@ from tests.losses.test_divergences import REFERENCES
 DIVS = DIVERGENCES.names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()  # many tiny ops: intra-op threads only add synchronisation
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _problem(n=9, h=5, ht=6, v=17, seed=0, extra_teacher=0):
     """Student hidden/head (leaves) and a teacher head with ``extra_teacher`` padded rows, float64."""

@@ -23,13 +23,6 @@ IDS = [f"{n}{''.join(f'-{k}{v}' for k, v in p.items())}" for n, p in CASES]
 TOL = {torch.float32: (1e-4, 2e-6), torch.bfloat16: (1e-4, 2e-6)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def logits(n, v, dtype, seed, scale=3.0):
     g = torch.Generator().manual_seed(seed)
