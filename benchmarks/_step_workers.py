@@ -137,7 +137,7 @@ def _dynamo_stats() -> dict:
 
 
 def warm_kernels(args) -> dict:
-    """Compile pocl's JSD kernel before the first step (POCL_COMPILE_KERNELS: auto compiles float32 math on CPU),
+    """Compile pocl's JSD terms kernel before the first step (POCL_COMPILE_KERNELS: auto compiles float32 math on CPU),
     on one [chunk, V] block inside the run's precision context, and time it: the compile time, reported apart
     from the steps. The dynamo counters before/after let the report check that no step recompiles."""
     import torch
@@ -146,10 +146,12 @@ def warm_kernels(args) -> dict:
 
     n = _chunk(args)
     s, t = torch.randn(n, args.vocab), torch.randn(n, args.vocab)
+    targets = torch.randint(0, args.vocab, (n,))
     before = _dynamo_stats()
     t0 = time.perf_counter()
     with precision(args):
-        kernels.divergence_kernel(make_divergence("jsd", lam=LAMBDA), s, t, 1.0)
+        # The variant the steps run: T = 1, alpha = 1 (CE weight 0, so no CE gradient).
+        kernels.chunk_terms(make_divergence("jsd", lam=LAMBDA), s, t, 1.0, targets, 0.0, 1.0)
     return {"mode": kernels.compile_mode(), "seconds": time.perf_counter() - t0, "shape": [n, args.vocab],
             "compile_failure": kernels._compile_failure, "cache_dir": str(kernels.kernel_cache_dir()),
             "dynamo_before": before, "dynamo_after_warmup": _dynamo_stats()}
@@ -160,7 +162,7 @@ def _chunk(args) -> int:
     """The chunk size pocl's trainer uses for this vocabulary (``--chunk-size 0``: its automatic choice)."""
     from pocl.losses import auto_chunk_size
 
-    return auto_chunk_size(args.chunk_size, args.vocab)
+    return auto_chunk_size(args.chunk_size, args.vocab, kernel=True)  # JSD with full teacher logits: the kernel path
 
 
 def _pocl_trainer_run(args, samples, *, teacher_cache: str) -> dict:
@@ -338,11 +340,12 @@ def worker_pocl_manual(args, samples) -> dict:
         phases.append({n: b - a for n, a, b in zip(names, t, t[1:])})
     # The LM-head matrix products alone, as the fused loss runs them (chunks of chunk_size tokens, in the run's
     # precision): teacher head forward, student head forward, and the two products of its backward (d hidden,
-    # d weight).
+    # d weight, accumulated in place as the fused loss does: addmm_ in float32, a product then += under autocast).
     head_seconds = []
     with torch.no_grad(), precision(args):
         n, cs = th.shape[0], _chunk(args)
         g = torch.randn(min(cs, n), args.vocab)
+        grad_w = torch.zeros(args.vocab, sh.shape[-1])
         for _ in range(2):
             t0 = time.perf_counter()
             for s in range(0, n, cs):
@@ -350,7 +353,10 @@ def worker_pocl_manual(args, samples) -> dict:
                 th[s:e] @ t_head.weight.T
                 sh[s:e].detach() @ s_head.weight.T
                 g[: e - s] @ s_head.weight
-                g[: e - s].T @ sh[s:e].detach()
+                if args.precision == "bf16":
+                    grad_w += g[: e - s].T @ sh[s:e].detach()
+                else:
+                    grad_w.addmm_(g[: e - s].T, sh[s:e].detach())
             head_seconds.append(time.perf_counter() - t0)
     return {"step_seconds": clock.intervals()[1:], "rss_before": clock.rss_before, "phases": phases[1:],
             "head_matmul_seconds": min(head_seconds), "loss_value_last": float(out.loss),

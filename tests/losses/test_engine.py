@@ -12,6 +12,7 @@ from pocl.errors import ConfigError, UnknownNameError
 from pocl.losses import (
     DIVERGENCES,
     KDLossOutput,
+    auto_chunk_size,
     chunked_kd_loss_from_logits,
     count_target_tokens,
     dense_kd_loss,
@@ -695,3 +696,36 @@ def test_fused_peak_memory_is_bounded_by_the_chunk():
     # Doubling the tokens adds [N, H]-sized buffers and noise of about one chunk tensor, not
     # the (N/2) x V = 8 chunk tensors per [N, V] temporary that the dense path adds.
     assert peak_full - peak_half < 2 * unit + 4 * (n // 2) * hdim * 4
+
+
+@pytest.mark.parametrize("name,temperature,alpha", [("jsd", 1.0, 1.0), ("srkl", 2.0, 0.5), ("tvd", 2.0, 0.7)])
+def test_kernel_path_chunk_temporaries_fit_the_auto_chunk_rule(name, temperature, alpha):
+    """With a divergence kernel a chunk holds at most ``_KERNEL_CHUNK_TEMPORARIES`` float32 [chunk, V]
+    tensors at its peak (the rule that lets auto_chunk_size choose larger chunks on that path)."""
+    from pocl.losses.chunking import _KERNEL_CHUNK_TEMPORARIES
+
+    n, v, hdim, chunk = 512, 32000, 64, 64
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(n, hdim, generator=g).requires_grad_(True)
+    w = (torch.randn(v, hdim, generator=g) * 0.1).requires_grad_(True)
+    th, tw = torch.randn(n, hdim, generator=g), torch.randn(v, hdim, generator=g) * 0.1
+    targets = torch.randint(0, v, (n,), generator=g)
+
+    def run():
+        h.grad = w.grad = None
+        out = fused_kd_loss(h, w, None, th, tw, None, targets, divergence=name, chunk_size=chunk,
+                            temperature=temperature, alpha=alpha, normalizer=float(n))
+        out.loss.backward()
+
+    run()  # compile first: the compiler's own allocations are not the chunk's
+    unit = chunk * v * 4
+    # The weight and hidden gradients, twice: the buffers filled in forward and their rescaled copies.
+    grad_buffers = 2 * (v * hdim + n * hdim) * 4
+    chunk_tensors = (_peak_cpu_bytes(run) - grad_buffers) / unit
+    assert 1.5 < chunk_tensors < _KERNEL_CHUNK_TEMPORARIES, chunk_tensors
+
+
+def test_auto_chunk_size_is_larger_on_the_kernel_path():
+    assert auto_chunk_size(0, 32000) == 512 and auto_chunk_size(0, 32000, kernel=True) == 512
+    assert auto_chunk_size(0, 128000) == 128 and auto_chunk_size(0, 128000, kernel=True) == 256
+    assert auto_chunk_size(96, 128000, kernel=True) == 96

@@ -249,7 +249,8 @@ def test_fused_bf16_head_uses_the_kernel_and_stays_close():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("temperature,ce_weight,div_weight", [(1.0, 0.3, 0.7), (2.0, 0.0, 1.0), (2.0, 0.5, 0.0)])
+@pytest.mark.parametrize("temperature,ce_weight,div_weight",
+                         [(1.0, 0.3, 0.7), (1.0, 0.0, 1.0), (2.0, 0.0, 1.0), (2.0, 0.5, 0.0)])
 @pytest.mark.parametrize("name,params", [("fkl", {}), ("jsd", {"lam": 0.9}), ("srkl", {"skew": 0.1}), (None, {})],
                          ids=["fkl", "jsd", "srkl", "ce-only"])
 def test_chunk_terms_match_autograd_of_ce_plus_divergence(name, params, temperature, ce_weight, div_weight, compiled):
@@ -271,3 +272,35 @@ def test_chunk_terms_match_autograd_of_ce_plus_divergence(name, params, temperat
     (ref_grad,) = torch.autograd.grad(total, s64)
     torch.testing.assert_close(ce.double(), ref_ce.detach(), rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-params", "bf16-autocast"])
+def test_written_out_linear_backward_equals_autograd(precision):
+    """The kernel path with a plain head writes the head's backward out (addmm into the weight gradient);
+    an identity logit transform sends the same chunk through autograd instead. Both must agree, in fp32,
+    with bf16 parameters and under CPU bf16 autocast (fp32 parameters, bf16 matrix products)."""
+    g = torch.Generator().manual_seed(21)
+    n, h, v = 37, 16, 700
+    dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.5).to(dtype)
+    bias = (torch.randn(v, generator=g) * 0.1).to(dtype)
+    t_hidden, t_weight = torch.randn(n, 12, generator=g), torch.randn(v, 12, generator=g) * 0.5
+    targets = torch.randint(0, v, (n,), generator=g)
+    opts = {"divergence": make_divergence("srkl"), "temperature": 2.0, "alpha": 0.7, "normalizer": float(n),
+            "chunk_size": 16}
+
+    def run(logit_fn):
+        leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            out = fused_kd_loss(*leaves, t_hidden, t_weight, None, targets, student_logit_fn=logit_fn, **opts)
+        return out.loss, torch.autograd.grad(out.loss, leaves)
+
+    loss, grads = run(None)
+    ref_loss, ref_grads = run(lambda x: x)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype == dtype
+        # bf16: the same products in the same dtypes, so bit-equal; fp32: addmm_ may round differently.
+        tol = {"rtol": 1e-5, "atol": 1e-7} if precision == "fp32" else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(got, want, **tol)

@@ -12,18 +12,28 @@ __all__ = [
 
 #: Memory budget of one loss chunk's float32 temporaries when the chunk size is chosen automatically.
 AUTO_CHUNK_BYTES: int = 1 << 30
-#: About this many float32 ``[chunk, V]`` tensors are alive at the peak of a fused chunk (both models'
-#: logits, softmaxes, mixtures and their gradients; measured in tests/losses/test_engine.py).
+#: About this many float32 ``[chunk, V]`` tensors are alive at the peak of a fused chunk when autograd
+#: differentiates the divergence (both models' logits, softmaxes, mixtures and their gradients; measured
+#: in tests/losses/test_engine.py).
 _CHUNK_TEMPORARIES = 16
+#: The same with a divergence kernel (closed-form gradient, no graph): both models' logits, the gradient
+#: and the compiled kernel's buffers; measured at most 5 (SRKL at T = 2; JSD at T = 1 and α = 1: 3) in
+#: tests/losses/test_engine.py.
+_KERNEL_CHUNK_TEMPORARIES = 6
 
 
-def auto_chunk_size(chunk_size: int, vocab_size: int, *, largest: int = 512, smallest: int = 32) -> int:
+def auto_chunk_size(chunk_size: int, vocab_size: int, *, kernel: bool = False, largest: int = 512,
+                    smallest: int = 32) -> int:
     """``chunk_size`` itself when > 0; for 0, the largest power of two in ``[smallest, largest]`` whose
-    temporaries fit :data:`AUTO_CHUNK_BYTES` at this vocabulary. A fixed 512 would hold 3.3 GiB at a
-    128k vocabulary, and was also slower there than 128 (benchmarks/results/scaling.md)."""
+    temporaries fit :data:`AUTO_CHUNK_BYTES` at this vocabulary. ``kernel``: the chunks run a divergence
+    kernel (:func:`pocl.losses.kernels.has_kernel`, and a teacher with full logits), which holds fewer
+    temporaries, so a chunk may be larger: 256 instead of 128 at a 128k vocabulary. A fixed 512 would hold
+    3.3 GiB at 128k on the autograd path, and was also slower there than 128
+    (benchmarks/results/scaling.md)."""
     if chunk_size > 0:
         return chunk_size
-    fits = AUTO_CHUNK_BYTES // (_CHUNK_TEMPORARIES * 4 * max(vocab_size, 1))
+    temporaries = _KERNEL_CHUNK_TEMPORARIES if kernel else _CHUNK_TEMPORARIES
+    fits = AUTO_CHUNK_BYTES // (temporaries * 4 * max(vocab_size, 1))
     size = largest
     while size > smallest and size > fits:
         size //= 2

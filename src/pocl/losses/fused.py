@@ -9,9 +9,25 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from pocl.losses.divergences import Divergence
-from pocl.losses.options import (KDLossOutput, LogitFn, LossOptions, check_number, check_targets, linear_logits,
-                                 make_options, resolve_vocab)
-from pocl.losses.terms import combine, requires_grad, token_terms, token_terms_and_grad, values_only, zero_scalar
+from pocl.losses.options import (
+    KDLossOutput,
+    LogitFn,
+    LossOptions,
+    check_number,
+    check_targets,
+    linear_logits,
+    make_options,
+    resolve_vocab,
+)
+from pocl.losses.terms import (
+    combine,
+    has_closed_form,
+    requires_grad,
+    token_terms,
+    token_terms_and_grad,
+    values_only,
+    zero_scalar,
+)
 from pocl.losses.topk import TopKTeacher, checked_topk
 
 __all__ = [
@@ -65,35 +81,44 @@ class _FusedLinearKD(torch.autograd.Function):
         for start in range(0, n, opts.chunk_size):
             end = min(start + opts.chunk_size, n)
             t_logits = _teacher_chunk(t_hidden, t_weight, t_bias, t_topk, start, end, opts)
-            h_leaf = s_hidden[start:end].detach().requires_grad_(need_h)
-            leaves = [x for x, need in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b))
-                      if need]
-            with torch.enable_grad():
-                s_logits = linear_logits(h_leaf, w_leaf, b_leaf, opts.student_logit_fn)
-            # The divergence's kernel (closed-form gradient w.r.t. the logits) when it has one; else
-            # autograd through the reference function (token_terms).
-            fast = token_terms_and_grad(s_logits, t_logits, targets[start:end], opts)
-            if fast is not None:
-                ce, div, grad_logits = fast
-                chunk_ce = ce.sum()
-                chunk_div = None if div is None else div.sum()
-                chunk_loss = combine(chunk_ce, chunk_div, opts)
-                grads = (iter(torch.autograd.grad(s_logits, leaves, grad_outputs=grad_logits))
-                         if leaves else iter(()))
-                del grad_logits
+            if opts.student_logit_fn is None and has_closed_form(t_logits, opts):
+                # A plain linear head and a kernel: the head's backward is written out, so the weight
+                # gradient is accumulated in place (addmm) and no autograd graph is built.
+                ce, div, chunk_ce, chunk_div, chunk_loss = _linear_kernel_chunk(
+                    s_hidden[start:end].detach(), w_leaf.detach(), None if b_leaf is None else b_leaf.detach(),
+                    t_logits, targets[start:end], opts, grad_h=None if grad_h is None else grad_h[start:end],
+                    grad_w=None if grad_w is None else grad_w[:v], grad_b=None if grad_b is None else grad_b[:v])
+                h_leaf = s_logits = None
             else:
+                h_leaf = s_hidden[start:end].detach().requires_grad_(need_h)
+                leaves = [x for x, need in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b))
+                          if need]
                 with torch.enable_grad():
-                    ce, div = token_terms(s_logits, t_logits, targets[start:end], opts)
+                    s_logits = linear_logits(h_leaf, w_leaf, b_leaf, opts.student_logit_fn)
+                # The divergence's kernel (closed-form gradient w.r.t. the logits) when it has one; else
+                # autograd through the reference function (token_terms).
+                fast = token_terms_and_grad(s_logits, t_logits, targets[start:end], opts)
+                if fast is not None:
+                    ce, div, grad_logits = fast
                     chunk_ce = ce.sum()
                     chunk_div = None if div is None else div.sum()
                     chunk_loss = combine(chunk_ce, chunk_div, opts)
-                grads = iter(torch.autograd.grad(chunk_loss, leaves)) if leaves else iter(())
-            if need_h:
-                grad_h[start:end] = next(grads)
-            if need_w:
-                grad_w[:v] += next(grads)
-            if need_b:
-                grad_b[:v] += next(grads)
+                    grads = (iter(torch.autograd.grad(s_logits, leaves, grad_outputs=grad_logits))
+                             if leaves else iter(()))
+                    del grad_logits
+                else:
+                    with torch.enable_grad():
+                        ce, div = token_terms(s_logits, t_logits, targets[start:end], opts)
+                        chunk_ce = ce.sum()
+                        chunk_div = None if div is None else div.sum()
+                        chunk_loss = combine(chunk_ce, chunk_div, opts)
+                    grads = iter(torch.autograd.grad(chunk_loss, leaves)) if leaves else iter(())
+                if need_h:
+                    grad_h[start:end] = next(grads)
+                if need_w:
+                    grad_w[:v] += next(grads)
+                if need_b:
+                    grad_b[:v] += next(grads)
             loss += chunk_loss.detach()
             ce_sum += chunk_ce.detach()
             if chunk_div is not None:
@@ -116,6 +141,39 @@ class _FusedLinearKD(torch.autograd.Function):
         # The loss is linear in the upstream gradient: rescale the stored gradients.
         out = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
         return (*out, None, None, None, None, None, None)
+
+
+def _linear_kernel_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, t_logits: Tensor | None,
+                         targets: Tensor, opts: LossOptions, *, grad_h: Tensor | None, grad_w: Tensor | None,
+                         grad_b: Tensor | None):
+    """One chunk through a plain linear head and a divergence kernel, its backward written out.
+
+    ``hidden [n, H]``, ``weight [V, H]``, ``bias [V]``: the chunk's student inputs (detached);
+    ``grad_h [n, H]`` (this chunk's rows) is written, ``grad_w [V, H]`` and ``grad_b [V]`` are accumulated
+    into (each None when not needed). The matrix products are the ones autograd's linear backward runs,
+    in the same dtypes (``torch.mm`` follows autocast as ``F.linear`` does); the weight gradient is
+    added in place with ``addmm_`` when the dtypes allow it, instead of a new ``[V, H]`` tensor per chunk.
+
+    Returns ``(ce [n], div [n] or None, ce sum, div sum or None, chunk loss)``.
+    """
+    with torch.no_grad():
+        raw = torch.nn.functional.linear(hidden, weight, bias)
+        ce, div, grad_logits = token_terms_and_grad(raw, t_logits, targets, opts)
+        # The gradient arrives at the head's output in its dtype (autograd's cast back from float32).
+        g = grad_logits.to(raw.dtype)
+        del grad_logits
+        if grad_h is not None:
+            grad_h.copy_(torch.mm(g, weight))
+        if grad_w is not None:
+            if not torch.is_autocast_enabled(g.device.type) and g.dtype == hidden.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hidden)
+            else:
+                grad_w += torch.mm(g.t(), hidden)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    chunk_ce = ce.sum()
+    chunk_div = None if div is None else div.sum()
+    return ce, div, chunk_ce, chunk_div, combine(chunk_ce, chunk_div, opts)
 
 
 def _values_only_linear(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, t_topk, targets,

@@ -20,6 +20,7 @@ from pocl.losses.topk import TopKTeacher
 
 __all__ = [
     "combine",
+    "has_closed_form",
     "requires_grad",
     "term_weights",
     "token_terms",
@@ -110,6 +111,11 @@ def term_weights(opts: LossOptions) -> tuple[float, float]:
     return (1.0 - opts.alpha) / opts.normalizer, (opts.alpha * opts.scale) / opts.normalizer
 
 
+def has_closed_form(teacher: Tensor | TopKTeacher | None, opts: LossOptions) -> bool:
+    """True when :func:`token_terms_and_grad` computes this chunk (a divergence kernel, or no teacher)."""
+    return not opts.use_teacher or (isinstance(teacher, Tensor) and has_kernel(opts.divergence))
+
+
 def token_terms_and_grad(student_logits: Tensor, teacher: Tensor | TopKTeacher | None, targets: Tensor,
                          opts: LossOptions) -> tuple[Tensor, Tensor | None, Tensor] | None:
     """:func:`token_terms` plus the gradient of ``combine(ce.sum(), div.sum(), opts)`` w.r.t.
@@ -121,7 +127,7 @@ def token_terms_and_grad(student_logits: Tensor, teacher: Tensor | TopKTeacher |
     this chunk has no kernel (a divergence without one, or a cached top-k teacher): the caller then
     differentiates :func:`token_terms` with autograd.
     """
-    if opts.use_teacher and (not isinstance(teacher, Tensor) or not has_kernel(opts.divergence)):
+    if not has_closed_form(teacher, opts):
         return None
     ce_w, div_w = term_weights(opts)
     ce, div, grad = chunk_terms(opts.divergence if opts.use_teacher else None, student_logits.detach(),

@@ -27,10 +27,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """True when torch's fused AdamW kernel takes every parameter: floating point, on CPU or CUDA."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters (:func:`parameter_groups`), at ``lr`` or ``cfg.lr``."""
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=lr or cfg.lr,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    """AdamW over ``model``'s trainable parameters (:func:`parameter_groups`), at ``lr`` or ``cfg.lr``.
+
+    torch's fused AdamW kernel where it applies (:func:`fused_adamw_supported`): the same update, one pass
+    over each parameter instead of a dozen elementwise ops, 8x faster on this CPU for a 128k-vocabulary
+    student's embedding and head (benchmarks/results/optimizer_step.json); elsewhere the default one."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    fused = fused_adamw_supported([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             fused=fused or None)
 
 
 def reset_optimizer(optimizer: torch.optim.Optimizer, lr: float) -> None:

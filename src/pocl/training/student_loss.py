@@ -26,7 +26,7 @@ from pocl.losses import (
     make_divergence,
     select_response_tokens,
 )
-from pocl.losses.kernels import set_compile_mode
+from pocl.losses.kernels import has_kernel, set_compile_mode
 from pocl.models import LMHead, hidden_states
 from pocl.training.stages import Stage, check_stages
 from pocl.training.teacher_signal import TeacherSide, to_device
@@ -108,7 +108,10 @@ def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bo
         if hasattr(student.config, "use_cache"):
             student.config.use_cache = False
     student.train()
-    chunk_size = auto_chunk_size(config.loss.chunk_size, vocab_size)
+    loss = config.loss
+    # The kernel path (fewer temporaries per chunk, so larger chunks) needs full teacher logits.
+    kernel = loss.teacher_cache != "topk" and has_kernel(make_divergence(loss.divergence, **loss.divergence_params()))
+    chunk_size = auto_chunk_size(loss.chunk_size, vocab_size, kernel=kernel)
     return StudentLoss(student, vocab_size, fused=fused, chunk_size=chunk_size,
                        temperature_scaling=config.loss.temperature_scaling)
 
