@@ -11,6 +11,9 @@ at a 32k vocabulary), forward + backward w.r.t. the student logits:
 Timings are medians of interleaved repetitions (reference, eager, compiled, reference, ...). The first
 compile of each kernel is timed against an empty inductor cache (a temporary folder), and again after
 ``torch._dynamo.reset()`` with that cache warm (what a later process pays: tracing plus a cache hit).
+Then the per-chunk terms kernel (CE + JSD 0.9 + the weighted gradient, :func:`pocl.losses.kernels.chunk_terms`) at
+[512, 32000] and [512, 128000], compiled: its variants (general: T 2 with a CE weight; T 1 with a CE weight; T 1
+and alpha 1, no CE gradient) in one call over all rows and in CPU row blocks (``CPU_BLOCK_BYTES``, the default).
 Last, one whole ``fused_kd_loss`` step (N 1024 tokens, V 32000, JSD 0.9, alpha 0.5, T 1, chunk 512) with the
 kernels off (autograd through the reference, as before the kernels), eager and compiled.
 
@@ -85,6 +88,48 @@ def fused_step(args, torch) -> dict:
             "agreement_with_autograd": agree}
 
 
+def terms_variants(args, torch) -> dict:
+    """The compiled terms kernel per variant, one call over all rows vs row blocks (the default)."""
+    from unittest import mock
+
+    from pocl.losses import kernels as K
+    from pocl.losses import make_divergence
+
+    div = make_divergence("jsd", lam=0.9)
+    variants = {"general_T2_ce": (2.0, 0.3), "T1_ce": (1.0, 0.3), "T1_alpha1_no_ce_grad": (1.0, 0.0)}
+    out = {}
+    for v in args.terms_vocabs:
+        g = torch.Generator().manual_seed(2)
+        s = torch.randn(args.tokens, v, generator=g) * 2
+        t = torch.randn(args.tokens, v, generator=g) * 2
+        targets = torch.randint(0, v, (args.tokens,), generator=g)
+
+        def call(temperature, ce_weight, layout):
+            block = 1 << 62 if layout == "one_call" else K.CPU_BLOCK_BYTES
+            with mock.patch.object(K, "CPU_BLOCK_BYTES", block):
+                return K.chunk_terms(div, s, t, temperature, targets, ce_weight, 1.0 - ce_weight, compiled=True)
+
+        cases = {(name, layout): tp for name, tp in variants.items() for layout in ("one_call", "row_blocks")}
+        for (name, layout), (temp, ce_w) in cases.items():
+            call(temp, ce_w, layout)  # compile / warm up
+        seconds = {case: [] for case in cases}
+        for _ in range(args.repeats):
+            for case, (temp, ce_w) in cases.items():
+                c0 = time.perf_counter()
+                call(temp, ce_w, case[1])
+                seconds[case].append(time.perf_counter() - c0)
+        rows = K._row_blocks(args.tokens, v)
+        res = {"shape": [args.tokens, v], "rows_per_block": rows[0][1] - rows[0][0], "variants": {}}
+        for name in variants:
+            one, blk = (statistics.median(seconds[(name, lay)]) for lay in ("one_call", "row_blocks"))
+            res["variants"][name] = {"one_call": C.stats(seconds[(name, "one_call")]),
+                                     "row_blocks": C.stats(seconds[(name, "row_blocks")]),
+                                     "row_blocks_speedup": one / blk}
+            print(f"terms V={v} {name}: one call {one:.3f}s, row blocks {blk:.3f}s", flush=True)
+        out[str(v)] = res
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=512)
@@ -93,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--step-tokens", type=int, default=1024, help="tokens of the whole fused-loss step")
+    p.add_argument("--terms-vocabs", type=int, nargs="*", default=[32000, 128000],
+                   help="vocabularies of the terms-kernel variants (none: skip them)")
     p.add_argument("--output", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     cache = tempfile.mkdtemp(prefix="pocl-inductor-")
@@ -100,7 +147,8 @@ def main(argv=None) -> int:
     import torch
 
     from pocl.losses import make_divergence
-    from pocl.losses.kernels import _bind, run_kernel
+    from pocl.losses.kernel_math import bind as _bind
+    from pocl.losses.kernels import run_kernel
 
     torch.set_num_threads(args.threads)
     n, v, temp = args.tokens, args.vocab, args.temperature
@@ -159,6 +207,7 @@ def main(argv=None) -> int:
         print(f"{name:5s} ref {med['reference']:.3f}s eager {med['eager']:.3f}s compiled {med['compiled']:.3f}s "
               f"first compile {row['first_compile_seconds_cold_cache']:.1f}s (warm cache "
               f"{row['first_compile_seconds_warm_cache']:.1f}s)", flush=True)
+    result["terms_kernel"] = terms_variants(args, torch)
     result["fused_step"] = fused_step(args, torch)
     result["load_average"]["after"] = C.load()
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)

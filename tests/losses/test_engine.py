@@ -719,10 +719,10 @@ def test_kernel_path_chunk_temporaries_fit_the_auto_chunk_rule(name, temperature
 
     run()  # compile first: the compiler's own allocations are not the chunk's
     unit = chunk * v * 4
-    # The weight and hidden gradients, twice: the buffers filled in forward and their rescaled copies.
-    grad_buffers = 2 * (v * hdim + n * hdim) * 4
+    grad_buffers = (v * hdim + n * hdim) * 4  # the weight and hidden gradients filled in forward
     chunk_tensors = (_peak_cpu_bytes(run) - grad_buffers) / unit
-    assert 1.5 < chunk_tensors < _KERNEL_CHUNK_TEMPORARIES, chunk_tensors
+    # At least both models' logits of a chunk are alive at once.
+    assert 2.0 <= chunk_tensors < _KERNEL_CHUNK_TEMPORARIES, chunk_tensors
 
 
 def test_auto_chunk_size_is_larger_on_the_kernel_path():

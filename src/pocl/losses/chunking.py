@@ -16,17 +16,18 @@ AUTO_CHUNK_BYTES: int = 1 << 30
 #: differentiates the divergence (both models' logits, softmaxes, mixtures and their gradients; measured
 #: in tests/losses/test_engine.py).
 _CHUNK_TEMPORARIES = 16
-#: The same with a divergence kernel (closed-form gradient, no graph): both models' logits, the gradient
-#: and the compiled kernel's buffers; measured at most 5 (SRKL at T = 2; JSD at T = 1 and α = 1: 3) in
-#: tests/losses/test_engine.py.
+#: The same with a compiled divergence kernel (closed-form gradient, no graph, run in CPU row blocks): both
+#: models' logits and the gradient; measured 2.5-3.3 (tests/losses/test_engine.py holds it under this bound).
+#: The eager kernels (GPU, float64, a failed compile) hold 10-13, so they keep the autograd path's budget.
 _KERNEL_CHUNK_TEMPORARIES = 6
 
 
 def auto_chunk_size(chunk_size: int, vocab_size: int, *, kernel: bool = False, largest: int = 512,
                     smallest: int = 32) -> int:
     """``chunk_size`` itself when > 0; for 0, the largest power of two in ``[smallest, largest]`` whose
-    temporaries fit :data:`AUTO_CHUNK_BYTES` at this vocabulary. ``kernel``: the chunks run a divergence
-    kernel (:func:`pocl.losses.kernels.has_kernel`, and a teacher with full logits), which holds fewer
+    temporaries fit :data:`AUTO_CHUNK_BYTES` at this vocabulary. ``kernel``: the chunks run a compiled
+    divergence kernel (:func:`pocl.losses.kernels.has_kernel` and
+    :func:`~pocl.losses.kernels.uses_compiled_kernels`, and a teacher with full logits), which holds fewer
     temporaries, so a chunk may be larger: 256 instead of 128 at a 128k vocabulary. A fixed 512 would hold
     3.3 GiB at 128k on the autograd path, and was also slower there than 128
     (benchmarks/results/scaling.md)."""

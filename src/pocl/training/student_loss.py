@@ -26,7 +26,7 @@ from pocl.losses import (
     make_divergence,
     select_response_tokens,
 )
-from pocl.losses.kernels import has_kernel, set_compile_mode
+from pocl.losses.kernels import has_kernel, set_compile_mode, uses_compiled_kernels
 from pocl.models import LMHead, hidden_states
 from pocl.training.stages import Stage, check_stages
 from pocl.training.teacher_signal import TeacherSide, to_device
@@ -98,10 +98,12 @@ class StudentLoss(nn.Module):
         return chunked_kd_loss_from_logits(sel, t_logits, targets, **opts)
 
 
-def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bool) -> StudentLoss:
+def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bool,
+                       device: torch.device | None = None) -> StudentLoss:
     """The student made ready to train (gradient checkpointing when configured, train mode) inside its
     :class:`StudentLoss` (chunk size: ``loss.chunk_size``, automatic when 0; the divergence kernels run as
-    ``loss.kernels`` says)."""
+    ``loss.kernels`` says). ``device``: where the loss will run (default: the student's), which decides
+    whether the kernels are compiled and so how large an automatic chunk may be."""
     set_compile_mode(config.loss.kernels)
     if config.model.gradient_checkpointing:
         student.gradient_checkpointing_enable()
@@ -109,8 +111,11 @@ def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bo
             student.config.use_cache = False
     student.train()
     loss = config.loss
-    # The kernel path (fewer temporaries per chunk, so larger chunks) needs full teacher logits.
-    kernel = loss.teacher_cache != "topk" and has_kernel(make_divergence(loss.divergence, **loss.divergence_params()))
+    # The compiled kernel path (fewer temporaries per chunk, so larger chunks) needs full teacher logits.
+    if device is None:
+        device = next(student.parameters()).device
+    kernel = (loss.teacher_cache != "topk" and uses_compiled_kernels(device, torch.float32)
+              and has_kernel(make_divergence(loss.divergence, **loss.divergence_params())))
     chunk_size = auto_chunk_size(loss.chunk_size, vocab_size, kernel=kernel)
     return StudentLoss(student, vocab_size, fused=fused, chunk_size=chunk_size,
                        temperature_scaling=config.loss.temperature_scaling)

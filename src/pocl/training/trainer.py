@@ -83,7 +83,8 @@ class DistillTrainer:
                               world=self.accelerator.num_processes, seed=tc.seed)
         self.on_policy = OnPolicySchedule(config, self.stages, has_teacher=teacher is not None)
         seed_everything(tc.seed)
-        self.module = self.accelerator.prepare_model(sloss.build_student_loss(student, config, vocab_size, fused=fused))
+        student_loss = sloss.build_student_loss(student, config, vocab_size, fused=fused, device=self.device)
+        self.module = self.accelerator.prepare_model(student_loss)
         self.student = self.accelerator.unwrap_model(self.module).student
         self.chunk_size = self.accelerator.unwrap_model(self.module).chunk_size
         self.divergences = sloss.Divergences(config.loss)
