@@ -153,8 +153,9 @@ class LossConfig(ConfigSection):
     seqkd_batch_size: int = option(32, "seqkd: prompts per generation batch of the teacher.")
     chunk_size: int = option(0, "Tokens per chunk of the loss computation; peak loss memory grows with chunk_size x "
                              "vocabulary, not with batch x length x vocabulary. 0 (auto): the largest power of two "
-                             "up to 512 whose float32 temporaries (about 16 of [chunk, vocabulary]) fit in 1 GiB: "
-                             "512 up to a 32k vocabulary, 256 at 49k, 128 at 128k, 64 at 152k.")
+                             "up to 512 whose float32 temporaries fit in 1 GiB: about 6 of [chunk, vocabulary] with "
+                             "the compiled divergence kernels (float32 on CPU: 512 up to 49k, 256 at 128k and 152k), "
+                             "about 16 otherwise (512 up to 32k, 256 at 49k, 128 at 128k, 64 at 152k).")
     kernels: Literal["auto", "compiled", "eager"] = option(
         "auto", "How the divergence kernels (value and closed-form gradient per chunk; docs/losses.md) run: compiled "
         "(torch.compile, cached in ~/.cache/pocl/inductor; after a failed compile the eager kernels, with one "

@@ -60,8 +60,8 @@ COMPILE_ENV = "POCL_COMPILE_KERNELS"
 #: On CPU the compiled terms kernel runs on blocks of rows of about this many bytes per ``[rows, V]`` float32
 #: tensor: inductor makes several passes over its input (the maxima, the normalisers, the divergence, the
 #: gradient), and a block that stays in the core's cache makes the later passes cache reads. Measured on
-#: [512, V] JSD at T = 1 (one thread, median of 7): 0.27 s -> 0.17 s at V = 32 000 (8 rows), 0.99 s -> 0.69 s
-#: at 128 000 (2 rows) against one call on all rows (benchmarks/loss_kernels.py).
+#: [512, V] JSD at T = 1 and α = 1 (one thread, medians): 0.27 s -> 0.18 s at V = 32 000 (8 rows), 0.90 s ->
+#: 0.63 s at 128 000 (2 rows) against one call on all rows (benchmarks/results/loss_kernels.json).
 CPU_BLOCK_BYTES = 1 << 20
 
 
