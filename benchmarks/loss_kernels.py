@@ -105,7 +105,7 @@ def terms_variants(args, torch) -> dict:
         t = torch.randn(args.tokens, v, generator=g) * 2
         targets = torch.randint(0, v, (args.tokens,), generator=g)
 
-        def call(temperature, ce_weight, layout):
+        def call(temperature, ce_weight, layout, s=s, t=t, targets=targets):
             block = 1 << 62 if layout == "one_call" else K.CPU_BLOCK_BYTES
             with mock.patch.object(K, "CPU_BLOCK_BYTES", block):
                 return K.chunk_terms(div, s, t, temperature, targets, ce_weight, 1.0 - ce_weight, compiled=True)

@@ -59,10 +59,10 @@ from pocl.losses.divergences import (
 __all__ = [
     "CORES",
     "INTO_BY_LABEL",
-    "RawKernel",
     "KERNELS",
     "TERMS",
     "TERMS_BY_LABEL",
+    "RawKernel",
     "bind",
     "has_kernel",
     "terms_label",
