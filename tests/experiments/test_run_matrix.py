@@ -134,6 +134,32 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, capsys):
     assert "## KD + POCL minus KD, paired by seed (ROUGE-L)" in md
     assert f"| FKL | {c['mean']:+.2f} ± {c['std']:.2f} ({c['wins']}/2) |" in md
 
+    # the bootstrap intervals paired by seed and prompt: their centre is the mean over seeds, prompts and
+    # sampling seeds of the per-prompt differences read back from each run's generations.jsonl (each set
+    # weighted equally in Avg), and it lies inside its interval; the ablation is compared with its POCL run
+    def per_prompt(name):
+        rows = [json.loads(line) for line in (out / "eval" / name / "generations.jsonl").read_text().splitlines()]
+        return {(r["set"], r["id"], r["seed"]): r["rouge_l"] for r in rows}
+
+    intervals = {row["label"]: row for row in data["paired_intervals"]}
+    assert set(intervals) == {"FKL+POCL − FKL", "RKL+POCL − RKL", "FKL+POCL, random order − FKL+POCL"}
+    fkl = intervals["FKL+POCL − FKL"]
+    assert fkl["seeds"] == [1, 2] and fkl["cols"]["Avg"]["n"] == [2, 12, 2]
+    set_means = []
+    for col in ("suite", "other"):
+        diffs = []
+        for seed in (1, 2):
+            a, b = per_prompt(f"pocl-fkl-s{seed}"), per_prompt(f"kd-fkl-s{seed}")
+            diffs += [a[k] - b[k] for k in a if k[0] == col]
+        set_means.append(sum(diffs) / len(diffs))
+        assert fkl["cols"][col]["mean"] == pytest.approx(set_means[-1])
+    avg = fkl["cols"]["Avg"]
+    assert avg["mean"] == pytest.approx(sum(set_means) / 2) and avg["low"] <= avg["mean"] <= avg["high"]
+    assert intervals["FKL+POCL, random order − FKL+POCL"]["seeds"] == [1]
+    assert "## Differences with 95 % bootstrap intervals, paired by training seed and prompt (ROUGE-L)" in md
+    assert (f"| FKL+POCL − FKL | 2 | {fkl['cols']['suite']['mean']:+.2f} [{fkl['cols']['suite']['low']:+.2f}, "
+            f"{fkl['cols']['suite']['high']:+.2f}] |") in md
+
     # --export copies the tables and plots (e.g. into the documentation)
     dest = tmp_path / "exported"
     written = matrix.export_results(matrix.load_spec(spec_path), dest)
@@ -229,9 +255,10 @@ def test_base_fields_set_by_the_runner_are_refused(tmp_path, tiny_pair, tiny_dat
         matrix.load_spec(spec_path)
 
 
-def test_example_spec_plans(capsys, tmp_path):
-    """The shipped SmolLM2/Dolly spec parses and plans (dry run; nothing is loaded or trained)."""
-    example = ROOT / "examples" / "experiments" / "smollm2_dolly.yaml"
+@pytest.mark.parametrize("name", ["smollm2_dolly.yaml", "smollm2_dolly_powered.yaml"])
+def test_example_spec_plans(capsys, tmp_path, name):
+    """The shipped SmolLM2/Dolly specs parse and plan (dry run; nothing is loaded or trained)."""
+    example = ROOT / "examples" / "experiments" / name
     try:
         spec = matrix.load_spec(example)
     except ConfigError as exc:
@@ -243,6 +270,9 @@ def test_example_spec_plans(capsys, tmp_path):
     assert {r.divergence for r in main_runs} >= {"fkl", "rkl", "jsd", "srkl"} and len(spec.seeds) >= 3
     assert len(main_runs) == len({r.divergence for r in main_runs}) * 2 * len(spec.seeds)
     assert {a["name"] for a in spec.ablations} >= {"random", "reverse", "const_t", "t_max_4", "rouge", "loss"}
+    if name == "smollm2_dolly_powered.yaml":  # the exact objective and the protocol's decoding, spelled out
+        assert spec.base["loss"].get("teacher_cache", "hidden") == "hidden"
+        assert spec.eval["top_k"] == 0 and spec.eval["top_p"] == 1.0 and spec.eval["temperature"] == 1.0
     matrix.print_plan(spec, plan)
     printed = capsys.readouterr().out
     assert "estimate" in printed and "total" in printed
@@ -267,3 +297,29 @@ def test_heal_trains_on_its_own_rows_only(tmp_path, tiny_pair, tiny_data):
     spec_path.write_text(yaml.safe_dump(values), encoding="utf-8")
     with pytest.raises(ConfigError, match="models.heal.data.train_file': is required"):
         matrix.heal_run(matrix.load_spec(spec_path))
+
+
+def test_changed_evaluation_settings_evaluate_again(tmp_path, tiny_pair, tiny_data):
+    """A cached evaluation whose settings no longer match the spec is made again in the same folder (the
+    matrix's own stamp.json is not a foreign file there); unchanged settings reuse it."""
+    out = tmp_path / "matrix"
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_pair, tiny_data, out)
+    args = [str(spec_path), "--in-process", "--no-progress", "--only", "teacher"]
+    assert matrix.main(args, pocl_main=cli_main) == 0
+    results = out / "eval" / "teacher" / "results.json"
+    first = json.loads(results.read_text())
+    assert first["seeds"] == [3, 4]
+    mtime = results.stat().st_mtime_ns
+    assert matrix.main(args, pocl_main=cli_main) == 0
+    assert results.stat().st_mtime_ns == mtime  # cached
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["eval"]["seeds"] = [3]
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    assert matrix.main(args, pocl_main=cli_main) == 0
+    again = json.loads(results.read_text())
+    assert again["seeds"] == [3]
+    rows = [json.loads(line) for line in (out / "eval" / "teacher" / "generations.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in rows} == {3}
+    stamp = json.loads((out / "eval" / "teacher" / "stamp.json").read_text())
+    assert set(stamp) == {"settings", "model"}

@@ -202,6 +202,10 @@ def evaluate(spec: Spec, run: Run, *, progress: bool = True) -> dict | None:
         return cached
     why = "no results yet" if cached is None or stored is None else stamp.why_stale(stored)
     log.info("evaluating %s (%s): %s", run.name, path, why)
+    if isinstance(stored, dict) and set(stored) == set(stamp.inputs):
+        # the matrix's own stamp of an older evaluation: removed first, so that the folder holds only
+        # pocl eval's files again and pocl eval may replace them (it refuses a folder with other entries)
+        (out / "stamp.json").unlink()
     report = run_eval(config)
     atomic_write_json(out / "stamp.json", dict(stamp.inputs), indent=None)
     return report.data

@@ -4,6 +4,7 @@ differences, ``results.md`` / ``results.json`` / bar charts, and their export.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,6 +15,11 @@ from typing import Any
 from pocl.artifacts import atomic_write
 from pocl.evaluation.metrics import mean_std
 from pocl.evaluation.report import results_table
+from pocl.experiments.intervals import (
+    bootstrap_paired,
+    load_prompt_scores,
+    paired_differences_by_prompt,
+)
 from pocl.experiments.plan import (
     Run,
     heal_run,
@@ -157,6 +163,56 @@ def paired_differences(records: list[dict], sets: list[str], metric: str = "roug
     return out
 
 
+def paired_intervals(records: list[dict], sets: list[str], metric: str = "rouge_l", *,
+                     n_boot: int = 4000) -> list[dict]:
+    """The differences with their 95 % bootstrap intervals, paired by training seed and prompt
+    (:mod:`pocl.experiments.intervals`): KD + POCL − KD per divergence, and each ablation − the full
+    POCL run of its divergence, over the seeds both sides have evaluated. One dict per comparison:
+    ``label``, ``seeds``, ``cols`` (set / "Avg" -> Interval as a dict with ``half_width``)."""
+    done = [r for r in records if "eval_dir" in r and r["group"] in ("main", "ablation")]
+    main = {(r["method"], r["divergence"], r["seed"]): r for r in done if r["group"] == "main"}
+    comparisons: list[tuple[str, list[tuple[dict, dict]]]] = []
+    for div in dict.fromkeys(r["divergence"] for r in done if r["group"] == "main"):
+        pairs = [(r, main[("kd", div, r["seed"])]) for r in done if r["group"] == "main" and r["method"] == "pocl"
+                 and r["divergence"] == div and ("kd", div, r["seed"]) in main]
+        comparisons.append((f"{div.upper()}+POCL − {div.upper()}", pairs))
+    for row in dict.fromkeys(r["row"] for r in done if r["group"] == "ablation"):
+        pairs = [(r, main[("pocl", r["divergence"], r["seed"])]) for r in done if r["row"] == row
+                 and ("pocl", r["divergence"], r["seed"]) in main]
+        if pairs:
+            comparisons.append((f"{row} − {pairs[0][1]['row']}", pairs))
+    out = []
+    for label, pairs in comparisons:
+        if not pairs:
+            continue
+        cubes = paired_differences_by_prompt(
+            [(load_prompt_scores(a["eval_dir"], a["name"], metric), load_prompt_scores(b["eval_dir"], b["name"], metric))
+             for a, b in pairs], sets)
+        intervals = bootstrap_paired(cubes, n_boot=n_boot)
+        out.append({"label": label, "seeds": [a["seed"] for a, _ in pairs], "metric": metric,
+                    "cols": {k: {**dataclasses.asdict(v), "half_width": v.half_width} for k, v in intervals.items()}})
+    return out
+
+
+def _interval_lines(intervals: list[dict], sets: list[str]) -> list[str]:
+    if not intervals:
+        return []
+    shape = intervals[0]["cols"]["Avg"]["n"]
+    lines = ["## Differences with 95 % bootstrap intervals, paired by training seed and prompt (ROUGE-L)", "",
+             ("Mean difference [2.5th, 97.5th percentile of 4,000 bootstrap replicates], resampling the training-seed "
+              "pairs (the same draw for every set) and the prompts within each set; Avg = mean over the sets. "
+              f"Main rows: {shape[0]} seed pairs × {shape[1]} prompts (all sets) × {shape[2]} sampling seeds. "
+              "Ablations: against the full POCL run of the same seed(s)."), "",
+             "| comparison | seeds | " + " | ".join(sets + ["Avg"]) + " | Avg half-width |",
+             "|" + "---|" * (len(sets) + 4)]
+    for row in intervals:
+        cells = [f"{c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+                 for c in (row["cols"][k] for k in sets + ["Avg"])]
+        lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(cells)
+                     + f" | {row['cols']['Avg']['half_width']:.2f} |")
+    return lines + [""]
+
+
 def _paired_lines(records: list[dict], sets: list[str]) -> list[str]:
     lines = []
     for metric, title in (("rouge_l", "ROUGE-L"), ("exact_match", "exact match")):
@@ -178,9 +234,10 @@ def _paired_lines(records: list[dict], sets: list[str]) -> list[str]:
     return lines
 
 
-def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str]) -> str:
-    """The text of results.md: the ROUGE-L and exact-match tables, the paired POCL − KD differences and
-    the budget and cost table."""
+def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str], intervals: list[dict] = ()) -> str:
+    """The text of results.md: the ROUGE-L and exact-match tables, the paired POCL − KD differences (by
+    seed, and with their bootstrap ``intervals`` by seed and prompt: :func:`paired_intervals`) and the
+    budget and cost table."""
     train = [r for r in records if r["group"] != "reference"]
     done = sum(1 for r in train if "scores" in r)
     ev = next((r for r in records if "eval_seeds" in r), {})
@@ -193,6 +250,7 @@ def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str]) -> s
         text = results_table(table, metric)
         lines += [f"## {title}", "", text.replace("| model |", "| method |", 1), ""]
     lines += _paired_lines(records, list(table["sets"]))
+    lines += _interval_lines(intervals, list(table["sets"]))
     header = ["method", "runs", "samples trained", "passes", "same budget as KD", "train s", "ranking s",
               "ranking share"]
     body = _cost_rows(records, rows)
@@ -213,6 +271,7 @@ def write_results(spec: Spec, plan: list[Run], evaluations: dict[str, dict | Non
     sets = next((list(e["sets"]) for e in evaluations.values() if e), [])
     rows = row_order(plan)
     table = build_table(records, sets, rows, spec.seeds)
+    intervals = paired_intervals(records, sets) if sets else []
     out = spec.output_dir
     teacher, student = model_dirs(spec)
     models: dict[str, Any] = {"teacher": teacher, "teacher_source": spec.teacher, "initial_student": student,
@@ -224,9 +283,9 @@ def write_results(spec: Spec, plan: list[Run], evaluations: dict[str, dict | Non
                           "status": hs.get("status"), "steps": hs.get("global_steps"),
                           "train_seconds": hs.get("train_seconds"), "method": heal.method}
     data = {"schema": SCHEMA, "spec": str(spec.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "models": models, "table": table, "runs": records}
+            "models": models, "table": table, "paired_intervals": intervals, "runs": records}
     atomic_write(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n", make_parents=True)
-    atomic_write(out / "results.md", markdown(spec, table, records, rows), make_parents=True)
+    atomic_write(out / "results.md", markdown(spec, table, records, rows, intervals), make_parents=True)
     if plots and table["models"]:
         groups = {r.row: r.group for r in plan}
         for part, keep in (("main", ("reference", "baseline", "main")), ("ablations", ("ablation",))):
