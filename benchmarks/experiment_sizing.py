@@ -17,6 +17,14 @@ Measures, with pocl's own code paths (``pocl.pipeline.distill``, ``pocl.evaluati
 5. with ``--layer-ce N ...``: the dev cross-entropy of the teacher, of untrained N-layer subsets of it
    and of ``--ce-models`` (is the layer subset a working LM before any training?).
 
+``python benchmarks/experiment_sizing.py power ...`` sizes the evidence matrix for statistical power
+instead (no model is run; issue 18): from a pilot pair of evaluated runs that differ only by the training
+seed (the noise floor of a POCL - KD comparison), it estimates the variance components of a paired
+difference per set (:mod:`pocl.experiments.intervals`), takes the seed-to-seed spread of the paired
+differences from an earlier matrix's results.json, and prints the expected 95 % bootstrap half-width on
+the average over sets, and the hours on this machine, for a grid of (prompts per set, sampling seeds,
+training seeds, training samples); see ``power_main``.
+
 The machine may be shared: the load average before and after, and each measurement's CPU share (process
 CPU seconds / wall seconds; 2.0 = both cores of a 2-core machine to itself) are recorded with the figures.
 """
@@ -159,7 +167,128 @@ def _save(out: dict, path: str) -> None:
     Path(path).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------------------ power
+def _pilot_components(pilot: list[str], metric: str = "rouge_l") -> tuple[dict, dict]:
+    """The variance components per set of the difference between the two pilot evaluations
+    (``EVAL_DIR:MODEL`` each), and the measured generation cost (seconds per generated answer)."""
+    from pocl.experiments.intervals import (
+        load_prompt_scores,
+        paired_differences_by_prompt,
+        variance_components,
+    )
+
+    (dir_a, model_a), (dir_b, model_b) = (x.rsplit(":", 1) for x in pilot)
+    a, b = load_prompt_scores(dir_a, model_a, metric), load_prompt_scores(dir_b, model_b, metric)
+    sets = sorted(a)
+    cubes = paired_differences_by_prompt([(a, b)], sets)
+    comps = {name: variance_components(cube) for name, cube in cubes.items()}
+    cost = []
+    for d, m in ((dir_a, model_a), (dir_b, model_b)):
+        res = json.loads((Path(d) / "results.json").read_text())["models"][m]
+        gens = sum(v["n"] * len(v["rouge_l"]["seeds"]) for v in res["sets"].values())
+        cost.append(sum(v["seconds"]["total"] for v in res["sets"].values()) / gens)
+    shape = {name: list(cube.shape) for name, cube in cubes.items()}
+    return comps, {"seconds_per_generation": statistics.mean(cost), "per_model": cost, "shape": shape}
+
+
+def _previous_seed_variance(results_json: str) -> dict:
+    """The seed-to-seed variance of the per-seed Avg POCL - KD differences in an earlier matrix (pooled over
+    its divergences): an upper bound of var(b), since each per-seed difference also carries that matrix's
+    evaluation noise."""
+    from pocl.experiments.results import paired_differences
+
+    data = json.loads(Path(results_json).read_text())
+    sets = list(data["table"]["sets"])
+    rows = paired_differences(data["runs"], sets)
+    ss, dof = 0.0, 0
+    for r in rows:
+        vals = r["cols"]["Avg"]["per_seed"]
+        m = statistics.mean(vals)
+        ss += sum((v - m) ** 2 for v in vals)
+        dof += len(vals) - 1
+    return {"variance": ss / dof, "dof": dof, "per_divergence_std": {r["divergence"]: r["cols"]["Avg"]["std"]
+                                                                     for r in rows}}
+
+
+def power_main(argv: list[str]) -> int:
+    """The power sizing (see the module docstring): ``power --pilot DIR:MODEL DIR:MODEL --previous
+    RESULTS_JSON --run-seconds S --train-seconds-per-sample C ...``; writes ``--output`` and prints the grid."""
+    import dataclasses
+
+    from pocl.experiments.intervals import predicted_half_width
+
+    p = argparse.ArgumentParser(prog="experiment_sizing.py power", description=power_main.__doc__)
+    p.add_argument("--pilot", nargs=2, required=True, metavar="EVAL_DIR:MODEL",
+                   help="Two pocl eval outputs of runs that differ only by the training seed.")
+    p.add_argument("--previous", required=True, help="An earlier matrix's results.json (seed-to-seed spread).")
+    p.add_argument("--train-seconds-per-sample", type=float, required=True,
+                   help="Measured seconds per sample pass of one training run (its train_seconds / samples trained).")
+    p.add_argument("--run-overhead-seconds", type=float, required=True,
+                   help="Measured seconds of one pocl distill call outside its training loop (start, loading, cache, save).")
+    p.add_argument("--teacher-eval-factor", type=float, default=3.0,
+                   help="The teacher's generation cost over the student's (assumed: 30 vs 10 layers).")
+    p.add_argument("--train-runs", type=int, default=29)
+    p.add_argument("--eval-models", type=int, default=31, help="Evaluated models, the teacher included.")
+    p.add_argument("--prompts", type=int, nargs="+", default=[30, 40, 60, 80])
+    p.add_argument("--sampling-seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--training-seeds", type=int, nargs="+", default=[3, 5])
+    p.add_argument("--train-samples", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--passes", type=float, default=2.5)
+    p.add_argument("--cores", type=int, default=2, help="Processes run side by side (one torch thread each).")
+    p.add_argument("--target", type=float, default=1.0, help="Wanted half-width on the Avg (ROUGE-L points).")
+    p.add_argument("--output", default="benchmarks/results/experiment_power.json")
+    args = p.parse_args(argv)
+    comps, cost = _pilot_components(args.pilot)
+    prev = _previous_seed_variance(args.previous)
+    out: dict = {"benchmark": "experiment_power", "argv": ["power", *argv], "created": time.strftime("%Y-%m-%d"),
+                 "pilot": {"components": {k: dataclasses.asdict(v) for k, v in comps.items()}, **cost},
+                 "previous_seed_variance": prev, "target_half_width": args.target, "grid": []}
+    print("variance components of the pilot difference per set (ROUGE-L points^2):")
+    for k, v in comps.items():
+        print(f"  {k}: prompt {v.prompt:.1f} (interaction inside it: one pair), sampling {v.sampling:.1f}")
+    print(f"seed variance from {args.previous}: {prev['variance']:.3f} (dof {prev['dof']}; an upper bound)")
+    print(f"generation: {cost['seconds_per_generation']:.3f} s per answer")
+    # The pilot's prompt term holds the seed x prompt interaction of a null pair. Two readings bound the
+    # truth: 'noise' puts it all into the interaction (averages over training seeds: the null hypothesis),
+    # 'systematic' into the prompt term (a method x prompt effect that more seeds cannot average).
+    readings = {
+        "noise": [dataclasses.replace(c, prompt=0.0, interaction=c.prompt, seed=prev["variance"]) for c in comps.values()],
+        "systematic": [dataclasses.replace(c, interaction=0.0, seed=prev["variance"]) for c in comps.values()],
+    }
+    print("\nhalf-width: of the bootstrap interval (what results.md reports) and of z x the standard error, each "
+          "under the 'noise' / 'systematic' reading; ok: both at most the target; hours on --cores processes")
+    print(f"{'prompts':>7} {'S':>2} {'R':>2} | bootstrap hw    | std-error hw  | eval h | "
+          + " | ".join(f"N={n} total h" for n in args.train_samples))
+    for r in args.training_seeds:
+        for prompts in args.prompts:
+            for s in args.sampling_seeds:
+                hw = {k: predicted_half_width(v, prompts=prompts, sampling_seeds=s, training_seeds=r)
+                      for k, v in readings.items()}
+                true_hw = {k: predicted_half_width(v, prompts=prompts, sampling_seeds=s, training_seeds=r,
+                                                   bootstrap=False) for k, v in readings.items()}
+                gens = prompts * len(comps) * s
+                eval_s = gens * cost["seconds_per_generation"] * (args.eval_models - 1 + args.teacher_eval_factor)
+                runs = args.train_runs * r / 3  # the matrix's runs scale with its training seeds
+                totals = {n: (eval_s + runs * (args.run_overhead_seconds
+                                               + n * args.passes * args.train_seconds_per_sample)) / 3600 / args.cores
+                          for n in args.train_samples}
+                out["grid"].append({"prompts_per_set": prompts, "sampling_seeds": s, "training_seeds": r,
+                                    "half_width": hw, "half_width_standard_error": true_hw,
+                                    "eval_hours_2_cores": eval_s / 3600 / args.cores,
+                                    "total_hours_by_train_samples": totals})
+                print(f"{prompts:>7} {s:>2} {r:>2} | {hw['noise']:>5.2f} / {hw['systematic']:<5.2f}"
+                      f"{' ok' if max(hw['systematic'], true_hw['systematic']) <= args.target else '   '} | "
+                      f"{true_hw['noise']:>5.2f} / {true_hw['systematic']:<5.2f} | "
+                      f"{eval_s / 3600 / args.cores:6.2f} | " + " | ".join(f"{totals[n]:12.2f}" for n in args.train_samples))
+    _save(out, args.output)
+    print("written:", args.output)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["power"]:
+        return power_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)

@@ -78,6 +78,7 @@ from pocl.experiments.results import (
     export_results,
     markdown,
     paired_differences,
+    paired_intervals,
     run_record,
     samples_trained,
     write_results,
@@ -104,7 +105,7 @@ from pocl.experiments.spec import (
 __all__ = ["ABLATIONS", "BASELINES", "DESCRIPTION", "ESTIMATE_KEYS", "HEAL_OWN_DATA_KEYS", "METHODS", "REFERENCES",
            "SCHEMA", "SPEC_KEYS", "Interrupted", "Run", "Spec", "add_arguments", "build_plan", "build_table",
            "estimate_seconds", "eval_config_dict", "evaluate", "export_results", "heal_run", "load_spec", "main",
-           "markdown", "model_dirs", "model_path_of", "paired_differences", "prepare_models", "print_plan",
+           "markdown", "model_dirs", "model_path_of", "paired_differences", "paired_intervals", "prepare_models", "print_plan",
            "rank_config", "read_json", "row_order", "run_command", "run_dir", "run_matrix", "run_pocl",
            "run_record", "same_budget_stage_epochs", "samples_trained", "seed_ranking", "stage_fractions",
            "train_all", "training_status", "write_results"]
