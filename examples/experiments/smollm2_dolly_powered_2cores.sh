@@ -40,20 +40,21 @@ wait
 #    has built the shared teacher cache). It chose the spec's eval section (80 prompts, 1 seed).
 "$PY" benchmarks/experiment_sizing.py power \
   --pilot "$OUT/pilot/kd-srkl-s10:kd-srkl-s10" "$OUT/pilot/kd-srkl-s20:kd-srkl-s20" \
-  --previous docs/results/results.json --train-seconds-per-sample 0.747 --run-overhead-seconds 30 \
-  --train-runs 30 --training-seeds 3 5
+  --previous docs/results/results.json --train-seconds-per-sample 0.747 --run-overhead-seconds 25 \
+  --train-runs 29 --training-seeds 3 5
 
-# 4. Two processes, seed by seed so that a run stopped early still leaves paired rows: (a) plain KD and
-#    three ablations, (b) KD + POCL (the first POCL run makes the shared ranking), three ablations and the
-#    reference models.
+# 4. Two processes, seed by seed so that a run stopped early still leaves paired rows: (a) plain KD,
+#    three ablations and the teacher, (b) KD + POCL (the first POCL run makes the shared ranking), two
+#    ablations and the initial student.
 (
   for s in 10 20 30; do run --only "kd-srkl-s$s" "kd-fkl-s$s" "kd-rkl-s$s" "kd-jsd-s$s"; done
   run --only 'pocl-srkl-random-s*' 'pocl-srkl-reverse-s*' 'pocl-srkl-const_t-s*'
+  run --only teacher
 ) > runs/powered-a.log 2>&1 &
 (
   for s in 10 20 30; do run --only "pocl-srkl-s$s" "pocl-fkl-s$s" "pocl-rkl-s$s" "pocl-jsd-s$s"; done
-  run --only 'pocl-srkl-rouge-s*' 'pocl-srkl-loss-s*' 'pocl-srkl-t_max_4-s*'
-  run --only teacher student
+  run --only 'pocl-srkl-rouge-s*' 'pocl-srkl-loss-s*'
+  run --only student
 ) > runs/powered-b.log 2>&1 &
 wait
 

@@ -157,6 +157,7 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, capsys):
     assert avg["mean"] == pytest.approx(sum(set_means) / 2) and avg["low"] <= avg["mean"] <= avg["high"]
     assert intervals["FKL+POCL, random order − FKL+POCL"]["seeds"] == [1]
     assert "## Differences with 95 % bootstrap intervals, paired by training seed and prompt (ROUGE-L)" in md
+    assert (out / "plots" / "paired_intervals.png").stat().st_size > 10_000
     assert (f"| FKL+POCL − FKL | 2 | {fkl['cols']['suite']['mean']:+.2f} [{fkl['cols']['suite']['low']:+.2f}, "
             f"{fkl['cols']['suite']['high']:+.2f}] |") in md
 

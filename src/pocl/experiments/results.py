@@ -286,6 +286,11 @@ def write_results(spec: Spec, plan: list[Run], evaluations: dict[str, dict | Non
             "models": models, "table": table, "paired_intervals": intervals, "runs": records}
     atomic_write(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n", make_parents=True)
     atomic_write(out / "results.md", markdown(spec, table, records, rows, intervals), make_parents=True)
+    if plots and intervals:
+        from pocl.reporting.interval_plot import plot_paired_intervals
+
+        plot_paired_intervals(intervals, out / "plots" / "paired_intervals.png", reference=1.93,
+                              reference_label="the paper's average POCL effect (+1.93)")
     if plots and table["models"]:
         groups = {r.row: r.group for r in plan}
         for part, keep in (("main", ("reference", "baseline", "main")), ("ablations", ("ablation",))):
