@@ -1,5 +1,5 @@
 """The interval plot of a matrix: each comparison's mean difference per evaluation set and Avg with its
-95 % bootstrap interval (:func:`pocl.experiments.paired_intervals`), one row per comparison, a line at 0,
+95 % bootstrap interval (``paired_intervals`` of the experiment matrix), one row per comparison, a line at 0,
 and optionally a reference line (the paper's average effect)."""
 
 from __future__ import annotations
