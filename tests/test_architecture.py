@@ -109,8 +109,9 @@ def test_no_module_over_450_lines():
 def test_the_trainer_imports_its_collaborators_only():
     imported = _graph(annotations=False)["pocl.training.trainer"]
     assert imported == {"pocl.launch", "pocl.training.metrics", "pocl.training.onpolicy", "pocl.training.optim",
-                        "pocl.training.run_store", "pocl.training.selection", "pocl.training.stages",
-                        "pocl.training.state", "pocl.training.student_loss", "pocl.training.teacher_signal"}
+                        "pocl.training.run_store", "pocl.training.selection", "pocl.training.sharding",
+                        "pocl.training.stages", "pocl.training.state", "pocl.training.student_loss",
+                        "pocl.training.teacher_signal"}
 
 
 def test_nothing_in_pocl_imports_the_trainer_but_the_entry_points():

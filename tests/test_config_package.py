@@ -56,13 +56,16 @@ def test_weight_free_settings_do_not_change_the_hash():
                  "accept_approximation": "topk-cache", "kernels": "eager"}})
     assert changed.training_hash() == base
     assert DistillConfig.from_dict({"train": {"seed": 11}}).training_hash() != base
+    # fsdp2 is another checkpoint format and another summation order: its checkpoints are another run's
+    assert DistillConfig.from_dict({"train": {"parallelism": "fsdp2"}}).training_hash() != base
 
 
 def test_resume_free_keys_come_from_the_metadata():
     from pocl.training.checkpoint import RESUME_FREE_KEYS
 
-    # loss.kernels (compiled or eager divergence kernels: the same formulas) was added after the split.
-    assert set(RESUME_FREE_KEYS) == RESUME_FREE_BEFORE | {"kernels"} == set(weight_free_keys())
+    # loss.kernels (compiled or eager divergence kernels: the same formulas) and train.teacher_sharding (the
+    # teacher's layers sharded or whole under FSDP2: the same teacher outputs) were added after the split.
+    assert set(RESUME_FREE_KEYS) == RESUME_FREE_BEFORE | {"kernels", "teacher_sharding"} == set(weight_free_keys())
     assert len(RESUME_FREE_KEYS) == len(set(RESUME_FREE_KEYS))
     # Bare field names: none may also name a setting that changes the weights in another section.
     weight_fields = {f for name, section in SECTIONS.items() for f in section.__dataclass_fields__

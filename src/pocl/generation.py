@@ -257,7 +257,11 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], deco
             for b, batch in batch_plan:
                 ids, mask = left_pad([prompts[i] for i in batch], pad, device)  # [B, P] each
                 torch.manual_seed(seed * 1_000_003 + b)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config)  # [B, P + N]
+                # synced_gpus off: every process generates its own prompts on its own (an FSDP2 student is
+                # gathered first, pocl.training.sharding); transformers would otherwise step FSDP-managed
+                # models in lock-step with all processes, which wait forever when only one generates.
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config,
+                                     synced_gpus=False)  # [B, P + N]
                 new = out[:, ids.shape[1]:].tolist()
                 for row, i in enumerate(batch):
                     tokens = new[row]

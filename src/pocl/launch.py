@@ -93,10 +93,25 @@ def cpu_auto_bf16(setting: str, accelerator, student) -> tuple[bool, str]:
                   f"student {width} wide; --mixed-precision no for float32)")
 
 
+def refuse_accelerate_sharding(env=os.environ) -> None:
+    """ConfigError when ``accelerate launch`` was given an FSDP or DeepSpeed config (it says so in the
+    environment), before accelerate tries to set it up: pocl shards with its own FSDP2 (``--parallelism
+    fsdp2``); DeepSpeed is not supported, and needs GPUs in any case."""
+    fsdp2 = ("use pocl's own FSDP2 instead: --parallelism fsdp2 with --num-processes N (or accelerate launch "
+             "--multi_gpu without an FSDP or DeepSpeed config); see docs/distributed.md")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        gpu = "" if torch.cuda.is_available() else " (and DeepSpeed ZeRO needs CUDA GPUs: this machine has none)"
+        raise ConfigError(f"DeepSpeed through accelerate is not supported by this version of pocl{gpu}: {fsdp2}")
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError(f"accelerate's FSDP config is not supported by this version of pocl: {fsdp2}")
+
+
 def make_accelerator(config):
     """The run's :class:`accelerate.Accelerator`. On a machine without CUDA it must be told
     ``cpu=True``: otherwise accelerate does not set up the gloo process group under torchrun and
-    every process would silently train alone."""
+    every process would silently train alone. An accelerate FSDP or DeepSpeed config is refused
+    (:func:`refuse_accelerate_sharding`)."""
+    refuse_accelerate_sharding()
     from accelerate import Accelerator
 
     cpu = config.model.cpu or not torch.cuda.is_available()

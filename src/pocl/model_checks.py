@@ -47,8 +47,13 @@ class NonFiniteTensor:
 def first_nonfinite_tensor(model: nn.Module, *, chunk: int = 1 << 24) -> NonFiniteTensor | None:
     """The first floating-point parameter or buffer of ``model`` holding NaN or inf, or None when
     every weight is finite. Checked in chunks, so the check needs little memory beyond the model."""
+    return first_nonfinite_in(list(model.named_parameters()) + list(model.named_buffers()), chunk=chunk)
+
+
+def first_nonfinite_in(named, *, chunk: int = 1 << 24) -> NonFiniteTensor | None:
+    """The first floating-point tensor of ``named`` (``(name, tensor)`` pairs, e.g. a state dict's
+    items) holding NaN or inf, or None; a tensor listed twice (tied weights) is checked once."""
     seen: set[int] = set()
-    named = list(model.named_parameters()) + list(model.named_buffers())
     for name, tensor in named:
         if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
             continue

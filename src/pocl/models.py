@@ -238,15 +238,17 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def save_model_folder(model: nn.Module, tokenizer, folder: Path) -> None:
+def save_model_folder(model: nn.Module, tokenizer, folder: Path, *,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A normal Hugging Face model folder that ``from_pretrained`` loads without pocl or peft; for a
-    LoRA student the adapters are merged, and also saved separately under ``adapter/``."""
+    LoRA student the adapters are merged, and also saved separately under ``adapter/``. ``state_dict``:
+    the weights to write instead of the model's own (a sharded model's, gathered; not with LoRA)."""
     folder = Path(folder)
     if is_peft_model(model):
         merged_copy(model).save_pretrained(folder, safe_serialization=True)
         model.save_pretrained(folder / "adapter", safe_serialization=True)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

@@ -199,14 +199,20 @@ def kd_stages(config: DistillConfig) -> list[Stage]:
 
 
 def check_supported_distribution(accelerator) -> None:
-    """pocl runs single-process and data-parallel (DDP, tested with two gloo processes). Sharded
-    training (FSDP, DeepSpeed) needs sharded checkpointing and optimizer handling that pocl does not
-    have yet; refusing is better than writing checkpoints of partial weights."""
+    """pocl runs single-process, data-parallel (DDP) and fully sharded (``--parallelism fsdp2``, which
+    pocl applies itself, the same on CPU and GPU). accelerate's own FSDP or DeepSpeed wrapping (from an
+    ``accelerate launch --config_file`` with a ``fsdp_config`` or ``deepspeed_config``) is refused: its
+    checkpoints and optimizer handling are not pocl's, and a checkpoint of partial weights is worse than
+    an error. The message names what to use instead."""
     kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    fsdp2 = ("use pocl's own FSDP2 instead: --parallelism fsdp2 with --num-processes N (or `accelerate launch "
+             "--multi_gpu -m pocl distill --parallelism fsdp2 ...` without an FSDP or DeepSpeed config)")
+    if kind == "DEEPSPEED" and not torch.cuda.is_available():
+        raise ConfigError(f"DeepSpeed ZeRO (accelerate's deepspeed config) needs CUDA GPUs and this machine has "
+                          f"none; to shard the student on CPU, {fsdp2}. See docs/distributed.md")
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-        raise ConfigError(f"{kind} is not supported by this version of pocl: use data parallelism "
-                          "(--num-processes N or `accelerate launch --multi_gpu`), a LoRA student, or gradient "
-                          "checkpointing to fit memory (see docs/distributed.md)")
+        raise ConfigError(f"{kind} through accelerate is not supported by this version of pocl: {fsdp2}; "
+                          "see docs/distributed.md")
 
 
 def check_resume_before_ranking(config: DistillConfig, inputs: RunInputs, accelerator) -> None:

@@ -220,4 +220,5 @@ def test_resume_differences_lists_what_the_trainer_refuses(reliability_bases, ti
     changed = dict(saved["fingerprints"], teacher="0123")
     assert ckpt.resume_differences(saved, **dict(same, fingerprints=changed)) == \
         [f"teacher changed (fingerprint {saved['fingerprints']['teacher']} -> 0123)"]
-    assert ckpt.resume_differences(saved, **dict(same, num_processes=2)) == ["number of processes: 1 -> 2"]
+    assert ckpt.resume_differences(saved, **dict(same, num_processes=2)) == [
+        "number of processes: 1 -> 2 (only --parallelism fsdp2 checkpoints reshard)"]

@@ -117,7 +117,9 @@ def test_resumed_two_process_run_matches_uninterrupted(tmp_path, tiny_pair, tiny
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_training_is_refused_clearly(kind):
+def test_accelerate_sharding_is_refused_with_fsdp2_named(kind, monkeypatch):
+    """accelerate's own FSDP or DeepSpeed wrapping is refused: the error names pocl's --parallelism fsdp2
+    (and, for DeepSpeed on a machine without CUDA, says that it needs GPUs)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -125,6 +127,13 @@ def test_sharded_training_is_refused_clearly(kind):
     from pocl.errors import ConfigError
     from pocl.pipeline import check_supported_distribution
 
-    with pytest.raises(ConfigError, match=f"{kind} is not supported by this version of pocl"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = ("DeepSpeed ZeRO .* needs CUDA GPUs and this machine has none" if kind == "DEEPSPEED" else
+                "FSDP through accelerate is not supported by this version of pocl")
+    with pytest.raises(ConfigError, match=expected) as err:
+        check_supported_distribution(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    assert "--parallelism fsdp2" in str(err.value) and "docs/distributed.md" in str(err.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=f"{kind} through accelerate is not supported.*--parallelism fsdp2"):
         check_supported_distribution(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
     check_supported_distribution(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))  # DDP is fine

@@ -202,6 +202,10 @@ class DistillConfig:
             values["loss"].pop("teacher_cache_topk", None)  # k is a setting of the topk cache only
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
+        if values["train"].get("parallelism") == "ddp":
+            # The default (replicated) keeps the hash of configs from before the field (their checkpoints resume);
+            # fsdp2 changes it: its checkpoints are of another format and its sums of another order.
+            values["train"].pop("parallelism")
         return stable_hash(values)
 
 

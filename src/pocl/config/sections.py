@@ -326,6 +326,17 @@ class TrainConfig(ConfigSection):
     num_processes: int = option(1, "Data-parallel processes to launch (GPUs: accelerate launch, one per GPU; "
                                 "CPU: torchrun with the gloo backend). Or start pocl yourself with "
                                 "`accelerate launch -m pocl distill ...`.", affects_weights=False)
+    parallelism: Literal["ddp", "fsdp2"] = option(
+        "ddp", "How the processes hold the student. ddp: every process a full copy, gradients averaged. fsdp2: "
+        "PyTorch FSDP2 (fully_shard per decoder layer and the rest): the student's weights, gradients and AdamW "
+        "state are split over the processes (about 1/N each; the teacher stays whole on every process). fsdp2 "
+        "checkpoints are sharded (torch.distributed.checkpoint) and resume with another --num-processes; "
+        "final/ and best/ stay plain Hugging Face folders. docs/distributed.md.")
+    teacher_sharding: Literal["auto", "sharded", "whole"] = option(
+        "auto", "With --parallelism fsdp2 and several processes: whether the teacher's decoder layers are sharded "
+        "too (sharded), or every process holds the whole teacher (whole). auto: sharded when the teacher has "
+        "more parameters than the student. Its embedding, final norm and LM head stay whole (the fused loss "
+        "reads the head). The result is the same either way.", affects_weights=False)
 
     def __post_init__(self) -> None:
         self._check_literal("resume")
@@ -342,6 +353,8 @@ class TrainConfig(ConfigSection):
         self._check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         self._check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         self._check(self.num_processes >= 1, "num_processes", "must be >= 1")
+        self._check_literal("parallelism")
+        self._check_literal("teacher_sharding")
         self._check_literal("selection_metric")
         self._check(self.dev_rouge_samples >= 0, "dev_rouge_samples", "must be >= 0")
         self._check(self.dev_rouge_max_new_tokens > 0, "dev_rouge_max_new_tokens", "must be > 0")

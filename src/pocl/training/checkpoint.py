@@ -114,8 +114,11 @@ def resume_differences(saved: dict[str, Any], *, config, fingerprints: dict[str,
         before = (saved.get("fingerprints") or {}).get(key)
         if key not in skip_fingerprints and before != value:
             problems.append(f"{key} changed (fingerprint {before} -> {value})")
-    if saved.get("num_processes", 1) != num_processes:
-        problems.append(f"number of processes: {saved.get('num_processes')} -> {num_processes}")
+    # A sharded (fsdp2) checkpoint reshards onto any number of processes; a replicated one keeps its count.
+    resharding = saved.get("sharded") is not None and config.train.parallelism == "fsdp2"
+    if saved.get("num_processes", 1) != num_processes and not resharding:
+        problems.append(f"number of processes: {saved.get('num_processes')} -> {num_processes}"
+                        + (" (only --parallelism fsdp2 checkpoints reshard)" if saved.get("sharded") is None else ""))
     return problems
 
 

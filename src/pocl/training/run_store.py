@@ -5,7 +5,9 @@ Layout of ``OUTPUT_DIR`` (:data:`pocl.training.output_dirs.RUN_NAMES`)::
 
     config.yaml, metrics.jsonl, summary.json, summary.md, tensorboard/
     checkpoints/step-NNNNNNNN/   student weights, trainer_state.json, optimizer.pt, scheduler.pt, rng.pt
-                                 (+ replay_buffer.json with on-policy replay), manifest.json last
+                                 (+ replay_buffer.json with on-policy replay), manifest.json last;
+                                 with --parallelism fsdp2 the weights and optimizer state are sharded/
+                                 (torch.distributed.checkpoint, every process writes its shards)
     final/, best/                plain Hugging Face model folders (LoRA merged), never of non-finite weights
 
 Nothing here writes non-finite student weights: a checkpoint of them is skipped (the previous ones
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -30,9 +33,10 @@ from torch import nn
 from pocl.artifacts import atomic_write
 from pocl.errors import CheckpointError
 from pocl.fingerprints import run_fingerprints
-from pocl.model_checks import first_nonfinite_tensor
+from pocl.model_checks import first_nonfinite_in
 from pocl.models import load_training_weights, save_model_folder, save_training_weights
 from pocl.training import checkpoint as ckpt
+from pocl.training import sharded_checkpoint
 from pocl.training.onpolicy import REPLAY_FILE
 from pocl.training.state import NonFiniteLossError, TrainState
 from pocl.training.summary import run_summary, write_summary
@@ -115,8 +119,9 @@ class RunStore:
     the main process writes, every process takes the same decisions."""
 
     def __init__(self, config, accelerator, *, fingerprints: dict[str, Any] | None = None, train_data=None,
-                 dev_data=None, stages: Sequence = ()):
-        """``config``: the run's :class:`pocl.config.DistillConfig`; ``accelerator``: its processes.
+                 dev_data=None, stages: Sequence = (), parallel=None):
+        """``config``: the run's :class:`pocl.config.DistillConfig`; ``accelerator``: its processes;
+        ``parallel``: how they hold the student (:mod:`pocl.training.sharding`; default: replicated).
 
         :attr:`fingerprints` identify the run (every checkpoint records them and a resume compares them):
         the given ``fingerprints`` (models) plus those of ``train_data``, ``dev_data`` and ``stages``
@@ -125,6 +130,11 @@ class RunStore:
         self.accelerator = accelerator
         self.output_dir = Path(config.train.output_dir)
         self.fingerprints = run_fingerprints(fingerprints, train_data=train_data, dev_data=dev_data, stages=stages)
+        if parallel is None:
+            from pocl.training.sharding import Replicated
+
+            parallel = Replicated(accelerator)
+        self.parallel = parallel
 
     # ---------------------------------------------------------------- folder
     def prepare(self) -> None:
@@ -162,8 +172,10 @@ class RunStore:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, *, student: nn.Module, tokenizer, optimizer, scheduler, state: TrainState,
-                        stages: Sequence, fingerprints: dict[str, Any], replay=None) -> Path | None:
-        """Write ``checkpoints/step-N`` atomically (main process only) and prune old ones.
+                        stages: Sequence, fingerprints: dict[str, Any], replay=None,
+                        module: nn.Module | None = None) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically (main process; with sharded checkpoints every process
+        writes its shards of ``module``, the loss module, first) and prune old ones.
 
         Never a checkpoint of non-finite student weights: then nothing is written (a warning names the
         tensor), the previous checkpoints stay, and a resume starts from finite weights. Returns None
@@ -171,7 +183,7 @@ class RunStore:
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / "checkpoints" / ckpt.step_dir_name(state.global_step)
-        bad = first_nonfinite_tensor(student)
+        bad = self.parallel.first_nonfinite(student)
         if bad is not None:
             kept = ckpt.list_checkpoints(folder.parent)
             (log.warning if acc.is_main_process else log.debug)(
@@ -189,6 +201,15 @@ class RunStore:
             rng_states = gather_object(rng_states)
             if replay is not None:
                 replay_states = gather_object(replay_states)
+        staging = folder.parent / f".tmp-shards-{folder.name}"  # a crash leaves it to clean_temporaries
+        with_optimizer = False
+        if self.parallel.sharded:
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            acc.wait_for_everyone()
+            with_optimizer = sharded_checkpoint.save(module, optimizer, staging)
+            acc.wait_for_everyone()
         if acc.is_main_process:
             trainer_state = {
                 "state": dataclasses.asdict(state),
@@ -198,13 +219,19 @@ class RunStore:
                 "stages": [s.to_dict() for s in stages],
                 "num_processes": acc.num_processes,
             }
+            if self.parallel.sharded:
+                trainer_state["sharded"] = {"folder": sharded_checkpoint.SHARDED_DIR, "optimizer": with_optimizer}
 
             def write(tmp: Path) -> None:
                 """Fill the checkpoint's temporary folder (its manifest is added after)."""
-                save_training_weights(student, tokenizer, tmp)
+                if self.parallel.sharded:
+                    os.replace(staging, tmp / sharded_checkpoint.SHARDED_DIR)
+                    tokenizer.save_pretrained(tmp)
+                else:
+                    save_training_weights(student, tokenizer, tmp)
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str),
                                                         encoding="utf-8")
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
                 torch.save({"per_process": rng_states}, tmp / "rng.pt")
                 if replay is not None:
@@ -217,7 +244,7 @@ class RunStore:
         return folder
 
     def resume(self, *, student: nn.Module, stages: Sequence, fingerprints: dict[str, Any],
-               replay=None) -> Resumed | None:
+               replay=None, module: nn.Module | None = None) -> Resumed | None:
         """Find the newest intact checkpoint and, unless the run is already completed on disk, load it:
         the student's weights, this process's random states and replay buffer. None: nothing to resume
         (``--resume never``, or no checkpoint). The optimizer and scheduler states are loaded when the
@@ -239,14 +266,21 @@ class RunStore:
         state = TrainState(**saved["state"])
         if self.completed_on_disk(state, len(stages)):
             return Resumed(folder, state, completed=True)  # for the summary of the result; no weights loaded
-        load_training_weights(student, folder)
-        rank = self.accelerator.process_index
-        _set_rng_state(torch.load(folder / "rng.pt", weights_only=False)["per_process"][rank])
+        self._load_weights(folder, student=student, module=module)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        rng_states = torch.load(folder / "rng.pt", weights_only=False)["per_process"]
+        if len(rng_states) != world and self.accelerator.is_main_process:  # resharded (fsdp2)
+            log.warning("resuming %s, written by %d processes, with %d: each process continues the random "
+                        "streams of the process of its rank when there was one; on-policy samples and the "
+                        "replay buffer's draws will differ from a run that kept %d processes (docs/distributed.md)",
+                        folder, len(rng_states), world, len(rng_states))
+        if rank < len(rng_states):
+            _set_rng_state(rng_states[rank])
         if replay is not None:
             replay_file = folder / REPLAY_FILE
             if replay_file.is_file():
                 states = json.loads(replay_file.read_text(encoding="utf-8"))["per_process"]
-                replay.load_state_dict(states[rank])
+                replay.load_state_dict(states[rank] if len(states) == world else _redistributed(states, rank, world))
             else:
                 log.warning("%s has no replay buffer; resuming with an empty one", folder)
         log.info("resuming from %s (stage %d '%s', step %d of the stage, global step %d)", folder,
@@ -254,13 +288,30 @@ class RunStore:
                  state.stage_step, state.global_step)
         return Resumed(folder, state, completed=False)
 
-    @staticmethod
-    def load_optimizer(folder: Path, optimizer, scheduler, *, stage_step: int, restart_optimizer: bool) -> None:
+    def _load_weights(self, folder: Path, *, student: nn.Module, module: nn.Module | None) -> None:
+        """The student's weights from checkpoint ``folder``, in the format of the run's parallelism
+        (``module``: the loss module, for sharded checkpoints); CheckpointError for the other format."""
+        is_sharded = (folder / sharded_checkpoint.SHARDED_DIR).is_dir()
+        if is_sharded != self.parallel.sharded:
+            raise CheckpointError(
+                f"{folder} was written with --parallelism {'fsdp2' if is_sharded else 'ddp'} and this run uses "
+                f"{self.cfg.train.parallelism}; resume it with --parallelism {'fsdp2' if is_sharded else 'ddp'}")
+        if is_sharded:
+            sharded_checkpoint.load_model(module, folder / sharded_checkpoint.SHARDED_DIR)
+        else:
+            load_training_weights(student, folder)
+
+    def load_optimizer(self, folder: Path, optimizer, scheduler, *, stage_step: int, restart_optimizer: bool,
+                       module: nn.Module | None = None) -> None:
         """The optimizer and scheduler states of checkpoint ``folder``, as the stage resumed there needs
         them: at a stage boundary a restarting stage begins from a fresh optimizer, exactly as the
-        uninterrupted run does; inside a stage the saved moments and schedule continue."""
+        uninterrupted run does; inside a stage the saved moments and schedule continue. ``module``: the
+        loss module (sharded checkpoints)."""
         if stage_step > 0 or not restart_optimizer:
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+            if self.parallel.sharded:
+                sharded_checkpoint.load_optimizer(module, optimizer, folder / sharded_checkpoint.SHARDED_DIR)
+            else:
+                optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
         sched_state = torch.load(folder / "scheduler.pt", weights_only=False)
         if sched_state and stage_step > 0:
             scheduler.load_state_dict(sched_state)
@@ -291,7 +342,7 @@ class RunStore:
     def check_finite_weights(self, student: nn.Module, target: Path, step: int) -> None:
         """Raise NonFiniteLossError (naming the tensor) when the student's weights hold NaN or inf: such a
         model is never written to ``target`` (final/ or best/)."""
-        bad = first_nonfinite_tensor(student)
+        bad = self.parallel.first_nonfinite(student)
         if bad is not None:
             raise NonFiniteLossError(
                 f"the student's weights are not finite at global step {step}: {bad.describe()}; "
@@ -299,14 +350,21 @@ class RunStore:
                 f"saved only with finite weights): the last one in {self.output_dir / 'checkpoints'} is a finite "
                 "state to resume from. Lower the learning rate or check the data.")
 
-    def save_model_folder(self, tmp: Path, student: nn.Module, tokenizer, step: int) -> None:
+    def save_model_folder(self, tmp: Path, student: nn.Module, tokenizer, step: int,
+                          state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the student as a plain Hugging Face folder (LoRA adapters merged) into ``tmp``, the
         temporary folder of final/ or best/ (``.tmp-NAME-xxxxxxxx``): refused before any file is written
         there when its weights are not finite, and atomic_folder_write removes it, so the folder on disk
-        stays as it was."""
+        stays as it was. ``state_dict``: the gathered weights of a sharded student (main process)."""
         name = tmp.name[len(".tmp-"):].rsplit("-", 1)[0] if tmp.name.startswith(".tmp-") else tmp.name
-        self.check_finite_weights(student, tmp.parent / name, step)
-        save_model_folder(student, tokenizer, tmp)
+        if state_dict is None:
+            self.check_finite_weights(student, tmp.parent / name, step)
+        else:
+            bad = first_nonfinite_in(state_dict.items())
+            if bad is not None:
+                raise NonFiniteLossError(f"the student's weights are not finite at global step {step}: "
+                                         f"{bad.describe()}; not writing {tmp.parent / name}")
+        save_model_folder(student, tokenizer, tmp, state_dict=state_dict)
 
     def write_model(self, name: str, write: Callable[[Path], None], manifest_extra: dict[str, Any] | None = None
                     ) -> Path:
@@ -320,3 +378,11 @@ class RunStore:
         """``OUTPUT_DIR/name`` when it exists (best/ of a run with a dev set), else None."""
         path = self.output_dir / name
         return path if path.exists() else None
+
+
+def _redistributed(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+    """Process ``rank``'s replay buffer when a run saved by ``len(states)`` processes resumes with
+    ``world`` (fsdp2 resharding): the samples of all buffers, oldest first, dealt out round-robin."""
+    merged = [sample for state in states for sample in state.get("samples", [])]
+    fresh = max((int(state.get("fresh_steps", 0)) for state in states), default=0)
+    return {"samples": merged[rank::world], "fresh_steps": fresh}

@@ -7,6 +7,7 @@ This module is the wiring, the optimizer step and the stage loop; the rest lives
 * :mod:`pocl.training.teacher_signal` -- the teacher side: live, or an exact or approximate cache;
 * :mod:`pocl.training.onpolicy` -- which steps train on the student's own samples, and the replay buffer;
 * :mod:`pocl.training.stages` -- the data order (a pure function of seed, stage and epoch);
+* :mod:`pocl.training.sharding` -- how the processes hold the student (DDP or FSDP2);
 * :mod:`pocl.training.run_store` -- the output folder, checkpoints, resume, final/ and best/;
 * :mod:`pocl.training.selection` -- dev evaluation, best model and plateau;
 * :mod:`pocl.training.metrics`, :mod:`pocl.training.summary` -- log records, progress, summary.json.
@@ -14,7 +15,6 @@ This module is the wiring, the optimizer step and the stage loop; the rest lives
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -33,6 +33,7 @@ from pocl.training.metrics import TrainLog, log_device
 from pocl.training.onpolicy import OnPolicySchedule
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
 from pocl.training.run_store import RunStore, seed_everything
+from pocl.training.sharding import make_parallelism
 from pocl.training.stages import Stage, StagePlan, stage_record
 from pocl.training.state import NonFiniteLossError, StopRequest, TrainResult, TrainState
 from pocl.training.student_loss import SEQKD_ORIGIN, StudentLoss
@@ -84,11 +85,12 @@ class DistillTrainer:
         self.on_policy = OnPolicySchedule(config, self.stages, has_teacher=teacher is not None)
         seed_everything(tc.seed)
         student_loss = sloss.build_student_loss(student, config, vocab_size, fused=fused, device=self.device)
-        self.module = self.accelerator.prepare_model(student_loss)
-        self.student = self.accelerator.unwrap_model(self.module).student
-        self.chunk_size = self.accelerator.unwrap_model(self.module).chunk_size
+        self.parallel = make_parallelism(config, self.accelerator)  # DDP or FSDP2 (pocl.training.sharding)
+        self.module = self.parallel.wrap(student_loss)
+        self.student, self.chunk_size = student_loss.student, student_loss.chunk_size
         self.divergences = sloss.Divergences(config.loss)
         self.teacher = teacher
+        self.parallel.shard_teacher(teacher, student, tc.teacher_sharding)  # FSDP2: by size, or as configured
         # Where the teacher side of the loss comes from: live until prepare_teacher_cache() opens a cache;
         # on-policy steps always score the student's new samples live.
         self.live_teacher = tsignal.live_teacher(teacher, device=self.device, vocab_size=vocab_size, fused=fused)
@@ -97,7 +99,7 @@ class DistillTrainer:
         self.scheduler = None
         self.state = TrainState()
         self.store = RunStore(config, self.accelerator, fingerprints=fingerprints, train_data=train_data,
-                              dev_data=self.dev_data, stages=self.stages)
+                              dev_data=self.dev_data, stages=self.stages, parallel=self.parallel)
         self.fingerprints = self.store.fingerprints
         self.dev_eval = selection.DevEvaluator(config, accelerator=self.accelerator, tokenizer=tokenizer,
                                                dev_data=self.dev_data, dev_records=self.dev_records)
@@ -199,13 +201,14 @@ class DistillTrainer:
             # communication is needed; DDP averages gradients over processes, hence "/ world".
             total_tokens = self.plan.window_tokens(window)
         else:
-            why = self.on_policy.unsampleable(self.student)
-            if why is not None:
-                # A non-finite step, so that the run ends through the non-finite guard with its message.
-                return self._skip_nonfinite_step(why)
-            # Each process generates (or draws) its own share; the normaliser counts the tokens of the
-            # sequences actually trained on, summed over processes.
-            local = self._on_policy_samples(local, kind, self.state.stage_index, self.state.stage_step)
+            with self.parallel.gathered():  # generation differs between processes (FSDP2: gathered first)
+                why = self.on_policy.unsampleable(self.student)
+                if why is not None:
+                    # A non-finite step, so that the run ends through the non-finite guard with its message.
+                    return self._skip_nonfinite_step(why)
+                # Each process generates (or draws) its own share; the normaliser counts the tokens of the
+                # sequences actually trained on, summed over processes.
+                local = self._on_policy_samples(local, kind, self.state.stage_index, self.state.stage_step)
             total_tokens = int(sloss.reduce_sum([sum(s.num_targets for s in local)], acc, self.device)[0])
             self.on_policy.count(kind, self.state)
         normalizer = max(total_tokens, 1) / world
@@ -215,7 +218,7 @@ class DistillTrainer:
         for j, mb in enumerate(micro):
             batch = sloss.batch_on(mb, self.tokenizer.pad_token_id, self.device)
             last = j == len(micro) - 1
-            with acc.no_sync(self.module) if (world > 1 and not last) else contextlib.nullcontext():
+            with self.parallel.accumulate(self.module, last=last):
                 out = self._micro_loss(batch, stage, normalizer, on_policy=kind is not None, signal=self.train_signal)
                 acc.backward(out.loss)
             loss_sum += float(out.loss.detach())
@@ -224,11 +227,10 @@ class DistillTrainer:
             tokens += int(out.num_tokens)
         loss_value, ce_total, div_total, tok_total = sloss.reduce_sum([loss_sum, ce_sum, div_sum, tokens], acc,
                                                                       self.device)
-        if world > 1:
-            loss_value /= world  # each process's loss_sum is already scaled by world / total tokens
+        loss_value /= world  # each process's loss_sum is already scaled by world / total tokens
         lr = self.optimizer.param_groups[0]["lr"]
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.student.parameters(), max_norm))
+        grad_norm = self.parallel.clip_grad_norm(self.student.parameters(), max_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -264,9 +266,11 @@ class DistillTrainer:
         """Dev loss at the stage's temperature and alpha, plus the reference CE (comparable across stages)
         and, with dev records, dev ROUGE-L (:class:`pocl.training.selection.DevEvaluator`)."""
         assert self.dev_data is not None
-        return self.dev_eval.evaluate(
-            stage, module=self.module, student=self.student, step=self.state.global_step,
-            micro_loss=lambda batch, st, normalizer: self._micro_loss(batch, st, normalizer, signal=self.dev_signal))
+        with self.parallel.gathered():  # each process evaluates its own share (FSDP2: gathered first)
+            return self.dev_eval.evaluate(
+                stage, module=self.module, student=self.student, step=self.state.global_step,
+                micro_loss=lambda batch, st, normalizer: self._micro_loss(batch, st, normalizer,
+                                                                          signal=self.dev_signal))
 
     def _rouge_skip_reason(self, dev: dict[str, float]) -> str | None:
         """Why the dev answers cannot be generated now (non-finite dev loss or student weights), or None."""
@@ -274,8 +278,14 @@ class DistillTrainer:
 
     def _write_best(self, metric: str, value: float) -> None:
         """Replace best/ with the student now (a new best ``value`` of ``metric``)."""
-        self.store.write_model("best", self._save_model_folder, manifest_extra={
-            "step": self.state.global_step, metric: value, "selection_metric": metric})
+        self._write_student("best", manifest_extra={"step": self.state.global_step, metric: value,
+                                                    "selection_metric": metric})
+
+    def _write_student(self, name: str, manifest_extra: dict[str, Any] | None = None) -> None:
+        """Write final/ or best/ (every process calls it: a sharded student is gathered first)."""
+        full = self.parallel.full_state_dict(self.student)  # None when the student is whole
+        write = self._save_model_folder if full is None else (lambda tmp: self._save_model_folder(tmp, full))
+        self.store.write_model(name, write, manifest_extra=manifest_extra)
 
     # ------------------------------------------------------------------ the output folder
     def save_checkpoint(self) -> Path | None:
@@ -283,12 +293,13 @@ class DistillTrainer:
         when the student's weights are not finite (nothing written)."""
         return self.store.save_checkpoint(student=self.student, tokenizer=self.tokenizer, optimizer=self.optimizer,
                                           scheduler=self.scheduler, state=self.state, stages=self.stages,
-                                          fingerprints=self.fingerprints, replay=self.on_policy.replay)
+                                          fingerprints=self.fingerprints, replay=self.on_policy.replay,
+                                          module=self.module)
 
-    def _save_model_folder(self, tmp: Path) -> None:
-        """Write the student into ``tmp``, the temporary folder of final/ or best/ (refused, with nothing
-        written, when its weights are not finite)."""
-        self.store.save_model_folder(tmp, self.student, self.tokenizer, self.state.global_step)
+    def _save_model_folder(self, tmp: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the student (or the gathered ``state_dict`` of a sharded one) into ``tmp``, the temporary
+        folder of final/ or best/ (refused, with nothing written, when its weights are not finite)."""
+        self.store.save_model_folder(tmp, self.student, self.tokenizer, self.state.global_step, state_dict)
 
     def summary(self, status: str) -> dict[str, Any]:
         """``summary.json`` of the run as it stands (:func:`pocl.training.summary.run_summary`)."""
@@ -306,7 +317,7 @@ class DistillTrainer:
         self.store.prepare()
         self._resume_optimizer_from = None
         resumed = self.store.resume(student=self.student, stages=self.stages, fingerprints=self.fingerprints,
-                                    replay=self.on_policy.replay)
+                                    replay=self.on_policy.replay, module=self.module)
         if resumed is not None:
             self.state = resumed.state
             if resumed.completed:  # nothing trained or written (not even config.yaml, metrics or summary)
@@ -314,7 +325,8 @@ class DistillTrainer:
                 return TrainResult("completed", self.output_dir, self.output_dir / "final", self.store.existing("best"),
                                    dict(self.summary("completed"), already_completed=True), already_completed=True)
             self._resume_optimizer_from = resumed.folder
-        self.prepare_teacher_cache()  # after the resume check: a refused resume costs no teacher pass
+        with self.parallel.gathered():  # processes build different shares (FSDP2: gathered first)
+            self.prepare_teacher_cache()  # after the resume check: a refused resume costs no teacher pass
         self.store.write_config()
         if acc.is_main_process:  # the models' load lines (pocl.models) say where they were loaded
             log_device(self.device, acc.num_processes, self.student, self.teacher)
@@ -342,7 +354,7 @@ class DistillTrainer:
                     "data and the teacher, or check the student's weights.")
             # on every process, before any of them writes
             self.store.check_finite_weights(self.student, final_dir, self.state.global_step)
-            self.store.write_model("final", self._save_model_folder)
+            self._write_student("final")
             best_dir = self.store.existing("best")
         summary = self.summary(status)
         self.store.write_summary(summary)
@@ -359,7 +371,8 @@ class DistillTrainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total, lr=lr)
         if self._resume_optimizer_from is not None:
             self.store.load_optimizer(self._resume_optimizer_from, self.optimizer, self.scheduler,
-                                      stage_step=self.state.stage_step, restart_optimizer=stage.restart_optimizer)
+                                      stage_step=self.state.stage_step, restart_optimizer=stage.restart_optimizer,
+                                      module=self.module)
             self._resume_optimizer_from = None
 
     def _run_stages(self, tlog: TrainLog, totals: list[int]) -> str:
