@@ -61,7 +61,7 @@ __all__ = ["SEQKD_FILE", "apply_method", "method_stages", "seqkd_decoding", "tea
 def method_stages(config, stages: Sequence[Stage]) -> list[Stage]:
     """The stages of ``config.loss.method``: unchanged for kd; alpha 0 in every stage for seqkd and sft
     (cross-entropy only; the temperature then plays no role)."""
-    if config.loss.method == "kd":
+    if config.loss.distills:
         return list(stages)
     return [dataclasses.replace(s, alpha=0.0) for s in stages]
 

@@ -299,7 +299,7 @@ def on_policy_used(config: Any, stages: Sequence[Any] | None = None) -> bool:
     on-policy fraction anywhere (the loss config, the curriculum's start/end or per-stage values, or
     ``stages`` given to :func:`pocl.pipeline.distill`)."""
     lc, cc = config.loss, config.curriculum
-    if lc.method != "kd":
+    if not lc.distills:
         return False
     fractions: list[Any] = [lc.on_policy_fraction]
     if cc.curriculum == "pocl":

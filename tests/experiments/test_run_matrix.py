@@ -270,7 +270,10 @@ def test_example_spec_plans(capsys, tmp_path, name):
     main_runs = [r for r in plan if r.group == "main"]
     assert {r.divergence for r in main_runs} >= {"fkl", "rkl", "jsd", "srkl"} and len(spec.seeds) >= 3
     assert len(main_runs) == len({r.divergence for r in main_runs}) * 2 * len(spec.seeds)
-    assert {a["name"] for a in spec.ablations} >= {"random", "reverse", "const_t", "t_max_4", "rouge", "loss"}
+    ablations = {"random", "reverse", "const_t", "rouge", "loss"}
+    # The powered spec leaves T_max 4 out (it did not fit the sitting; its header and docs/results.md say so).
+    assert {a["name"] for a in spec.ablations} >= (ablations if name.endswith("powered.yaml") else
+                                                   ablations | {"t_max_4"})
     if name == "smollm2_dolly_powered.yaml":  # the exact objective and the protocol's decoding, spelled out
         assert spec.base["loss"].get("teacher_cache", "hidden") == "hidden"
         assert spec.eval["top_k"] == 0 and spec.eval["top_p"] == 1.0 and spec.eval["temperature"] == 1.0

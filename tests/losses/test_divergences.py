@@ -93,8 +93,16 @@ def ref_akl(p, q, mu=0.5):
     return torch.stack(out)
 
 
+def ref_taid(p, q, t=0.4):
+    # TAID (Shing et al. 2025): the target q^(1-t) p^t, normalised, with q detached (stopgrad), and
+    # KL(target || q); p = 0 stays 0 in the target.
+    target = q.detach() ** (1 - t) * p ** t
+    target = target / target.sum(-1, keepdim=True)
+    return _kl(target, q)
+
+
 REFERENCES = {"fkl": ref_fkl, "rkl": ref_rkl, "jsd": ref_jsd, "tvd": ref_tvd,
-              "skl": ref_skl, "srkl": ref_srkl, "gjsd": ref_gjsd, "akl": ref_akl}
+              "skl": ref_skl, "srkl": ref_srkl, "gjsd": ref_gjsd, "akl": ref_akl, "taid": ref_taid}
 
 # (name, params) cases: every registered divergence with its defaults, plus other parameters.
 CASES = [(name, {}) for name in DIVERGENCES.names()] + [
@@ -102,6 +110,7 @@ CASES = [(name, {}) for name in DIVERGENCES.names()] + [
     ("skl", {"skew": 0.5}), ("srkl", {"skew": 0.5}),
     ("gjsd", {"beta": 0.0}), ("gjsd", {"beta": 1.0}), ("gjsd", {"beta": 0.9}),
     ("akl", {"mu": 0.2}), ("akl", {"mu": 0.9}),
+    ("taid", {"t": 0.0}), ("taid", {"t": 0.8}), ("taid", {"t": 1.0}),
 ]
 CASE_IDS = [f"{n}-{p}" if p else n for n, p in CASES]
 
@@ -167,7 +176,10 @@ def test_divergence_is_nonnegative(name, params, scale):
     div = make_divergence(name, **params)
     value = _implementation(div, _logits(64, 50, 11, scale), _logits(64, 50, 12, scale), 1.0)
     assert value.min().item() >= -1e-6
-    assert value.max().item() > 0
+    if name == "taid" and params.get("t") == 0.0:  # at t = 0 TAID's target is the student itself: D = 0
+        assert value.abs().max().item() <= 1e-6
+    else:
+        assert value.max().item() > 0
 
 
 def test_forward_and_reverse_kl_match_torch_kl_div():

@@ -142,6 +142,10 @@ def reference_loss(zs, zt, targets, name, params, temperature, alpha, normalizer
             g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
             w = torch.where(g_head + g_tail > 0, g_head / (g_head + g_tail), torch.full_like(g_head, 0.5))
         d = w * kl(p, q) + (1 - w) * kl(q, p)
+    elif name == "taid":
+        t = params.get("t", 0.4)
+        target = q.detach() ** (1 - t) * p ** t  # softmax((1 - t) stopgrad(log q) + t log p)
+        d = kl(target / target.sum(-1, keepdim=True), q)
     else:  # pragma: no cover - a new divergence needs a reference here
         raise AssertionError(name)
     scale = temperature ** 2 if t2 else 1.0

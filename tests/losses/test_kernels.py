@@ -127,7 +127,8 @@ def test_divergences_without_a_kernel():
     assert has_kernel(make_divergence("forward_kl"))  # aliases are the same function
     with pytest.raises(ValueError, match="no kernel"):
         divergence_kernel(make_divergence("akl"), torch.zeros(2, 3), torch.zeros(2, 3), 1.0)
-    assert {name for name in DIVERGENCES.names() if not has_kernel(make_divergence(name))} == {"akl"}
+    # TAID runs through autograd of its formula (its target moves with t every step; no closed form yet)
+    assert {name for name in DIVERGENCES.names() if not has_kernel(make_divergence(name))} == {"akl", "taid"}
 
 
 # ------------------------------------------------------------------------------------------

@@ -104,9 +104,11 @@ class LossConfig(ConfigSection):
 
     section_name = "loss"
 
-    method: Literal["kd", "seqkd", "sft"] = option(
+    method: Literal["kd", "taid", "seqkd", "sft"] = option(
         "kd", "What the student is trained on: kd (the teacher's distributions on the reference responses, plus "
-        "on-policy student samples when --on-policy-fraction > 0: GKD); seqkd (sequence-level KD: cross-entropy "
+        "on-policy student samples when --on-policy-fraction > 0: GKD); taid (TAID, Shing et al. 2025: forward KL "
+        "to a target interpolated between the student and the teacher, the interpolation t rising from "
+        "--taid-t-start to --taid-t-end, adaptively; no temperature; docs/losses.md); seqkd (sequence-level KD: cross-entropy "
         "only, alpha = 0, on responses the teacher generates once for the training prompts, cached in "
         "OUTPUT_DIR/seqkd_teacher.jsonl); sft (cross-entropy only, alpha = 0, on the references). Composes with "
         "--curriculum pocl (every stage then has alpha 0 for seqkd and sft).")
@@ -125,6 +127,16 @@ class LossConfig(ConfigSection):
                               "beta KL(p||m) + (1 - beta) KL(q||m); 0 gives KL(p||q), 1 gives KL(q||p).")
     akl_mu: float = option(0.5, "Head mass mu of akl: the teacher's most probable tokens up to cumulative "
                            "probability mu form the head.")
+    taid_t_start: float = option(0.4, "TAID: interpolation t at the first step (the official default; one official "
+                                 "script uses 0.2).")
+    taid_t_end: float = option(1.0, "TAID: t at the end of the linear schedule (and its upper bound).")
+    taid_alpha: float = option(5e-4, "TAID: step size of the adaptive update t <- t + alpha sigmoid(m) (1 - t).")
+    taid_beta: float = option(0.99, "TAID: momentum of the relative loss change m <- beta m + (1 - beta) r.")
+    taid_adaptive: bool = option(True, "TAID: the adaptive update on top of the linear schedule (off: linear only, "
+                                 "the official --taid_disable_adaptive).")
+    taid_scope: Literal["run", "stage"] = option(
+        "run", "TAID with --curriculum pocl: run (t rises once over the whole curriculum's steps and carries over "
+        "between stages) or stage (t, its momentum and its schedule restart at every stage). Plain KD: one stage.")
     on_policy_fraction: float = option(
         0.0, "GKD: probability lambda_on that an optimizer step trains on responses the student samples for the "
         "window's prompts (scored by the teacher) instead of the references; 0 = off. Decided per step from "
@@ -228,8 +240,25 @@ class LossConfig(ConfigSection):
         self._check(0.0 <= self.replay_reuse_prob <= 1.0, "replay_reuse_prob", "must be in [0, 1]")
         self._check(self.seqkd_max_new_tokens > 0, "seqkd_max_new_tokens", "must be > 0")
         self._check(self.seqkd_batch_size > 0, "seqkd_batch_size", "must be > 0")
-        self._check(self.method == "kd" or self.on_policy_fraction == 0, "on_policy_fraction",
+        self._check(self.distills or self.on_policy_fraction == 0, "on_policy_fraction",
                     f"must be 0 with method {self.method} (on-policy steps are a kd method: GKD)")
+        self._check_literal("taid_scope")
+        self._check(0.0 <= self.taid_t_start < 1.0, "taid_t_start", "must be in [0, 1)")
+        self._check(self.taid_t_start <= self.taid_t_end <= 1.0 and self.taid_t_end > 0, "taid_t_end",
+                    f"must be in (0, 1] and >= taid_t_start ({self.taid_t_start:g})")
+        self._check(0.0 <= self.taid_alpha <= 1.0, "taid_alpha", "must be in [0, 1]")
+        self._check(0.0 <= self.taid_beta <= 1.0, "taid_beta", "must be in [0, 1]")
+        if self.method == "taid":
+            self._check(self.divergence in ("fkl", "taid"), "divergence",
+                        f"is {self.divergence!r}, but --method taid trains TAID's own objective (KL from the "
+                        "interpolated target to the student); leave --divergence out")
+            self._check(self.temperature == 1.0, "temperature",
+                        f"is {self.temperature:g}, but TAID has no temperature; leave --temperature out")
+
+    @property
+    def distills(self) -> bool:
+        """Whether the method trains on the teacher's distributions (kd, taid), not on cross-entropy only."""
+        return self.method in ("kd", "taid")
 
     def divergence_params(self, *, skew: float | None = None) -> dict[str, float]:
         """The parameters of the chosen divergence (only those it accepts)."""

@@ -64,6 +64,7 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "taid_interpolated_kl",
     "total_variation",
 ]
 
@@ -212,6 +213,22 @@ def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, *, mu: float = 0.5) 
                              torch.full_like(total, 0.5))
     q_logp, p_logp = _floor(student_logp), _floor(teacher_logp)
     return w_head * _kl_floored(p_logp, q_logp) + (1.0 - w_head) * _kl_floored(q_logp, p_logp)
+
+
+def taid_interpolated_kl(student_logp: Tensor, teacher_logp: Tensor, *, t: float = 0.4) -> Tensor:
+    """TAID (Shing et al., ICLR 2025): forward KL from the time-interpolated target to the student.
+
+    The target interpolates in logit space between the detached student and the teacher,
+    ``p_t = softmax((1 - t) · stopgrad(log q) + t · log p)`` (log-probabilities differ from logits by a
+    per-row constant, which softmax removes, so this is the official code's logit interpolation), and the
+    value is ``KL(p_t‖q)``: 0 when q = p at any t, and the gradient reaches q only through ``log q``.
+    ``t`` rises over training (:mod:`pocl.training.taid`). [N, V] x [N, V] -> [N].
+    """
+    q = _floor(student_logp)
+    target = torch.log_softmax((1.0 - t) * q.detach() + t * _floor(teacher_logp), dim=-1)
+    # Masked vocabulary entries (log p = -inf) stay impossible in the target.
+    target = torch.where(torch.isneginf(teacher_logp), torch.full_like(target, float("-inf")), target)
+    return kl(target, student_logp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +381,11 @@ for _spec in (
         description="generalised JSD(beta) in TRL's convention (weight beta on p); beta=0: KL(p||q), "
                     "beta=1: KL(q||p)",
         formula="m = beta p + (1-beta) q;  beta KL(p||m) + (1-beta) KL(q||m)  (0 < beta < 1)"),
+    DivergenceSpec(
+        name="taid", fn=taid_interpolated_kl, aliases=("taid_kl",),
+        defaults={"t": 0.4}, bounds={"t": (0.0, 1.0)},
+        description="TAID's objective at interpolation time t (the trainer moves t; --method taid)",
+        formula="p_t = softmax((1-t) stopgrad(log q) + t log p);  KL(p_t||q)"),
     DivergenceSpec(
         name="akl", fn=adaptive_kl, aliases=("adaptive_kl",),
         defaults={"mu": 0.5}, bounds={"mu": (0.0, 1.0)},

@@ -129,6 +129,8 @@ def window_record(stats: list[dict[str, float]], seconds: float, state) -> dict[
     out["lr"] = stats[-1]["lr"]
     out["tokens_per_s"] = tokens / max(seconds, 1e-9)
     out["skipped_steps"] = state.skipped_steps
+    if getattr(state, "taid", None) is not None:
+        out["taid_t"] = state.taid["t"]  # TAID's interpolation time after the record's last step
     if any(s.get("on_policy") for s in stats) or state.on_policy_steps:
         # On-policy steps: their ce/kd are over the student's own samples (ce: its NLL of them).
         out["on_policy_steps"] = sum(s.get("on_policy", 0.0) for s in stats)

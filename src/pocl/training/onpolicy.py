@@ -176,8 +176,8 @@ class OnPolicySchedule:
             if self.fraction(stage) <= 0:
                 continue
             where = f"stage '{stage.name}': on_policy_fraction {self.fraction(stage):g}"
-            if lc.method != "kd":
-                raise ConfigError(f"{where}: on-policy steps need loss.method kd (not {lc.method})")
+            if not lc.distills:
+                raise ConfigError(f"{where}: on-policy steps need loss.method kd or taid (not {lc.method})")
             if not has_teacher:
                 raise ConfigError(f"{where}: on-policy steps need a teacher to score the student's samples")
             if stage.alpha == 0 and not lc.on_policy_ce:

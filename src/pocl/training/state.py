@@ -51,6 +51,8 @@ class TrainState:
     stage_on_policy_steps: int = 0
     stage_replayed_steps: int = 0
     generation_seconds: float = 0.0
+    # TAID (loss.method taid): t, momentum, previous loss (pocl.training.taid.TaidState as a dict)
+    taid: dict[str, Any] | None = None
 
     def begin_stage(self) -> None:
         """Reset the per-stage fields as a stage starts (not on a resume inside it)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,7 +30,10 @@ from pocl.losses import (
 from pocl.losses.kernels import has_kernel, set_compile_mode, uses_compiled_kernels
 from pocl.models import LMHead, hidden_states
 from pocl.training.stages import Stage, check_stages
+from pocl.training.taid import TaidSchedule
 from pocl.training.teacher_signal import TeacherSide, to_device
+
+log = logging.getLogger("pocl.train")
 
 __all__ = ["SEQKD_ORIGIN", "Divergences", "StudentLoss", "batch_on", "build_student_loss", "divergence_sum_fn",
            "eval_mode", "length_batches", "loss_weights", "method_stages", "reduce_sum"]
@@ -43,7 +47,11 @@ def method_stages(config, stages: Sequence[Stage], *, train_data, has_teacher: b
     alpha 0 in every stage (the teacher is never evaluated). Refuses (ConfigError) invalid stages,
     seqkd data that are not the teacher's answers, and a KD stage without a teacher."""
     check_stages(stages)
-    if config.loss.method != "kd":
+    if config.loss.method == "taid" and any(s.temperature != 1.0 for s in stages):
+        # TAID has no temperature: a curriculum's rising T is not applied (its alpha schedule is).
+        log.info("loss.method taid: the stages' temperatures are set to 1 (TAID has no temperature)")
+        stages = [dataclasses.replace(s, temperature=1.0) for s in stages]
+    if not config.loss.distills:
         stages = [dataclasses.replace(s, alpha=0.0) for s in stages]
         if config.loss.method == "seqkd" and getattr(train_data, "origin", None) != SEQKD_ORIGIN:
             raise ConfigError("loss.method seqkd: the training data are not the teacher's answers; build them "
@@ -122,22 +130,51 @@ def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bo
 
 
 class Divergences:
-    """The divergence of each stage (``loss.divergence`` with the stage's skew), built once per setting."""
+    """The divergence of each stage (``loss.divergence`` with the stage's skew), built once per setting;
+    with ``loss.method taid``, TAID's at the current interpolation time (:attr:`taid`, moved after every
+    optimizer step by :meth:`after_step` and kept in the training state)."""
 
     def __init__(self, loss_config):
         """``loss_config``: the run's :class:`pocl.config.LossConfig`."""
         self.loss_config = loss_config
         self._cache: dict[tuple, Any] = {}
+        self.taid = TaidSchedule(loss_config) if loss_config.method == "taid" else None
 
     def for_stage(self, stage: Stage):
         """The divergence of ``stage``; None when its alpha is 0 (no KD term)."""
         if stage.alpha == 0:
             return None
+        if self.taid is not None:
+            return make_divergence("taid", t=self.taid.t)
         key = (self.loss_config.divergence, stage.skew)
         if key not in self._cache:
             params = self.loss_config.divergence_params(skew=stage.skew)
             self._cache[key] = make_divergence(self.loss_config.divergence, **params)
         return self._cache[key]
+
+
+    def start_stage(self, state, *, first: bool) -> None:
+        """A stage starts (TAID: t restarts with ``taid_scope stage``, or at the first stage); ``state``: the
+        run's :class:`pocl.training.state.TrainState`, which keeps TAID's state for checkpoints."""
+        if self.taid is not None:
+            self.taid.start_stage(first=first)
+            state.taid = self.taid.state_dict()
+
+    def after_step(self, state, loss: float, *, stage_total: int, run_total: int) -> None:
+        """TAID's update after the optimizer step just counted in ``state`` whose KD term (window token mean)
+        was ``loss``; its schedule spans the stage's ``stage_total`` or the run's ``run_total`` steps."""
+        if self.taid is None:
+            return
+        if self.taid.scope == "stage":
+            self.taid.update(loss, step=state.stage_step - 1, total=stage_total)
+        else:
+            self.taid.update(loss, step=state.global_step - 1, total=run_total)
+        state.taid = self.taid.state_dict()
+
+    def restore(self, state) -> None:
+        """TAID's state from a resumed ``state`` (a checkpoint's)."""
+        if self.taid is not None and state.taid is not None:
+            self.taid.load_state_dict(state.taid)
 
 
 def divergence_sum_fn(module: nn.Module, autocast: Callable[[], Any], divergences: Divergences

@@ -115,8 +115,7 @@ class DistillTrainer:
         self.dev_signal: tsignal.TeacherSignal | None = self.live_teacher
 
     def autocast(self):
-        """The context of the model passes: bf16 autocast on CPU when :func:`pocl.launch.cpu_auto_bf16`
-        chose it, else accelerate's (its mixed precision, or nothing)."""
+        """The model passes' context: bf16 autocast on CPU (``pocl.launch.cpu_auto_bf16``), else accelerate's."""
         if self.cpu_bf16:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return self.accelerator.autocast()
@@ -155,8 +154,7 @@ class DistillTrainer:
         self.summary_extra["teacher_cache"] = infos
 
     def _measure_signal_error(self, signal: tsignal.TeacherSignal) -> list[tsignal.SignalError]:
-        """``signal`` against the live teacher on the first training samples, with the student as it
-        is now, at the (temperature, divergence) of every KD stage."""
+        """``signal`` against the live teacher on the first training samples, at every KD stage's (T, D)."""
         n = min(self.cfg.loss.teacher_cache_check_samples, len(self.train_data))
         batches = [sloss.batch_on(mb, self.tokenizer.pad_token_id, self.device) for mb in sloss.length_batches(
             [self.train_data[i] for i in range(n)], self.cfg.train.micro_batch_size, sort=False)]
@@ -167,8 +165,7 @@ class DistillTrainer:
 
     def _on_policy_samples(self, local: list[TokenizedSample], kind: str, stage_index: int,
                            stage_step: int) -> list[TokenizedSample]:
-        """This process's share of an on-policy window: student responses to its prompts (fresh), or
-        as many samples drawn from its replay buffer (replay)."""
+        """This process's share of an on-policy window: fresh student samples, or draws from its replay buffer."""
         return self.on_policy.samples(local, kind, stage_index, stage_step, student=self.student,
                                       tokenizer=self.tokenizer, accelerator=self.accelerator, state=self.state,
                                       autocast=self.autocast)
@@ -289,8 +286,7 @@ class DistillTrainer:
 
     # ------------------------------------------------------------------ the output folder
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-N`` (:meth:`pocl.training.run_store.RunStore.save_checkpoint`); None
-        when the student's weights are not finite (nothing written)."""
+        """Write ``checkpoints/step-N`` (``RunStore.save_checkpoint``); None when the weights are not finite."""
         return self.store.save_checkpoint(student=self.student, tokenizer=self.tokenizer, optimizer=self.optimizer,
                                           scheduler=self.scheduler, state=self.state, stages=self.stages,
                                           fingerprints=self.fingerprints, replay=self.on_policy.replay,
@@ -320,6 +316,7 @@ class DistillTrainer:
                                     replay=self.on_policy.replay, module=self.module)
         if resumed is not None:
             self.state = resumed.state
+            self.divergences.restore(self.state)  # TAID's t where the checkpoint left it
             if resumed.completed:  # nothing trained or written (not even config.yaml, metrics or summary)
                 self.store.report_already_completed(self.state.global_step)
                 return TrainResult("completed", self.output_dir, self.output_dir / "final", self.store.existing("best"),
@@ -387,6 +384,7 @@ class DistillTrainer:
             spe = self.plan.steps_per_epoch(i)
             if st.stage_step == 0:
                 st.begin_stage()
+                self.divergences.start_stage(st, first=i == 0)
                 log.info("stage %d/%d '%s': %d samples, %d steps, T=%.3g, alpha=%.3g", i + 1, len(self.stages),
                          stage.name, len(self.plan.stage_indices[i]), total, stage.temperature, stage.alpha)
             self._start_stage(i, total)
@@ -398,6 +396,8 @@ class DistillTrainer:
                 st.stage_step += 1
                 st.global_step += 1
                 st.train_seconds += time.perf_counter() - t0
+                self.divergences.after_step(st, math.nan if stats["skipped"] else stats["kd"], stage_total=total,
+                                            run_total=sum(totals))
                 for callback in self.step_callbacks:
                     callback(self)
                 if st.consecutive_nonfinite >= tc.max_nonfinite_steps:
