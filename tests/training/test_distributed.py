@@ -4,6 +4,7 @@ global batch, for a 2-stage POCL run of tiny models."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -34,6 +35,23 @@ def _weights(folder):
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
+
+
+def kill_tree(proc):
+    """SIGKILL a launcher and all its workers. torchrun starts each worker in a session of its own:
+    killing the launcher's process group would leave them running (and finishing the run); stop the
+    whole tree, then kill it."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=60)
 
 
 def _losses(out):
@@ -83,7 +101,6 @@ def test_only_one_process_writes(tmp_path, tiny_pair, tiny_data):
 
 def test_resumed_two_process_run_matches_uninterrupted(tmp_path, tiny_pair, tiny_data, single_run):
     """SIGKILL both processes after the checkpoint of step 5, resume with two processes."""
-    import signal
     import time
 
     out = tmp_path / "resume"
@@ -94,19 +111,7 @@ def test_resumed_two_process_run_matches_uninterrupted(tmp_path, tiny_pair, tiny
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    # torchrun starts each worker in a session of its own: killing the launcher's process group would
-    # leave them running (and finishing the run); stop the whole tree, then kill it.
-    import psutil
-
-    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for p in tree:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    proc.wait()
-    psutil.wait_procs(tree, timeout=60)
+    kill_tree(proc)
     assert not (out / "final").exists()
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

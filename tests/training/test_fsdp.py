@@ -5,7 +5,6 @@ resumed, resharded 2 -> 1 and 1 -> 2, and killed in the middle of a sharded save
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from pocl.training import checkpoint as ckpt
-from tests.training.test_distributed import _command, _losses, _weights
+from tests.training.test_distributed import _command, _losses, _weights, kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -41,21 +40,6 @@ def single_run(tmp_path_factory, tiny_pair, tiny_data):
     return out
 
 
-def _kill_tree(proc):
-    """SIGKILL the launcher and every worker (torchrun starts each worker in a session of its own)."""
-    import psutil
-
-    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for p in tree:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    proc.wait()
-    psutil.wait_procs(tree, timeout=60)
-
-
 def _killed_after(cmd, out, step):
     """Start ``cmd`` and SIGKILL it once the checkpoint of ``step`` exists."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -64,7 +48,7 @@ def _killed_after(cmd, out, step):
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
-    _kill_tree(proc)
+    kill_tree(proc)
     assert not (out / "final").exists()
 
 
