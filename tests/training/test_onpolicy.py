@@ -17,6 +17,7 @@ from pocl.pipeline import distill, prepare_run
 from pocl.training.stages import Stage
 from pocl.training.trainer import DistillTrainer
 from tests.conftest import tiny_config
+from tests.training.test_trainer import crash_at
 
 EOS = 2
 
@@ -202,12 +203,8 @@ def test_resume_with_replay_buffer_equals_uninterrupted_run(tmp_path, tiny_pair,
 
     cfg = tiny_config(tmp_path / "b", tiny_pair, tiny_data, loss=loss, train=train)
 
-    def crash(trainer):
-        if trainer.state.global_step == 8:
-            raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(cfg, step_callbacks=[crash]).train()
+        _trainer(cfg, step_callbacks=[crash_at(8)]).train()
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "step-00000006"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert onpolicy.REPLAY_FILE in manifest["files"]

@@ -19,7 +19,7 @@ from pocl.training.sharding import (
     make_parallelism,
 )
 from tests.conftest import tiny_config
-from tests.training.test_trainer import _train_losses, _trainer, _weights
+from tests.training.test_trainer import _train_losses, _trainer, _weights, crash_at
 
 
 def _config(**train):
@@ -67,12 +67,8 @@ def test_one_process_fsdp2_run_is_the_ddp_run_and_resumes_exactly_from_sharded_c
     for k, v in _weights(ref.final_dir).items():
         torch.testing.assert_close(_weights(full.final_dir)[k], v, rtol=0, atol=0, msg=k)
 
-    def crash_at_step_7(trainer):
-        if trainer.state.global_step == 7:
-            raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(cfg, step_callbacks=[crash_at_step_7]).train()
+        _trainer(cfg, step_callbacks=[crash_at(7)]).train()
     folder = ckpt.latest_valid_checkpoint(tmp_path / "b" / "run" / "checkpoints")
     assert folder.name == "step-00000006"
     assert (folder / "sharded" / ".metadata").is_file() and not (folder / "model.safetensors").exists()

@@ -18,7 +18,7 @@ from pocl.training.metrics import read_metrics
 from pocl.training.stages import Stage
 from pocl.training.taid import TaidSchedule
 from tests.conftest import tiny_config
-from tests.training.test_trainer import _trainer, _weights
+from tests.training.test_trainer import _trainer, _weights, crash_at
 
 
 def _naive_taid(student_logits, teacher_logits, t):
@@ -140,12 +140,8 @@ def test_taid_run_resumes_with_t_exactly_where_it_was(tmp_path, tiny_pair, tiny_
 
     cfg = tiny_config(tmp_path / "b", tiny_pair, tiny_data, loss=loss, train=train)
 
-    def crash_at_step_7(trainer):
-        if trainer.state.global_step == 7:
-            raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(cfg, step_callbacks=[crash_at_step_7]).train()
+        _trainer(cfg, step_callbacks=[crash_at(7)]).train()
     state = json.loads((tmp_path / "b" / "run" / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert state["state"]["taid"]["t"] == pytest.approx(dict(series)[6], abs=0)
     resumed = _trainer(cfg).train()

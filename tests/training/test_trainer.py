@@ -32,6 +32,15 @@ def _weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
 
+def crash_at(step):
+    """A step callback that raises RuntimeError("simulated crash") once the run reaches global ``step``."""
+    def crash(trainer):
+        if trainer.state.global_step == step:
+            raise RuntimeError("simulated crash")
+
+    return crash
+
+
 def _train_losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
 
@@ -60,12 +69,8 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_pair, tiny_data)
 
     cfg = tiny_config(tmp_path / "b", tiny_pair, tiny_data, train={"epochs": 2, "save_every": 2})
 
-    def crash_at_step_7(trainer):
-        if trainer.state.global_step == 7:
-            raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(cfg, step_callbacks=[crash_at_step_7]).train()
+        _trainer(cfg, step_callbacks=[crash_at(7)]).train()
     # checkpoints at steps 2, 4, 6 (6 = end of epoch 1 too); resume continues from 6
     resumed = _trainer(cfg).train()
     assert resumed.status == "completed"
