@@ -202,9 +202,10 @@ class DistillConfig:
             values["loss"].pop("teacher_cache_topk", None)  # k is a setting of the topk cache only
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
-        if values["loss"]["method"] != "taid":  # TAID's settings change nothing else (older hashes stay)
-            for key in [k for k in values["loss"] if k.startswith("taid_")]:
-                values["loss"].pop(key)
+        for method in ("taid", "skd"):  # a method's own settings change nothing else (older hashes stay)
+            if values["loss"]["method"] != method:
+                for key in [k for k in values["loss"] if k.startswith(method + "_")]:
+                    values["loss"].pop(key)
         if values["train"].get("parallelism") == "ddp":
             # The default (replicated) keeps the hash of configs from before the field (their checkpoints resume);
             # fsdp2 changes it: its checkpoints are of another format and its sums of another order.

@@ -104,11 +104,14 @@ class LossConfig(ConfigSection):
 
     section_name = "loss"
 
-    method: Literal["kd", "taid", "seqkd", "sft"] = option(
+    method: Literal["kd", "taid", "skd", "seqkd", "sft"] = option(
         "kd", "What the student is trained on: kd (the teacher's distributions on the reference responses, plus "
         "on-policy student samples when --on-policy-fraction > 0: GKD); taid (TAID, Shing et al. 2025: forward KL "
         "to a target interpolated between the student and the teacher, the interpolation t rising from "
-        "--taid-t-start to --taid-t-end, adaptively; no temperature; docs/losses.md); seqkd (sequence-level KD: cross-entropy "
+        "--taid-t-start to --taid-t-end, adaptively; no temperature; docs/losses.md); skd (Speculative KD, Xu et al. "
+        "2025: the student drafts --skd-gamma tokens at a time, the teacher keeps those in its top --skd-top-k and "
+        "replaces the first other one by its own sample; trained on with --divergence on --skd-fraction of the "
+        "steps); seqkd (sequence-level KD: cross-entropy "
         "only, alpha = 0, on responses the teacher generates once for the training prompts, cached in "
         "OUTPUT_DIR/seqkd_teacher.jsonl); sft (cross-entropy only, alpha = 0, on the references). Composes with "
         "--curriculum pocl (every stage then has alpha 0 for seqkd and sft).")
@@ -137,6 +140,19 @@ class LossConfig(ConfigSection):
     taid_scope: Literal["run", "stage"] = option(
         "run", "TAID with --curriculum pocl: run (t rises once over the whole curriculum's steps and carries over "
         "between stages) or stage (t, its momentum and its schedule restart at every stage). Plain KD: one stage.")
+    skd_gamma: int = option(5, "skd: tokens the student drafts per block before the teacher checks them in one "
+                            "forward pass.")
+    skd_top_k: int = option(25, "skd: a drafted token is kept when it is among the teacher's top K tokens at its "
+                            "position (the official 25; the vocabulary size: pure student sampling).")
+    skd_top_p: float = option(0.0, "skd: > 0 keeps a drafted token when it is inside the teacher's top-p nucleus "
+                              "instead (--skd-top-k is then unused).")
+    skd_top_k_end: int | None = option(None, "skd: K falls linearly along the response from --skd-top-k to this "
+                                       "(empty: no decay).")
+    skd_teacher_temperature: float = option(1.0, "skd: temperature of the teacher's replacement sample at the first "
+                                            "rejected token (0: the teacher's most probable token).")
+    skd_fraction: float = option(1.0, "skd: probability that an optimizer step trains on speculative samples (the "
+                                 "rest on the references; decided per step like --on-policy-fraction). Per stage: "
+                                 "curriculum.stages[i].on_policy_fraction.")
     on_policy_fraction: float = option(
         0.0, "GKD: probability lambda_on that an optimizer step trains on responses the student samples for the "
         "window's prompts (scored by the teacher) instead of the references; 0 = off. Decided per step from "
@@ -248,6 +264,15 @@ class LossConfig(ConfigSection):
                     f"must be in (0, 1] and >= taid_t_start ({self.taid_t_start:g})")
         self._check(0.0 <= self.taid_alpha <= 1.0, "taid_alpha", "must be in [0, 1]")
         self._check(0.0 <= self.taid_beta <= 1.0, "taid_beta", "must be in [0, 1]")
+        self._check(self.skd_gamma >= 1, "skd_gamma", "must be >= 1")
+        self._check(self.skd_top_k >= 1, "skd_top_k", "must be >= 1")
+        self._check(0.0 <= self.skd_top_p <= 1.0, "skd_top_p", "must be in [0, 1] (0: top-K acceptance)")
+        self._check(self.skd_top_k_end is None or self.skd_top_k_end >= 1, "skd_top_k_end", "must be >= 1")
+        self._check(self.skd_teacher_temperature >= 0, "skd_teacher_temperature", "must be >= 0 (0: greedy)")
+        self._check(0.0 <= self.skd_fraction <= 1.0, "skd_fraction", "must be in [0, 1]")
+        if self.method == "skd":
+            self._check(self.on_policy_fraction == 0, "on_policy_fraction",
+                        "must be 0 with --method skd: its speculative steps are set by --skd-fraction")
         if self.method == "taid":
             self._check(self.divergence in ("fkl", "taid"), "divergence",
                         f"is {self.divergence!r}, but --method taid trains TAID's own objective (KL from the "
@@ -257,8 +282,8 @@ class LossConfig(ConfigSection):
 
     @property
     def distills(self) -> bool:
-        """Whether the method trains on the teacher's distributions (kd, taid), not on cross-entropy only."""
-        return self.method in ("kd", "taid")
+        """Whether the method trains on the teacher's distributions (kd, taid, skd), not on cross-entropy only."""
+        return self.method in ("kd", "taid", "skd")
 
     def divergence_params(self, *, skew: float | None = None) -> dict[str, float]:
         """The parameters of the chosen divergence (only those it accepts)."""

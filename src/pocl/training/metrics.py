@@ -131,6 +131,9 @@ def window_record(stats: list[dict[str, float]], seconds: float, state) -> dict[
     out["skipped_steps"] = state.skipped_steps
     if getattr(state, "taid", None) is not None:
         out["taid_t"] = state.taid["t"]  # TAID's interpolation time after the record's last step
+    if getattr(state, "skd", None) and state.skd.get("drafted"):
+        # Speculative KD: the share of the student's drafted tokens the teacher kept, over the run so far.
+        out["skd_acceptance"] = state.skd["accepted"] / state.skd["drafted"]
     if any(s.get("on_policy") for s in stats) or state.on_policy_steps:
         # On-policy steps: their ce/kd are over the student's own samples (ce: its NLL of them).
         out["on_policy_steps"] = sum(s.get("on_policy", 0.0) for s in stats)

@@ -26,6 +26,7 @@ language models", the GKD of the POCL spec). This module holds the pieces the tr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import time
@@ -177,7 +178,7 @@ class OnPolicySchedule:
                 continue
             where = f"stage '{stage.name}': on_policy_fraction {self.fraction(stage):g}"
             if not lc.distills:
-                raise ConfigError(f"{where}: on-policy steps need loss.method kd or taid (not {lc.method})")
+                raise ConfigError(f"{where}: on-policy steps need loss.method kd, taid or skd (not {lc.method})")
             if not has_teacher:
                 raise ConfigError(f"{where}: on-policy steps need a teacher to score the student's samples")
             if stage.alpha == 0 and not lc.on_policy_ce:
@@ -188,8 +189,22 @@ class OnPolicySchedule:
             lc.replay_buffer_size > 0 and any(self.fraction(s) > 0 for s in self.stages)) else None
 
     def fraction(self, stage: Stage) -> float:
-        """The stage's on-policy fraction lambda_on (the loss config's when the stage has none)."""
-        return self.cfg.loss.on_policy_fraction if stage.on_policy_fraction is None else stage.on_policy_fraction
+        """The stage's on-policy fraction lambda_on (the loss config's when the stage has none: its
+        ``skd_fraction`` for ``--method skd``, whose on-policy steps are the speculative ones)."""
+        if stage.on_policy_fraction is not None:
+            return stage.on_policy_fraction
+        lc = self.cfg.loss
+        return lc.skd_fraction if lc.method == "skd" else lc.on_policy_fraction
+
+    def speculative_settings(self):
+        """The sampler settings of ``--method skd`` (:class:`pocl.training.speculative.SpeculativeSettings`)."""
+        from pocl.training.speculative import SpeculativeSettings
+
+        lc = self.cfg.loss
+        return SpeculativeSettings(gamma=lc.skd_gamma, top_k=lc.skd_top_k, top_p=lc.skd_top_p,
+                                   top_k_end=lc.skd_top_k_end, temperature=lc.on_policy_temperature,
+                                   teacher_temperature=lc.skd_teacher_temperature,
+                                   max_new_tokens=lc.on_policy_max_new_tokens)
 
     def kind(self, stage_index: int, stage_step: int) -> str | None:
         """None (a teacher-forced step on the references), "fresh" (the student generates now) or
@@ -216,11 +231,14 @@ class OnPolicySchedule:
         return f"the student's weights are not finite ({bad.describe()}); no on-policy samples generated"
 
     def samples(self, local: list[TokenizedSample], kind: str, stage_index: int, stage_step: int, *,
-                student: torch.nn.Module, tokenizer, accelerator, state, autocast=None) -> list[TokenizedSample]:
+                student: torch.nn.Module, tokenizer, accelerator, state, autocast=None,
+                teacher: torch.nn.Module | None = None) -> list[TokenizedSample]:
         """This process's share of an on-policy window: student responses to the prompts of ``local``
         (fresh; pushed to the replay buffer), or as many samples drawn from its replay buffer (replay).
-        Adds the generation time to ``state.generation_seconds``. ``autocast``: the context of the run's
-        model passes (default: accelerate's)."""
+        With ``--method skd`` the fresh responses are speculative: the student drafts and ``teacher`` (the
+        stage's) keeps or replaces (:func:`pocl.training.speculative.speculative_generate`; the counts go
+        to ``state.skd``). Adds the generation time to ``state.generation_seconds``. ``autocast``: the
+        context of the run's model passes (default: accelerate's)."""
         lc = self.cfg.loss
         stage = self.stages[stage_index]
         seed = stream_seed(self.cfg.train.seed, kind, stage_index, stage.name, stage_step, accelerator.process_index)
@@ -230,14 +248,36 @@ class OnPolicySchedule:
                                   top_k=0, no_repeat_ngram_size=0, max_new_tokens=lc.on_policy_max_new_tokens)
         t0 = time.perf_counter()
         with (autocast or accelerator.autocast)():
-            fresh = sample_responses(student, tokenizer, local, decoding=decoding, seed=seed,
-                                     batch_size=self.cfg.train.micro_batch_size, max_length=self.cfg.data.max_length)
+            if lc.method == "skd":
+                fresh = self._speculative(local, student=student, teacher=teacher, tokenizer=tokenizer, seed=seed,
+                                          state=state)
+            else:
+                fresh = sample_responses(student, tokenizer, local, decoding=decoding, seed=seed,
+                                         batch_size=self.cfg.train.micro_batch_size,
+                                         max_length=self.cfg.data.max_length)
         state.generation_seconds += time.perf_counter() - t0
         if self.replay is not None and kind == "fresh":
             # (A "replay" step that found this process's buffer empty generated instead; its samples are
             # not added, so that fresh_steps, which the decisions read, stays equal on every process.)
             self.replay.push(fresh)
         return fresh
+
+    def _speculative(self, local: list[TokenizedSample], *, student, teacher, tokenizer, seed: int,
+                     state) -> list[TokenizedSample]:
+        """Speculative KD samples for the prompts of ``local`` (their counts added to ``state.skd``)."""
+        from pocl.training.speculative import SpeculativeStats, speculative_generate
+
+        if teacher is None:
+            raise ConfigError("loss.method skd: the speculative samples need the teacher")
+        prompts = [list(s.input_ids[:s.prompt_length]) for s in local]
+        with torch.random.fork_rng(devices=[]):  # the sampler uses its own generators; belt and braces
+            gens, stats = speculative_generate(student, teacher, tokenizer, prompts, self.speculative_settings(),
+                                               seed=seed % (1 << 31), batch_size=self.cfg.train.micro_batch_size)
+        total = SpeculativeStats(**(state.skd or {}))
+        total.add(stats)
+        state.skd = dataclasses.asdict(total)
+        return [generated_sample(s, g, eos_token_id=tokenizer.eos_token_id, max_length=self.cfg.data.max_length)
+                for s, g in zip(local, gens)]
 
     @staticmethod
     def count(kind: str, state) -> None:

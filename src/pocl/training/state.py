@@ -24,6 +24,21 @@ log = logging.getLogger("pocl.train")
 class NonFiniteLossError(PoclError):
     """Too many optimizer steps in a row had a NaN or infinite loss or gradient."""
 
+    @classmethod
+    def in_a_row(cls, state: TrainState, checkpoints: Path) -> NonFiniteLossError:
+        """The error of ``state.consecutive_nonfinite`` (>= --max-nonfinite-steps) non-finite steps in a row."""
+        return cls(f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient (last at "
+                   f"global step {state.global_step}); stopping without writing the current weights. The last good "
+                   f"checkpoint is in {checkpoints}. Lower the learning rate, check the data, or raise "
+                   "--max-nonfinite-steps.")
+
+    @classmethod
+    def never_updated(cls, steps: int, final_dir: Path) -> NonFiniteLossError:
+        """The error of a run whose ``steps`` steps (fewer than --max-nonfinite-steps) were all skipped."""
+        return cls(f"all {steps} optimizer steps of the run had a non-finite loss or gradient, so the student was "
+                   f"never updated; not writing {final_dir}. Lower the learning rate, check the data and the "
+                   "teacher, or check the student's weights.")
+
 
 @dataclasses.dataclass
 class TrainState:
@@ -53,6 +68,9 @@ class TrainState:
     generation_seconds: float = 0.0
     # TAID (loss.method taid): t, momentum, previous loss (pocl.training.taid.TaidState as a dict)
     taid: dict[str, Any] | None = None
+    # Speculative KD (loss.method skd): the run's drafted, accepted and replaced tokens and blocks
+    # (pocl.training.speculative.SpeculativeStats as a dict)
+    skd: dict[str, int] | None = None
 
     def begin_stage(self) -> None:
         """Reset the per-stage fields as a stage starts (not on a resume inside it)."""

@@ -34,6 +34,7 @@ def run_summary(status: str, state, *, config, extra: dict[str, Any], has_dev: b
         "on_policy_steps": state.on_policy_steps,
         "replayed_steps": state.replayed_steps,
         "generation_seconds": state.generation_seconds,
+        **({"skd": dict(state.skd)} if state.skd else {}),
         "method": config.loss.method,
         "train_seconds": state.train_seconds,
         "selection_metric": name,

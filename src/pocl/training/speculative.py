@@ -1,0 +1,269 @@
+"""Speculative KD (SKD) sampling, batched (Xu et al., ICLR 2025, arXiv 2410.11325).
+
+The student drafts a block of ``gamma`` tokens; the teacher scores the block in one forward pass and
+keeps the drafted tokens up to the first one that is not among its top-K tokens at that position
+(or, with ``top_p``, outside its top-p nucleus). That token is replaced by one sampled from the
+teacher and the rest of the block is dropped. The samples interleave student proposals with teacher
+corrections: on-policy where the student is good enough, teacher-guided where it is not.
+
+Official code (``google-research/speculative_kd``, ``transformers/utils.py``: ``_speculative_kd_sampling``,
+``train/ddp_skd.py``): blocks of ``num_assistant_tokens = 5`` with a constant schedule, ``top_k = 25``
+(``config/kd_train.yaml``); no bonus token when the whole block is accepted; the replacement is
+sampled from the teacher's (warped) distribution at the first rejected position. Differences here:
+
+* the replacement is drawn from the teacher's full distribution at ``teacher_temperature`` (no
+  top-p warping; ``teacher_temperature = 0``: argmax); top-K acceptance does not depend on any
+  temperature; top-p acceptance uses the nucleus of the teacher's plain distribution (temperature
+  1), the token that crosses ``top_p`` included (the official code drops that token);
+* K decays linearly along the response (``top_k_end``) instead of the official per-block step
+  (``expected_seq_len``);
+* the student drafts from its full distribution at ``temperature`` (the official draft reuses the
+  teacher's generation config: its temperature and top-p warpers), and the acceptance test is
+  applied to the drafted token itself (the official code tests a second sample of the student's
+  distribution and keeps the draft).
+
+**Cost.** Rows accept different numbers of tokens, so after every block the active rows are
+re-left-padded and both models recompute the whole prefix (no cache across blocks; a KV cache is
+used only within the student's draft). Per block and row this is one student pass over prefix +
+``gamma - 1`` cached steps and one teacher pass over prefix + ``gamma - 1`` tokens. A block adds
+``accepted + 1`` tokens (``gamma`` when all are accepted), so an ``N``-token response costs about
+``N / (accepted + 1)`` full-prefix passes of each model, against ``N`` cached one-token steps.
+
+**Randomness.** Each prompt owns a ``torch.Generator`` seeded with ``stream_seed("skd", seed, index)``
+(``index``: its position in ``prompts``) and draws in a fixed order per block (its draft samples,
+then the replacement), so its output depends neither on ``batch_size`` nor on its batch neighbours.
+The global torch RNG is never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pocl.generation import (
+    Generation,
+    left_pad,
+    length_sorted_batches,
+    special_token_ids,
+)
+from pocl.models import output_rows
+from pocl.training.stages import stream_seed
+
+__all__ = ["SpeculativeSettings", "SpeculativeStats", "speculative_generate"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeSettings:
+    """Settings of :func:`speculative_generate` (defaults: the official SKD code)."""
+
+    gamma: int = 5  # draft block length (official num_assistant_tokens)
+    top_k: int = 25  # a draft is accepted if it is among the teacher's top-K tokens
+    top_p: float = 0.0  # > 0: accept inside the teacher's top-p nucleus instead of top-K
+    top_k_end: int | None = None  # K decays linearly from top_k to top_k_end along the response
+    temperature: float = 1.0  # the student's draft sampling temperature
+    teacher_temperature: float = 1.0  # replacement sampling; 0 = greedy (argmax)
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"speculative {field} must be {what} (got {getattr(self, field)!r})")
+
+        check(_is_int(self.gamma) and self.gamma >= 1, "gamma", "an integer >= 1")
+        check(_is_int(self.top_k) and self.top_k >= 1, "top_k", "an integer >= 1")
+        check(isinstance(self.top_p, (int, float)) and 0.0 <= self.top_p <= 1.0, "top_p", "in [0, 1] (0: top-K)")
+        check(self.top_k_end is None or (_is_int(self.top_k_end) and self.top_k_end >= 1), "top_k_end",
+              "None or an integer >= 1")
+        check(self.top_k_end is None or self.top_p == 0, "top_k_end", "None when top_p > 0 (K decay needs top-K)")
+        check(isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf, "temperature",
+              "finite and > 0")
+        check(isinstance(self.teacher_temperature, (int, float)) and 0 <= self.teacher_temperature < math.inf,
+              "teacher_temperature", "finite and >= 0 (0: greedy)")
+        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
+
+    def k_at(self, position: int) -> int:
+        """K at response position ``position`` (0-based): linear from top_k to top_k_end, at least 1."""
+        if self.top_k_end is None:
+            return self.top_k
+        span = max(self.max_new_tokens - 1, 1)
+        return max(1, round(self.top_k + (self.top_k_end - self.top_k) * position / span))
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """Counts summed over rows: drafted student tokens (all of each block, also those after a
+    rejection), accepted drafts, teacher replacements and (row, block) pairs."""
+
+    drafted: int = 0
+    accepted: int = 0
+    replaced: int = 0
+    blocks: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+    def add(self, other: SpeculativeStats) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: a padded row gets the positions of the unpadded one."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward(model: nn.Module, ids, mask, positions, *, keep: int, cache=None):
+    """(logits of the last ``keep`` positions ``[B, keep, V]``, the KV cache)."""
+    params = inspect.signature(model.forward).parameters
+    kwargs = {}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+    if cache is not None:  # transformers 5 renamed past_key_values to cache
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(out, "past_key_values", None)
+    return out.logits[:, -keep:], new_cache
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax at ``temperature`` in at least float32, on the CPU (where the row generators live)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.softmax(logits / temperature, dim=-1).cpu()
+
+
+def _draft(student, seqs, budgets, gens, s: SpeculativeSettings, vocab: int, eos, filler: int) -> list[list[int]]:
+    """Each row's drafted tokens: ``budgets[r]`` samples, fewer when the student drafts EOS."""
+    device = _device(student)
+    ids, mask = left_pad(seqs, filler, device)
+    positions = _positions(mask)
+    drafts: list[list[int]] = [[] for _ in seqs]
+    logits, cache = _forward(student, ids, mask, positions, keep=1)
+    for step in range(max(budgets)):
+        probs = _probs(logits[:, -1, :vocab], s.temperature)
+        feed = []
+        for r, gen in enumerate(gens):
+            if len(drafts[r]) < budgets[r] and (not drafts[r] or drafts[r][-1] != eos):
+                drafts[r].append(int(torch.multinomial(probs[r], 1, generator=gen)))
+            feed.append(drafts[r][-1] if drafts[r] else filler)
+        if step == max(budgets) - 1 or all(len(d) == b or d[-1] == eos for d, b in zip(drafts, budgets)):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = _forward(student, torch.tensor(feed, device=device)[:, None], mask, positions, keep=1,
+                                 cache=cache)
+    return drafts
+
+
+def _judge(teacher, seqs, drafts, s: SpeculativeSettings, vocab: int, starts: list[int], filler: int):
+    """Per row: the accepted flags of its drafts and the teacher's logits at its draft positions."""
+    device = _device(teacher)
+    width = max(len(d) for d in drafts)
+    # the last draft token is not fed: its logits would only serve a bonus token (none in SKD)
+    ids, mask = left_pad([q + d[:-1] for q, d in zip(seqs, drafts)], filler, device)
+    logits, _ = _forward(teacher, ids, mask, _positions(mask), keep=width)
+    logits = logits[..., :vocab]  # [B, width, V]: row r's draft j sits at width - len(d_r) + j
+    tokens = torch.full(logits.shape[:2], filler, dtype=torch.long)
+    for r, d in enumerate(drafts):
+        tokens[r, width - len(d):] = torch.tensor(d, dtype=torch.long)
+    tokens = tokens.to(logits.device)
+    if s.top_p > 0:
+        # nucleus: tokens whose more probable tokens hold less than top_p (the crossing one included)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        ok = (probs * (probs > probs.gather(-1, tokens[..., None]))).sum(-1) < s.top_p
+    else:
+        ks = torch.ones(logits.shape[:2], dtype=torch.long)
+        for r, d in enumerate(drafts):
+            ks[r, width - len(d):] = torch.tensor([s.k_at(starts[r] + j) for j in range(len(d))])
+        # rank of the draft = number of tokens the teacher prefers to it
+        ok = (logits > logits.gather(-1, tokens[..., None])).sum(-1) < ks.to(logits.device)
+    ok = ok.tolist()
+    return ([ok[r][width - len(d):] for r, d in enumerate(drafts)],
+            [logits[r, width - len(d):] for r, d in enumerate(drafts)])
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt: list[int]
+    gen: torch.Generator
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    stopped_at_eos: bool = False
+    done: bool = False
+
+
+def _run_batch(student, teacher, rows: list[_Row], s: SpeculativeSettings, vocab: int, eos, filler: int,
+               stats: SpeculativeStats) -> None:
+    active = [row for row in rows if not row.done]
+    while active:
+        seqs = [row.prompt + row.tokens for row in active]
+        budgets = [min(s.gamma, s.max_new_tokens - len(row.tokens)) for row in active]
+        drafts = _draft(student, seqs, budgets, [row.gen for row in active], s, vocab, eos, filler)
+        accepted, logits = _judge(teacher, seqs, drafts, s, vocab, [len(row.tokens) for row in active], filler)
+        for row, draft, ok, row_logits in zip(active, drafts, accepted, logits):
+            n = next((j for j, flag in enumerate(ok) if not flag), len(draft))
+            row.tokens += draft[:n]
+            stats.drafted += len(draft)
+            stats.accepted += n
+            stats.blocks += 1
+            if n < len(draft):  # first rejection: the teacher's token replaces the draft, the rest is dropped
+                if s.teacher_temperature == 0:
+                    token = int(row_logits[n].argmax())
+                else:
+                    token = int(torch.multinomial(_probs(row_logits[n], s.teacher_temperature), 1, generator=row.gen))
+                row.tokens.append(token)
+                stats.replaced += 1
+            if eos is not None and eos in row.tokens:
+                row.tokens = row.tokens[:row.tokens.index(eos)]
+                row.stopped_at_eos = row.done = True
+            elif len(row.tokens) >= s.max_new_tokens:  # drafts never exceed the budget: exactly max_new_tokens
+                row.done = True
+        active = [row for row in active if not row.done]
+
+
+@torch.no_grad()
+def speculative_generate(student: nn.Module, teacher: nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
+                         settings: SpeculativeSettings, *, seed: int,
+                         batch_size: int) -> tuple[list[Generation], SpeculativeStats]:
+    """One SKD sample per prompt (results in the order of ``prompts``) and the summed counts.
+
+    Prompts are grouped by length (:func:`pocl.generation.length_sorted_batches`) and left-padded;
+    both models see ``attention_mask`` and ``position_ids`` (cumsum of the mask - 1), so a padded row
+    scores like the unpadded sequence. Logits are cut to the shared vocabulary (the smaller output
+    layer). A row stops at EOS (removed from ``token_ids``, ``stopped_at_eos``) or after exactly
+    ``max_new_tokens`` tokens. Both models run in eval mode; their training modes are restored.
+    """
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ValueError(f"speculative batch_size must be an integer > 0 (got {batch_size!r})")
+    eos, pad = special_token_ids(tokenizer)
+    filler = pad if pad is not None else 0
+    vocab = min(output_rows(student), output_rows(teacher))
+    modes = (student.training, teacher.training)
+    rows = [_Row(list(p), torch.Generator().manual_seed(stream_seed("skd", seed, i)))
+            for i, p in enumerate(prompts)]
+    stats = SpeculativeStats()
+    student.eval()
+    teacher.eval()
+    try:
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+            _run_batch(student, teacher, [rows[i] for i in batch], settings, vocab, eos, filler, stats)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    out = [Generation(row.tokens, tokenizer.decode(row.tokens, skip_special_tokens=True), row.stopped_at_eos)
+           for row in rows]
+    return out, stats

@@ -1,0 +1,381 @@
+"""Speculative KD sampling (pocl.training.speculative) against naive one-sequence references.
+
+The references below are written from the spec: a Python loop over one sequence, full forward passes
+(no padding, no cache), the same per-row generator protocol (the draft samples of a block, then the
+replacement). The models run in float64 so that padding and caching cannot flip a sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pocl.generation import DecodingConfig, generate
+from pocl.training.speculative import (
+    SpeculativeSettings,
+    SpeculativeStats,
+    speculative_generate,
+)
+from pocl.training.stages import stream_seed
+from tests.conftest import make_llama
+
+SEED = 11
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def pair(suite_tokenizer):
+    """(student, teacher) in float64; the student has 7 extra output rows (the shared vocabulary is cut)."""
+    teacher = make_llama(suite_tokenizer, hidden=32, layers=2, seed=1).double().eval()
+    student = make_llama(suite_tokenizer, hidden=16, layers=1, seed=2, vocab_rows=len(suite_tokenizer) + 7)
+    return student.double().eval(), teacher
+
+
+@pytest.fixture(scope="module")
+def prompts(suite_tokenizer):
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 9, 5, 12, 1, 7]
+    return [torch.randint(2, len(suite_tokenizer), (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def bigram_pair(suite_tokenizer):
+    """(student, teacher) whose logits are bigram tables (the output depends on the last token only):
+    teacher logits ~ N(0, 9), student = teacher + N(0, 0.25) noise, so that drafted tokens often sit at
+    the top-K boundary (rank == K) or are the token that crosses the top-p threshold."""
+    vocab = len(suite_tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    table = 3.0 * torch.randn(vocab, vocab, generator=gen, dtype=torch.float64)
+    noisy = table + 0.5 * torch.randn(vocab, vocab, generator=gen, dtype=torch.float64)
+    student_table = torch.cat([noisy, torch.zeros(vocab, 7, dtype=torch.float64)], dim=1)
+    return _bigram(suite_tokenizer, student_table, seed=2), _bigram(suite_tokenizer, table, seed=1)
+
+
+def _bigram(tokenizer, table, seed):
+    """A tiny llama whose output layer returns ``table[last input token]`` (hooks; test double)."""
+    model = make_llama(tokenizer, hidden=8, layers=1, seed=seed, vocab_rows=table.shape[1]).double().eval()
+    seen = {}
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.update(ids=args[0]))
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: table[seen["ids"]][:, -out.shape[1]:])
+    return model
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(suite_tokenizer):
+    """(student, teacher) with absolute position embeddings: wrong position ids change their logits
+    (llama's rotary positions are shift-invariant and would not notice)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(width, layers, seed):
+        torch.manual_seed(seed)
+        cfg = GPT2Config(vocab_size=len(suite_tokenizer), n_embd=width, n_layer=layers, n_head=2, n_positions=128,
+                         bos_token_id=None, eos_token_id=0, pad_token_id=1)
+        model = GPT2LMHeadModel(cfg).double().eval()
+        with torch.no_grad():  # init (std 0.01 / 0.02) makes positions barely move the samples
+            model.transformer.wpe.weight.normal_(0.0, 0.5)
+            model.transformer.wte.weight.normal_(0.0, 0.5)
+        return model
+
+    return gpt2(16, 1, 3), gpt2(32, 2, 4)
+
+
+def eos_bias(model, value: float):
+    """Add ``value`` to the EOS logit of ``model`` (a forward hook on the output layer); returns the handle."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    bias = torch.zeros(rows, dtype=torch.float64)
+    bias[0] = value  # EOS of the suite tokenizer
+
+    return model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias.to(out.dtype))
+
+
+# ---------------------------------------------------------------------------------------- references
+def _last_logits(model, tokens, vocab):
+    return model(input_ids=torch.tensor([tokens])).logits[0, -1, :vocab]
+
+
+def _vocab(student, teacher):
+    return min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+
+
+def _k_at(s: SpeculativeSettings, n: int) -> int:
+    if s.top_k_end is None:
+        return s.top_k
+    return max(1, round(s.top_k + (s.top_k_end - s.top_k) * n / max(s.max_new_tokens - 1, 1)))
+
+
+def _nucleus(logits, top_p: float) -> list[int]:
+    """The smallest set of most probable tokens with cumulative probability >= top_p (sorted)."""
+    probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+    crossing = (torch.cumsum(probs, -1) >= top_p).nonzero()
+    size = int(crossing[0]) + 1 if len(crossing) else len(probs)
+    return order[:size].tolist()
+
+
+@torch.no_grad()
+def naive_skd(student, teacher, prompt, s: SpeculativeSettings, index: int, eos: int = 0, boundary=None):
+    """(tokens, stopped_at_eos, stats) of one prompt, straight from the spec. ``boundary`` (a list)
+    collects the judged drafts at the acceptance boundary: rank K, or the top-p crossing token."""
+    gen = torch.Generator().manual_seed(stream_seed("skd", SEED, index))
+    vocab = _vocab(student, teacher)
+    out: list[int] = []
+    stats = SpeculativeStats()
+    while True:
+        draft: list[int] = []
+        for _ in range(min(s.gamma, s.max_new_tokens - len(out))):
+            probs = torch.softmax(_last_logits(student, prompt + out + draft, vocab) / s.temperature, -1)
+            draft.append(int(torch.multinomial(probs, 1, generator=gen)))
+            if draft[-1] == eos:
+                break
+        stats.blocks += 1
+        stats.drafted += len(draft)
+        for j, token in enumerate(draft):
+            logits = _last_logits(teacher, prompt + out, vocab)
+            if s.top_p > 0:
+                nucleus = _nucleus(logits, s.top_p)
+                ok = token in nucleus
+                at_boundary = token == nucleus[-1]  # the crossing token
+            else:
+                ok = token in torch.topk(logits, _k_at(s, len(out))).indices.tolist()
+                at_boundary = torch.topk(logits, _k_at(s, len(out)) + 1).indices[-1] == token
+            if boundary is not None and at_boundary:
+                boundary.append(token)
+            if not ok:
+                if s.teacher_temperature == 0:
+                    out.append(int(logits.argmax()))
+                else:
+                    probs = torch.softmax(logits / s.teacher_temperature, -1)
+                    out.append(int(torch.multinomial(probs, 1, generator=gen)))
+                stats.replaced += 1
+                break
+            out.append(token)
+            stats.accepted += 1
+        if eos in out:
+            return out[:out.index(eos)], True, stats
+        if len(out) >= s.max_new_tokens:
+            return out, False, stats
+
+
+@torch.no_grad()
+def naive_student_sampling(student, teacher, prompt, s: SpeculativeSettings, index: int, eos: int = 0):
+    gen = torch.Generator().manual_seed(stream_seed("skd", SEED, index))
+    vocab, out = _vocab(student, teacher), []
+    while len(out) < s.max_new_tokens:
+        probs = torch.softmax(_last_logits(student, prompt + out, vocab) / s.temperature, -1)
+        out.append(int(torch.multinomial(probs, 1, generator=gen)))
+        if out[-1] == eos:
+            return out[:-1], True
+    return out, False
+
+
+@torch.no_grad()
+def naive_greedy(model, prompt, max_new_tokens: int, vocab: int, eos: int = 0):
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        out.append(int(_last_logits(model, prompt + out, vocab).argmax()))
+        if out[-1] == eos:
+            return out[:-1], True
+    return out, False
+
+
+def _as_tuples(generations):
+    return [(g.token_ids, g.stopped_at_eos) for g in generations]
+
+
+# ------------------------------------------------------------------------------------------- tests
+SETTINGS = {
+    "top_k": SpeculativeSettings(gamma=4, top_k=150, temperature=0.7, teacher_temperature=0.8, max_new_tokens=14),
+    "top_p": SpeculativeSettings(gamma=3, top_p=0.6, temperature=1.0, teacher_temperature=1.3, max_new_tokens=13),
+    "k_decay": SpeculativeSettings(gamma=5, top_k=400, top_k_end=20, temperature=0.5, teacher_temperature=1.0,
+                                   max_new_tokens=15),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_matches_naive_reference_for_every_batch_size(pair, prompts, suite_tokenizer, name):
+    student, teacher = pair
+    s = SETTINGS[name]
+    expected, total = [], SpeculativeStats()
+    for i, p in enumerate(prompts):
+        tokens, stopped, stats = naive_skd(student, teacher, p, s, i)
+        expected.append((tokens, stopped))
+        total.add(stats)
+    assert 0 < total.accepted < total.drafted and total.replaced > 0  # both branches are exercised
+    for batch_size in (1, 2, 6):
+        out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED,
+                                          batch_size=batch_size)
+        assert _as_tuples(out) == expected, batch_size
+        assert stats == total
+        assert [g.text for g in out] == [suite_tokenizer.decode(t, skip_special_tokens=True) for t, _ in expected]
+
+
+@pytest.mark.parametrize("settings", [
+    SpeculativeSettings(gamma=4, top_k=8, top_k_end=2, max_new_tokens=15),
+    SpeculativeSettings(gamma=3, top_p=0.5, teacher_temperature=0.7, max_new_tokens=15),
+], ids=["k_decay", "top_p"])
+def test_acceptance_boundaries_match_reference(bigram_pair, prompts, suite_tokenizer, settings):
+    """The K-th token is accepted and the (K+1)-th is not; the top-p crossing token is accepted."""
+    student, teacher = bigram_pair
+    prompts = prompts * 2  # the same prompts at other indices draw other samples
+    expected, boundary = [], []
+    for i, p in enumerate(prompts):
+        expected.append(naive_skd(student, teacher, p, settings, i, boundary=boundary)[:2])
+    assert len(boundary) >= 5
+    for batch_size in (1, 6):
+        out, _ = speculative_generate(student, teacher, suite_tokenizer, prompts, settings, seed=SEED,
+                                      batch_size=batch_size)
+        assert _as_tuples(out) == expected
+
+
+def test_position_ids_follow_left_padding(gpt2_pair, prompts, suite_tokenizer):
+    student, teacher = gpt2_pair
+    s = SpeculativeSettings(gamma=4, top_k=200, temperature=0.8, max_new_tokens=12)
+    expected, total = [], SpeculativeStats()
+    for i, p in enumerate(prompts):
+        tokens, stopped, stats = naive_skd(student, teacher, p, s, i)
+        expected.append((tokens, stopped))
+        total.add(stats)
+    assert 0 < total.accepted < total.drafted
+    for batch_size in (1, 6):
+        out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED,
+                                          batch_size=batch_size)
+        assert _as_tuples(out) == expected and stats == total
+
+
+def test_k_equal_to_vocab_is_pure_student_sampling(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    s = SpeculativeSettings(gamma=3, top_k=len(suite_tokenizer), temperature=0.9, max_new_tokens=10)
+    out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=4)
+    expected = [naive_student_sampling(student, teacher, p, s, i) for i, p in enumerate(prompts)]
+    assert _as_tuples(out) == expected
+    assert stats.replaced == 0 and stats.acceptance_rate == 1.0 and stats.drafted > 0
+
+
+def test_k1_greedy_teacher_is_teacher_greedy_decoding(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    s = SpeculativeSettings(gamma=4, top_k=1, teacher_temperature=0.0, max_new_tokens=12)
+    out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=3)
+    vocab = _vocab(student, teacher)
+    assert _as_tuples(out) == [naive_greedy(teacher, p, 12, vocab) for p in prompts]
+    hf = generate(teacher, suite_tokenizer, prompts, DecodingConfig.greedy(no_repeat_ngram_size=0, max_new_tokens=12),
+                  batch_size=3)
+    assert _as_tuples(out) == _as_tuples(hf)
+    assert stats.replaced > 0
+
+
+def test_output_independent_of_batch_composition(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    s = SETTINGS["top_k"]
+    other = list(prompts)
+    other[1], other[4] = [7] * 15, [9, 8]  # other neighbours, other length order, same indices for the rest
+    out_a, _ = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=2)
+    for batch_size in (3, 5):
+        out_b, _ = speculative_generate(student, teacher, suite_tokenizer, other, s, seed=SEED, batch_size=batch_size)
+        for i in (0, 2, 3, 5):
+            assert out_b[i] == out_a[i]
+    out_c, _ = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED + 1, batch_size=2)
+    assert _as_tuples(out_c) != _as_tuples(out_a)  # the seed matters
+
+
+def test_global_rng_untouched_and_training_modes_restored(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    student.train()
+    try:
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        speculative_generate(student, teacher, suite_tokenizer, prompts[:3], SETTINGS["top_p"], seed=SEED, batch_size=2)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert student.training and all(m.training for m in student.modules())
+        assert not teacher.training and not any(m.training for m in teacher.modules())
+    finally:
+        student.eval()
+
+
+def test_eos_stops_rows_like_the_reference(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    s = SpeculativeSettings(gamma=3, top_k=200, max_new_tokens=16)
+    handles = [eos_bias(student, 4.0), eos_bias(teacher, 4.0)]
+    try:
+        out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=4)
+        expected = [naive_skd(student, teacher, p, s, i) for i, p in enumerate(prompts)]
+    finally:
+        for h in handles:
+            h.remove()
+    assert _as_tuples(out) == [(tokens, stopped) for tokens, stopped, _ in expected]
+    total = SpeculativeStats()
+    for *_, row_stats in expected:
+        total.add(row_stats)
+    assert stats == total  # the student stops drafting at a drafted EOS
+    assert any(g.stopped_at_eos and g.token_ids for g in out)  # stopped mid-response
+    for g in out:
+        assert 0 not in g.token_ids
+        assert g.stopped_at_eos or len(g.token_ids) == 16
+
+
+def test_eos_at_first_token_gives_empty_generation(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    handle = eos_bias(student, 100.0)
+    try:
+        s = SpeculativeSettings(top_k=len(suite_tokenizer), max_new_tokens=8)
+        out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=6)
+    finally:
+        handle.remove()
+    assert all(g.token_ids == [] and g.stopped_at_eos and g.text == "" for g in out)
+    assert stats.drafted == stats.accepted == stats.blocks == len(prompts)
+
+
+@pytest.mark.parametrize("gamma", [2, 5])
+def test_max_new_tokens_cuts_exactly(pair, prompts, suite_tokenizer, gamma):
+    student, teacher = pair
+    handles = [eos_bias(student, -1e9), eos_bias(teacher, -1e9)]
+    try:
+        s = SpeculativeSettings(gamma=gamma, top_k=100, max_new_tokens=3)
+        out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(len(g.token_ids) == 3 and not g.stopped_at_eos for g in out)
+    assert stats.accepted + stats.replaced == 3 * len(prompts)
+
+
+def test_stats():
+    assert math.isnan(SpeculativeStats().acceptance_rate)
+    a = SpeculativeStats(drafted=4, accepted=3, replaced=1, blocks=1)
+    a.add(SpeculativeStats(drafted=2, accepted=1, replaced=1, blocks=1))
+    assert a == SpeculativeStats(drafted=6, accepted=4, replaced=2, blocks=2)
+    assert a.acceptance_rate == pytest.approx(4 / 6)
+
+
+def test_k_decay_schedule():
+    s = SpeculativeSettings(top_k=25, top_k_end=1, max_new_tokens=5)
+    assert [s.k_at(n) for n in range(5)] == [25, 19, 13, 7, 1]
+    assert SpeculativeSettings(top_k=3, top_k_end=1, max_new_tokens=1).k_at(0) == 3
+    assert SpeculativeSettings(top_k=7).k_at(100) == 7
+
+
+def test_official_defaults():
+    s = SpeculativeSettings()
+    assert (s.gamma, s.top_k, s.top_p, s.top_k_end) == (5, 25, 0.0, None)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("gamma", 0), ("gamma", 2.5), ("gamma", True), ("top_k", 0), ("top_p", -0.1), ("top_p", 1.5),
+    ("top_k_end", 0), ("temperature", 0.0), ("temperature", math.inf), ("teacher_temperature", -1.0),
+    ("max_new_tokens", 0),
+])
+def test_settings_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        SpeculativeSettings(**{field: value})
+
+
+def test_top_k_end_needs_top_k_acceptance():
+    with pytest.raises(ValueError, match="top_k_end"):
+        SpeculativeSettings(top_p=0.9, top_k_end=5)
+
+
+def test_batch_size_validation(pair, prompts, suite_tokenizer):
+    student, teacher = pair
+    with pytest.raises(ValueError, match="batch_size"):
+        speculative_generate(student, teacher, suite_tokenizer, prompts, SpeculativeSettings(), seed=0, batch_size=0)
