@@ -66,3 +66,23 @@ def test_rank_help_lists_the_curriculum_flags(capsys):
     for flag in ("--measurer", "--rrf-k", "--ranking-file", "--rank-temperature", "--output-dir", "--student"):
         assert flag in out
     assert "--divergence" not in out and "--batch-size" not in out
+
+
+def test_rank_with_the_teacher_measurers(tmp_path, tiny_pair, tiny_data, capsys):
+    teacher, _ = tiny_pair
+    out = tmp_path / "run"
+    assert main(_args(tiny_pair, tiny_data, out, "--measurer", "teacher_kl")) == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "teacher_kl" in err and not out.exists()
+    assert main(_args(tiny_pair, tiny_data, out, "--measurer", "teacher_kl", "--teacher", str(teacher))) == 0
+    text = capsys.readouterr().out
+    assert "48 samples ranked by teacher_kl (computed:" in text and "teacher batches: 2 measured now" in text
+    assert "teacher_kl" in text.split("quartile")[1] and "(measurement: teacher " in text
+    rows = [json.loads(x) for x in (out / "ranking.jsonl").read_text().splitlines()]
+    assert all(r["teacher_kl"] > 0 and r["teacher_entropy"] > 0 for r in rows)
+    assert [r["teacher_kl"] for r in rows] == sorted(r["teacher_kl"] for r in rows)
+    assert [r["teacher_kl_rank"] for r in rows] == list(range(1, 49)) and all(r["loss"] is None for r in rows)
+    meta = json.loads((out / "ranking.meta.json").read_text())
+    assert set(meta["teacher_inputs"]) == {"teacher"}
+    assert main(_args(tiny_pair, tiny_data, out, "--measurer", "teacher_entropy", "--teacher", str(teacher))) == 0
+    assert "ranked by teacher_entropy (reranked:" in capsys.readouterr().out

@@ -305,7 +305,8 @@ def curriculum_stages(config: DistillConfig, inputs: RunInputs) -> tuple[list[St
 
     stages, _, info = prepare_curriculum(config, records=inputs.train_records, tokenizer=inputs.tokenizer,
                                          model=inputs.student, model_fingerprint=inputs.fingerprints["student_init"],
-                                         device=_device(config))
+                                         device=_device(config), teacher=inputs.teacher,
+                                         teacher_fingerprint=inputs.fingerprints.get("teacher"))
     stages, overrides = curriculum_overrides(config, stages)
     log.info("POCL schedule:\n%s", format_schedule(stages, len(inputs.train_data),
                                                     batch_size=config.train.batch_size))

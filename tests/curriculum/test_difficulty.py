@@ -156,7 +156,8 @@ def test_random_measurer_is_seeded_and_needs_nothing():
 
 
 def test_measurer_names_are_exact_and_signals_are_checked():
-    assert sorted(MEASURERS.names()) == ["loss", "random", "reverse", "rouge", "rrf"]
+    assert sorted(MEASURERS.names()) == ["loss", "random", "reverse", "rouge", "rrf", "rrf_teacher", "teacher_entropy",
+                                         "teacher_kl"]
     with pytest.raises(UnknownNameError, match="did you mean"):
         rank_samples(_diffs(), "rf")
     with pytest.raises(ConfigError, match="needs the rouge_l signal"):

@@ -16,7 +16,7 @@ from pocl.errors import suggest
 #: The difficulty measurers of the curriculum. Their registry
 #: (:data:`pocl.curriculum.difficulty.MEASURERS`) imports torch, which this module must not; a test
 #: asserts that the two name the same measurers.
-MeasurerName = Literal["rrf", "rouge", "loss", "random", "reverse"]
+MeasurerName = Literal["rrf", "rouge", "loss", "random", "reverse", "teacher_kl", "teacher_entropy", "rrf_teacher"]
 MEASURER_NAMES: tuple[str, ...] = typing.get_args(MeasurerName)
 
 
@@ -32,7 +32,9 @@ class CurriculumConfig(ConfigSection):
     measurer: MeasurerName = option(
         "rrf", "Difficulty order: rrf (reciprocal rank fusion of ROUGE-L and loss ranks, the paper's), rouge or "
         "loss alone, random (a seeded shuffle), reverse (rrf order, hardest first). random and reverse are "
-        "ablations with the same stage sizes.")
+        "ablations with the same stage sizes. With the teacher (an extension; one extra teacher forward pass "
+        "over the training set): teacher_kl (KL(teacher || student) on the reference), teacher_entropy (the "
+        "teacher's entropy), rrf_teacher (RRF of rouge, loss, teacher_kl and teacher_entropy ranks).")
     rrf_k: int = option(60, "k of reciprocal rank fusion: score = 1/(k + rank_rouge) + 1/(k + rank_loss).")
     ranking_file: str | None = option(None, "Where the ranking is written and reused (default: "
                                       "OUTPUT_DIR/ranking.jsonl). Reused only when its stamp matches the model, "

@@ -1,5 +1,5 @@
 """The two signals the difficulty measurer takes from the *initial* student for every training sample
-(the teacher is not used; POCL spec, section 2):
+(POCL spec, section 2; the paper uses the student alone):
 
 * **loss** -- the student's mean token cross-entropy on the reference response under teacher
   forcing, with the tokenisation and masking of training (:func:`pocl.data.tokenize_records`:
@@ -11,8 +11,10 @@
   the reference(s) with :func:`pocl.evaluation.metrics.rouge_l` (F-measure x 100, Porter stemmer,
   max over references).
 
-:func:`measure_difficulty` runs both passes; the measurers that turn the signals into an order are
-in :mod:`pocl.curriculum.difficulty`.
+:func:`measure_difficulty` runs both passes, and, given a teacher, the joint student + teacher pass
+of the two teacher signals (``teacher_kl``, ``teacher_entropy``; :mod:`pocl.curriculum.teacher_signals`,
+an extension). The measurers that turn the signals into an order are in
+:mod:`pocl.curriculum.difficulty`.
 
 **Resumable measurement.** With a ``journal`` (see :class:`BatchJournal`; the ranking file's
 ``ranking.partial.jsonl`` in :mod:`pocl.curriculum.ranking`), every finished batch of either pass is
@@ -42,6 +44,8 @@ from pocl.generation import DecodingConfig, generate, length_sorted_batches
 from pocl.losses.engine import select_response_tokens
 from pocl.models import LMHead, check_fused_head, hidden_states, output_rows
 
+from .teacher_signals import TEACHER_PASS, joint_batch_signals, shared_rows
+
 log = logging.getLogger("pocl.curriculum")
 
 __all__ = ["BatchJournal", "SampleDifficulty", "gather_difficulties", "measure_difficulty"]
@@ -49,12 +53,15 @@ __all__ = ["BatchJournal", "SampleDifficulty", "gather_difficulties", "measure_d
 
 @dataclasses.dataclass
 class SampleDifficulty:
-    """The signals of one sample (None: not measured). ``loss`` is NaN when the sample has no target token."""
+    """The signals of one sample (None: not measured). ``loss``, ``teacher_kl`` and ``teacher_entropy``
+    are NaN when the sample has no target token."""
 
     id: str
     rouge_l: float | None = None
     loss: float | None = None
     generation: str | None = None
+    teacher_kl: float | None = None
+    teacher_entropy: float | None = None
 
 
 # ------------------------------------------------------------------------------------------- signals
@@ -81,10 +88,11 @@ class _Bar:
 class BatchJournal(Protocol):
     """Where the measurer keeps finished batches so that an interrupted pass can resume.
 
-    A batch is identified by the signal (``"loss"`` or ``"rouge_l"``), its index ``b`` in the
-    single-process batch plan of that pass and the ids of its samples. Its ``payload`` is
-    ``{"loss": [...]}`` or ``{"rouge_l": [...], "generation": [...]}`` (one value per sample of the
-    batch, in batch order) plus ``"seconds"``.
+    A batch is identified by the signal (the pass: ``"loss"``, ``"rouge_l"`` or ``"teacher"``), its
+    index ``b`` in the single-process batch plan of that pass and the ids of its samples. Its
+    ``payload`` is ``{"loss": [...]}``, ``{"rouge_l": [...], "generation": [...]}`` or
+    ``{"teacher_kl": [...], "teacher_entropy": [...]}`` (one value per sample of the batch, in batch
+    order) plus ``"seconds"``.
 
     Sharded passes (``shard=(rank, world)``) go in rounds of ``world`` consecutive batches, batch
     ``start + rank`` of each round on process ``rank``; every process calls :meth:`commit` once per
@@ -210,6 +218,45 @@ def _response_losses(model: nn.Module, tokenizer, records: Sequence[Record], tem
     return losses
 
 
+@torch.no_grad()
+def _teacher_signals(student: nn.Module, teacher: nn.Module, tokenizer, records: Sequence[Record],
+                     template: PromptTemplate, *, max_length: int, max_prompt_length: int, truncation_side: str,
+                     batch_size: int, chunk_size: int, fused: bool | None, progress: bool,
+                     shard: tuple[int, int] = (0, 1), journal: BatchJournal | None = None
+                     ) -> tuple[list[float | None], list[float | None]]:
+    """The joint student + teacher pass (:mod:`pocl.curriculum.teacher_signals`) with the loss pass's
+    tokenisation and batch plan: ``(teacher_kl, teacher_entropy)`` in record order."""
+    data = tokenize_records(records, tokenizer, template, max_length=max_length,
+                            max_prompt_length=max_prompt_length, truncation_side=truncation_side)
+    vocab = shared_rows(student, teacher, tokenizer)
+    heads = {"student_head": _resolve_fused(student, vocab, fused),
+             "teacher_head": _resolve_fused(teacher, vocab, fused)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rank, world = shard
+    plan = list(enumerate(group_by_length(data.lengths, batch_size)))
+    mine = plan if journal is not None else [(b, batch) for b, batch in plan if b % world == rank]
+    bar = _Bar(sum(len(b) for _, b in mine), "difficulty: teacher", progress)
+
+    def compute(b: int, batch_idx: Sequence[int]) -> dict[str, Any]:
+        batch = collate([data[i] for i in batch_idx], pad)
+        return joint_batch_signals(student, teacher, batch, vocab=vocab, chunk_size=chunk_size, **heads)
+
+    try:
+        done = _run_batches(TEACHER_PASS, plan, data.ids, compute, shard=shard, journal=journal, bar=bar)
+    finally:
+        bar.close()
+    kls: list[float | None] = [None] * len(data)
+    entropies: list[float | None] = [None] * len(data)
+    for b, payload in done.items():
+        for i, kl, ent in zip(plan[b][1], payload["teacher_kl"], payload["teacher_entropy"]):
+            kls[i], entropies[i] = kl, ent
+    missing = [data[i].id for i, v in enumerate(kls) if v is not None and math.isnan(v)]
+    if missing:
+        log.warning("difficulty: %d samples have no response token for the teacher signals (e.g. '%s'); they "
+                    "rank as hardest", len(missing), missing[0])
+    return kls, entropies
+
+
 def _rouge_signal(model: nn.Module, tokenizer, records: Sequence[Record], template: PromptTemplate, *,
                   max_prompt_length: int, truncation_side: str, decoding: DecodingConfig, batch_size: int,
                   seed: int, progress: bool, shard: tuple[int, int] = (0, 1),
@@ -259,16 +306,21 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
                        need_rouge: bool = True, need_loss: bool = True, seed: int = 0, progress: bool = True,
                        chunk_size: int = 1024, fused: bool | None = None,
                        timings: dict[str, float] | None = None,
-                       shard: tuple[int, int] = (0, 1), journal: BatchJournal | None = None
+                       shard: tuple[int, int] = (0, 1), journal: BatchJournal | None = None,
+                       teacher: nn.Module | None = None, need_teacher: bool | None = None
                        ) -> list[SampleDifficulty]:
     """Score every record with ``model`` (the initial student); results in record order.
 
-    ``need_loss``/``need_rouge`` choose the signals (the other stays None). ``decoding`` and
+    ``need_loss``/``need_rouge`` choose the signals (the other stays None). ``teacher``: also the
+    two teacher signals ``teacher_kl`` and ``teacher_entropy``, from one joint student + teacher
+    pass (:func:`pocl.curriculum.teacher_signals.joint_batch_signals`); ``need_teacher`` (default:
+    whether a teacher is given) turns that pass on or off. ``decoding`` and
     ``seed`` drive the generations; ``batch_size`` is the number of samples per forward pass for
     both signals. The model runs on its current device, in eval mode (its mode is restored).
     ``fused=None`` checks once that the chunked LM-head path reproduces the model's logits and
-    falls back to the model's own logits if not. ``timings``, when given, receives
-    ``loss_seconds`` and ``generate_seconds`` (generation plus ROUGE scoring).
+    falls back to the model's own logits if not (for each model of the teacher pass on its own).
+    ``timings``, when given, receives ``loss_seconds``, ``teacher_seconds`` and ``generate_seconds``
+    (generation plus ROUGE scoring) of the passes run.
 
     ``shard=(rank, world)``: measure only the batches ``b`` with ``b % world == rank`` of the
     single-process batch plan (the other samples keep None); see :func:`gather_difficulties`.
@@ -283,8 +335,11 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
         raise DataError("nothing to rank: no samples")
     if batch_size <= 0:
         raise ConfigError(f"batch size of the measurer must be > 0 (got {batch_size})")
+    need_teacher = teacher is not None if need_teacher is None else need_teacher
+    if need_teacher and teacher is None:
+        raise ConfigError("the teacher signals (teacher_kl, teacher_entropy) need the teacher model; none was given")
     no_ref = [r for r in records if not r.has_output]
-    if no_ref and (need_loss or need_rouge):
+    if no_ref and (need_loss or need_rouge or need_teacher):
         r = no_ref[0]
         raise DataError(f"sample '{r.id}' has no reference output; ranking needs one for every sample "
                         f"({len(no_ref)} without)", path=r.source, line=r.line, field="output")
@@ -292,7 +347,10 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
     timings = {} if timings is None else timings
     result = [SampleDifficulty(r.id) for r in records]
     was_training = model.training
+    teacher_was_training = teacher.training if teacher is not None else False
     model.eval()
+    if teacher is not None:
+        teacher.eval()
     try:
         if need_loss:
             t0 = time.perf_counter()
@@ -304,6 +362,17 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
             for d, v in zip(result, losses):
                 d.loss = v
             log.info("difficulty: loss of %d samples in %.1f s", len(records), timings["loss_seconds"])
+        if need_teacher:
+            t0 = time.perf_counter()
+            kls, entropies = _teacher_signals(model, teacher, tokenizer, records, template, max_length=max_length,
+                                             max_prompt_length=max_prompt_length, truncation_side=truncation_side,
+                                             batch_size=batch_size, chunk_size=chunk_size, fused=fused,
+                                             progress=progress, shard=shard, journal=journal)
+            timings["teacher_seconds"] = (time.perf_counter() - t0
+                                          + (journal.stored_seconds(TEACHER_PASS) if journal else 0.0))
+            for d, kl, ent in zip(result, kls, entropies):
+                d.teacher_kl, d.teacher_entropy = kl, ent
+            log.info("difficulty: teacher signals of %d samples in %.1f s", len(records), timings["teacher_seconds"])
         if need_rouge:
             t0 = time.perf_counter()
             scores, texts = _rouge_signal(model, tokenizer, records, template, max_prompt_length=max_prompt_length,
@@ -318,6 +387,8 @@ def measure_difficulty(model: nn.Module, tokenizer, records: Sequence[Record], *
                      timings["generate_seconds"])
     finally:
         model.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_was_training)
     return result
 
 
@@ -333,5 +404,7 @@ def gather_difficulties(parts: Sequence[Sequence[SampleDifficulty]]) -> list[Sam
                 out.loss = d.loss
             if d.rouge_l is not None:
                 out.rouge_l, out.generation = d.rouge_l, d.generation
+            if d.teacher_kl is not None:
+                out.teacher_kl, out.teacher_entropy = d.teacher_kl, d.teacher_entropy
     return merged
 

@@ -1,7 +1,9 @@
 """The ranking file format: ``ranking.jsonl`` (one line per sample, easiest first) and its stamped
 ``ranking.meta.json`` (format version, stamps, counts, sha256 and size of the ``.jsonl``): a stamped file
 (:class:`pocl.artifacts.StampedFile`, written atomically, the metadata last, and checked on reading),
-plus the checks of the line structure.
+plus the checks of the line structure. Lines hold the teacher signals (``teacher_kl``,
+``teacher_entropy`` and their ranks) only when the ranking has them, so the files of the
+student-only measurers are what they were before those signals existed, and older files still read.
 The stamps themselves are made in :mod:`pocl.curriculum.ranking_stamps`; see
 :mod:`pocl.curriculum.ranking` for the reuse rules.
 """
@@ -17,16 +19,18 @@ from typing import Any
 from pocl.artifacts import StampedFile
 from pocl.errors import CheckpointError
 
-from .difficulty import SIGNALS, RankedSample
+from .difficulty import SIGNALS, STUDENT_SIGNALS, TEACHER_SIGNALS, RankedSample
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LINE_KEYS", "meta_path", "read_ranking", "read_ranking_with_hashes",
-           "write_ranking"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "LINE_KEYS", "TEACHER_KEYS", "meta_path", "read_ranking",
+           "read_ranking_with_hashes", "write_ranking"]
 
 
 FORMAT = "pocl-ranking"
 FORMAT_VERSION = 1
 
 LINE_KEYS = ("id", "rank", "score", "rouge_l", "loss", "rouge_rank", "loss_rank", "generation")
+#: Optional keys of a line: written (on every line) only when the ranking holds a teacher signal.
+TEACHER_KEYS = ("teacher_kl", "teacher_entropy", "teacher_kl_rank", "teacher_entropy_rank")
 
 def _file(path: str | os.PathLike) -> StampedFile:
     """The ranking at ``path`` as a stamped file (:class:`pocl.artifacts.StampedFile`)."""
@@ -45,16 +49,19 @@ def write_ranking(path: str | os.PathLike, ranking: Sequence[RankedSample], meta
     ``meta`` supplies the stamps (signals_hash, order_hash and their inputs, timings ...); format,
     counts, checksum and version are added here.
     """
+    with_teacher = any(getattr(r, s) is not None for r in ranking for s in TEACHER_SIGNALS)
+    keys = LINE_KEYS[:-1] + TEACHER_KEYS + LINE_KEYS[-1:] if with_teacher else LINE_KEYS
     lines = []
     for r in ranking:
-        row = {k: getattr(r, k) for k in LINE_KEYS}
+        row = {k: getattr(r, k) for k in keys}
         if sample_hashes is not None:
             row["sample_hash"] = sample_hashes.get(r.id)
         lines.append(json.dumps(row, ensure_ascii=False))
     blob = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
     signals = [s for s in SIGNALS if ranking and all(getattr(r, s) is not None for r in ranking)]
+    counted = SIGNALS if with_teacher else STUDENT_SIGNALS
     counts = {"samples": len(ranking), **{f"with_{s}": sum(getattr(r, s) is not None for r in ranking)
-                                          for s in SIGNALS}}
+                                          for s in counted}}
     return _file(path).write(blob, {**meta, "signals": signals, "counts": counts})
 
 
@@ -81,7 +88,7 @@ def read_ranking_with_hashes(path: Path) -> tuple[list[RankedSample], dict[str, 
     for n, line in enumerate(blob.decode("utf-8").splitlines(), start=1):
         try:
             row = json.loads(line)
-            sample = RankedSample(**{k: row.get(k) for k in LINE_KEYS})
+            sample = RankedSample(**{k: row.get(k) for k in LINE_KEYS + TEACHER_KEYS})
         except (ValueError, TypeError) as exc:
             raise corrupt(f"line {n} is not a ranking entry ({exc})") from None
         if sample.rank != n or not isinstance(sample.id, str):

@@ -7,6 +7,10 @@ file whose stamp matches (:class:`PartialMeasurement`, a
 :class:`pocl.curriculum.difficulty.BatchJournal`), measures only the others, and deletes the partial
 file once the ranking is written. With several processes (:class:`Distributed`) the batches are
 measured in rounds, gathered after each round and appended by the main process only.
+
+The batches of the teacher pass (``"teacher"``) depend on the teacher too: each carries the stamp of
+the teacher it was measured with (``teacher_hash``) and is reused only for that teacher, while the
+student's batches of the same file stay usable with any teacher.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from pocl.artifacts import write_file
 from pocl.errors import CheckpointError
 from pocl.fingerprints import line_check
 
-from .difficulty import SIGNALS
+from .difficulty import SIGNAL_PASS
 from .ranking_file import write_ranking
 
-__all__ = ["PARTIAL_FORMAT", "PARTIAL_FORMAT_VERSION", "SIGNAL_WORD", "Distributed", "PartialMeasurement",
+__all__ = ["PARTIAL_FORMAT", "PARTIAL_FORMAT_VERSION", "PASSES", "SIGNAL_WORD", "Distributed", "PartialMeasurement",
            "drop_leftover_partial", "partial_path"]
 
 
@@ -36,6 +40,9 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 PARTIAL_FORMAT = "pocl-ranking-partial"
 PARTIAL_FORMAT_VERSION = 1
+
+#: The passes whose batches the journal keeps (``"teacher"``: the joint pass of the two teacher signals).
+PASSES = tuple(dict.fromkeys(SIGNAL_PASS.values()))
 
 
 def _read_partial(path: Path) -> tuple[dict[str, Any] | None, list[tuple[bytes, dict[str, Any]]], int]:
@@ -58,7 +65,7 @@ def _read_partial(path: Path) -> tuple[dict[str, Any] | None, list[tuple[bytes, 
         try:
             entry = json.loads(raw)
             check = entry.pop("check")
-            sound = (check == line_check(entry) and entry["signal"] in SIGNALS and isinstance(entry["batch"], int)
+            sound = (check == line_check(entry) and entry["signal"] in PASSES and isinstance(entry["batch"], int)
                      and isinstance(entry["ids"], list))
         except (ValueError, TypeError, KeyError, AttributeError):
             sound = False
@@ -78,14 +85,16 @@ class PartialMeasurement:
     every process knows every result and the main process appends them all.
     """
 
-    def __init__(self, path: Path, signals_hash: str, dist: "Distributed"):
+    def __init__(self, path: Path, signals_hash: str, dist: "Distributed", *, teacher_hash: str | None = None):
         self.path = path
         self.stamp = signals_hash
+        self.teacher_hash = teacher_hash
         self.dist = dist
         self.entries: dict[tuple[str, int], dict[str, Any]] = {}
-        self.reused: dict[str, int] = {s: 0 for s in SIGNALS}
-        self.measured: dict[str, int] = {s: 0 for s in SIGNALS}
-        self._reused_seconds: dict[str, float] = {s: 0.0 for s in SIGNALS}
+        # Per pass; the teacher pass appears once it has a batch (the student's passes are always there).
+        self.reused: dict[str, int] = {"loss": 0, "rouge_l": 0}
+        self.measured: dict[str, int] = {"loss": 0, "rouge_l": 0}
+        self._reused_seconds: dict[str, float] = {}
         self._fh = None
         keep: list[bytes] = []
         self.note = ""
@@ -116,13 +125,18 @@ class PartialMeasurement:
             except OSError as exc:
                 raise CheckpointError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
 
+    def _usable(self, entry: dict[str, Any]) -> bool:
+        """A teacher batch only for the teacher it was measured with."""
+        return entry["signal"] != "teacher" or (self.teacher_hash is not None
+                                                and entry.get("teacher_hash") == self.teacher_hash)
+
     def stored_batches(self, signal: str) -> int:
-        return sum(1 for (s, _) in self.entries if s == signal)
+        return sum(1 for (s, _), entry in self.entries.items() if s == signal and self._usable(entry))
 
     # -- BatchJournal
     def lookup(self, signal: str, batch: int, ids) -> dict[str, Any] | None:
         entry = self.entries.get((signal, batch))
-        if entry is None or entry["ids"] != list(ids):
+        if entry is None or entry["ids"] != list(ids) or not self._usable(entry):
             return None
         return entry
 
@@ -136,19 +150,22 @@ class PartialMeasurement:
                 continue
             batch, ids, payload, fresh = it
             if fresh:
-                self.measured[signal] += 1
+                self.measured[signal] = self.measured.get(signal, 0) + 1
                 entry = {"signal": signal, "batch": batch, "ids": list(ids), **payload}
+                if signal == "teacher":
+                    entry["teacher_hash"] = self.teacher_hash
                 self.entries[(signal, batch)] = entry
                 if self._fh is not None:
                     self._append(entry)
             else:
-                self.reused[signal] += 1
-                self._reused_seconds[signal] += float(payload.get("seconds") or 0.0)
+                self.reused[signal] = self.reused.get(signal, 0) + 1
+                seconds = float(payload.get("seconds") or 0.0)
+                self._reused_seconds[signal] = self._reused_seconds.get(signal, 0.0) + seconds
             out.append((batch, payload))
         return out
 
     def stored_seconds(self, signal: str) -> float:
-        return self._reused_seconds[signal]
+        return self._reused_seconds.get(signal, 0.0)
 
     # -- file
     def _append(self, entry: dict[str, Any]) -> None:
@@ -173,12 +190,12 @@ class PartialMeasurement:
             self.path.unlink(missing_ok=True)
 
     def summary(self, signals) -> str:
-        parts = [f"{self.reused[s]} of {self.reused[s] + self.measured[s]} {SIGNAL_WORD[s]} batches"
-                 for s in sorted(signals) if self.reused[s]]
+        parts = [f"{self.reused[s]} of {self.reused[s] + self.measured.get(s, 0)} {SIGNAL_WORD[s]} batches"
+                 for s in sorted(signals) if self.reused.get(s)]
         return " and ".join(parts)
 
 
-SIGNAL_WORD = {"loss": "loss", "rouge_l": "generation"}
+SIGNAL_WORD = {"loss": "loss", "rouge_l": "generation", "teacher": "teacher"}
 
 
 def drop_leftover_partial(path: Path, signals_hash: str, dist: "Distributed") -> None:

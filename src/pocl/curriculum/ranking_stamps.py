@@ -3,7 +3,10 @@
 ``signals_hash`` stamps what the signals depend on: the student (its fingerprint), the data (ids,
 rendered prompts, references; tokenizer; tokenisation settings) and the generation settings.
 ``order_hash`` stamps how the order is made from the signals (measurer, k, and the seed for
-``random``); both are the hash of a :class:`pocl.artifacts.Stamp` of these inputs.
+``random``); both are the hash of a :class:`pocl.artifacts.Stamp` of these inputs. The teacher
+signals also depend on the teacher: a ranking that holds them carries a third stamp, ``teacher_hash``
+(:func:`teacher_inputs`: the teacher's fingerprint), so a student-only ranking's stamps never mention
+a teacher and its signals stay reusable whatever teacher a later measurer uses.
 :func:`why_signals_differ` and :func:`describe_changes` say in plain words what changed between a
 stored stamp and the current one.
 """
@@ -22,7 +25,7 @@ from pocl.generation import effective_settings, special_token_ids
 from .difficulty import ranking_decoding
 
 __all__ = ["GENERATION_SEED", "describe_changes", "order_inputs", "ranking_data_settings", "resolve_settings",
-           "signals_inputs", "why_signals_differ"]
+           "signals_inputs", "teacher_inputs", "why_signals_differ", "why_teacher_differs"]
 
 
 #: Seed of the measurer's generations. Fixed (not the training seed), so that runs that differ only
@@ -76,6 +79,19 @@ def signals_inputs(*, records: Sequence[Record], tokenizer, model_fingerprint: s
                  "settings": settings, "tokenizer": tokenizer_fingerprint(tokenizer)},
         "generation": _generation_inputs(curriculum, tokenizer),
     }
+
+
+def teacher_inputs(teacher_fingerprint: str) -> dict[str, Any]:
+    """The readable inputs of ``teacher_hash``, the stamp of the teacher signals beyond ``signals_hash``
+    (student, data and settings, on which they depend too): the teacher's fingerprint
+    (:func:`pocl.fingerprints.model_fingerprint`)."""
+    return {"teacher": teacher_fingerprint}
+
+
+def why_teacher_differs(old: dict, new: dict) -> str:
+    if not old:
+        return "its teacher signals carry no teacher stamp"
+    return f"the teacher changed (fingerprint {old.get('teacher')} -> {new.get('teacher')})"
 
 
 def order_inputs(curriculum, seed: int) -> dict[str, Any]:
