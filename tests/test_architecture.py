@@ -110,7 +110,8 @@ def test_the_trainer_imports_its_collaborators_only():
     imported = _graph(annotations=False)["pocl.training.trainer"]
     assert imported == {"pocl.launch", "pocl.training.metrics", "pocl.training.onpolicy", "pocl.training.optim",
                         "pocl.training.run_store", "pocl.training.selection", "pocl.training.sharding",
-                        "pocl.training.stages", "pocl.training.state", "pocl.training.student_loss",
+                        "pocl.training.stage_teachers", "pocl.training.stages", "pocl.training.state",
+                        "pocl.training.student_loss",
                         "pocl.training.teacher_signal"}
 
 

@@ -49,6 +49,8 @@ class RunInputs:
     fingerprints: dict[str, Any]
     train_records: list
     dev_records: list | None
+    #: progressive distillation: the teachers stages name, by path (:func:`load_stage_teachers`)
+    stage_teachers: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
 
 
 def _device(config: DistillConfig) -> torch.device:
@@ -155,6 +157,47 @@ def load_models(config: DistillConfig, *, need_teacher: bool = True):
     return tokenizer, teacher, student, vocab
 
 
+def load_stage_teachers(config: DistillConfig, inputs: RunInputs, stages: list[Stage]) -> RunInputs:
+    """``inputs`` with the teachers that ``stages`` name (progressive distillation; none: ``inputs`` as they are).
+
+    Each is checked like model.teacher: its path before any weights are read, its tokenizer against the run's
+    (unless --tokenizer is given), its context against the run's lengths, its vocabulary against the student's,
+    and its LM head against the fused loss path. Their fingerprints go to ``fingerprints["stage_teachers"]``
+    (a resume with another teacher for a stage is refused)."""
+    specs = sorted({s.teacher for s in stages if s.teacher is not None})
+    if not specs:
+        return inputs
+    if inputs.teacher is None:
+        raise ConfigError(f"stage teacher {specs[0]}: loss.method {config.loss.method} trains without a teacher")
+    mc = config.model
+    opts = {"local_files_only": mc.local_files_only, "trust_remote_code": mc.trust_remote_code}
+    device = _device(config)
+    loaded: dict[str, torch.nn.Module] = {}
+    for spec in specs:
+        what = f"stage teacher {spec}"
+        split_model_spec(spec, what=what)
+        if mc.tokenizer is None:
+            check_tokenizers(load_tokenizer(spec, what=what, **opts), inputs.tokenizer, teacher_name=what)
+        model = freeze_teacher(load_model(spec, dtype=resolve_dtype(mc.teacher_dtype, device),
+                                          attn_implementation=mc.attn_implementation, what=what, **opts))
+        context = context_of(model, f"the {what}")
+        if context is not None and context.length < config.data.max_length:  # the data are tokenized already
+            raise ConfigError(f"{what}: a context of {context.length} positions, below data.max_length "
+                              f"{config.data.max_length}; give --max-length {context.length} or less")
+        vocab = shared_vocab_size(model, inputs.student, inputs.tokenizer)
+        if vocab != inputs.vocab_size:
+            raise ModelError(f"{what}: a vocabulary of {vocab} shared rows, but the run's teacher and student share "
+                             f"{inputs.vocab_size}; every teacher must cover the same vocabulary")
+        if inputs.fused and not decide_fused(config, model, None, vocab):
+            raise ModelError(f"{what}: its logits cannot be computed from its hidden states, but the run's other "
+                             "models use the fused loss path; give --loss-path logits")
+        loaded[spec] = model
+    log.info("progressive distillation: %s", "; ".join(
+        f"{s.name}: {s.teacher or 'model.teacher'}" for s in stages))
+    fingerprints = dict(inputs.fingerprints, stage_teachers={k: model_fingerprint(k, m) for k, m in loaded.items()})
+    return dataclasses.replace(inputs, stage_teachers=loaded, fingerprints=fingerprints)
+
+
 def decide_fused(config: DistillConfig, teacher, student, vocab: int) -> bool:
     path = config.loss.loss_path
     if path == "logits":
@@ -259,7 +302,7 @@ def make_trainer(config: DistillConfig, inputs: RunInputs, stages: list[Stage], 
                              teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
                              stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
                              fingerprints=inputs.fingerprints, accelerator=accelerator,
-                             dev_records=inputs.dev_records)
+                             dev_records=inputs.dev_records, stage_teachers=inputs.stage_teachers)
     if inputs.dev_data is not None and len(inputs.dev_data) > 0:
         trainer.summary_extra["dev_rouge_samples"] = len(trainer.dev_records)
     return trainer
@@ -374,6 +417,7 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
         if overrides:
             extra["curriculum_overrides"] = overrides
     stages = stages or kd_stages(config)
+    inputs = load_stage_teachers(config, inputs, stages)
     trainer = make_trainer(config, inputs, stages, accelerator=accelerator)
     trainer.summary_extra.update(extra)
     return trainer.train()

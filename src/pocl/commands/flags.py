@@ -42,6 +42,9 @@ def add_section_flags(parser: argparse.ArgumentParser, section: type[ConfigSecti
             kwargs["action"] = argparse.BooleanOptionalAction
         elif choices is not None:
             kwargs["choices"] = list(choices)
+        elif typing.get_origin(base) is list:  # e.g. --stage-teachers A B
+            item = (typing.get_args(base) or (str,))[0]
+            kwargs.update(nargs="+", type=_parser_for(item, f.name), metavar=f.metadata.get("metavar") or _metavar(item))
         else:
             kwargs["type"] = _parser_for(hint, f.name)
             kwargs["metavar"] = f.metadata.get("metavar") or _metavar(base)

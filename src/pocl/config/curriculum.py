@@ -63,7 +63,12 @@ class CurriculumConfig(ConfigSection):
                                      "(only the weights carry over), as in POCL.")
     stages: list[dict] = option(default_factory=list, help="Per-stage overrides (YAML only): a list aligned with "
                                 "the stages, each a mapping of fraction, epochs, max_steps, temperature, alpha, "
-                                "skew, lr, plateau_patience, on_policy_fraction, name.", cli=False)
+                                "skew, lr, plateau_patience, on_policy_fraction, name, teacher.", cli=False)
+    stage_teachers: list[str] = option(
+        default_factory=list, help="Progressive distillation: the teacher of each stage in order, a model path or - "
+        "for --teacher (fewer entries than stages: the later ones use --teacher), e.g. a layer-subset assistant made "
+        "by `pocl init-student` for the early stages. Every teacher must share the student's tokenizer; each gets its "
+        "own teacher cache. YAML: curriculum.stages[i].teacher.", metavar="PATH")
     rank_temperature: float = option(0.01, "Sampling temperature of the measurer's generations (near-greedy, "
                                      "as the authors).")
     rank_max_new_tokens: int = option(256, "Maximum new tokens of the measurer's generations.")
@@ -72,7 +77,7 @@ class CurriculumConfig(ConfigSection):
 
     STAGE_KEYS: typing.ClassVar[tuple[str, ...]] = ("fraction", "epochs", "max_steps", "temperature", "alpha",
                                                     "skew", "lr", "plateau_patience", "on_policy_fraction",
-                                                    "name")
+                                                    "name", "teacher")
 
     def __post_init__(self) -> None:
         for name in ("curriculum", "measurer"):
@@ -126,6 +131,23 @@ class CurriculumConfig(ConfigSection):
                     self._fail("stages", f"{where}.{key} must be in [0, 1] (got {stage[key]!r})")
             if "name" in stage and not (isinstance(stage["name"], str) and stage["name"].strip()):
                 self._fail("stages", f"{where}.name must be a non-empty string (got {stage['name']!r})")
+            if "teacher" in stage and not (isinstance(stage["teacher"], str) and stage["teacher"].strip()):
+                self._fail("stages", f"{where}.teacher must be a model path (got {stage['teacher']!r})")
+            if "teacher" in stage and i < len(self.stage_teachers) and self.stage_teachers[i] != "-":
+                self._fail("stages", f"{where}.teacher and stage_teachers[{i}] both name stage {i + 1}'s teacher")
+        self._check(len(self.stage_teachers) <= self.num_stages, "stage_teachers",
+                    f"has {len(self.stage_teachers)} entries but there are only num_stages={self.num_stages} stages")
+        for i, spec in enumerate(self.stage_teachers):
+            self._check(isinstance(spec, str) and bool(spec.strip()), "stage_teachers",
+                        f"entry {i} must be a model path or - (got {spec!r})")
+
+    def stage_teacher(self, index: int) -> str | None:
+        """The teacher that stage ``index`` names (``stages[i].teacher`` or ``stage_teachers[i]``); None: --teacher."""
+        entry = self.stages[index] if index < len(self.stages) else {}
+        if "teacher" in entry:
+            return entry["teacher"]
+        spec = self.stage_teachers[index] if index < len(self.stage_teachers) else "-"
+        return None if spec == "-" else spec
 
 
 def _is_number(value: Any) -> bool:

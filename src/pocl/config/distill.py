@@ -202,6 +202,8 @@ class DistillConfig:
             values["loss"].pop("teacher_cache_topk", None)  # k is a setting of the topk cache only
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
+        elif not values["curriculum"]["stage_teachers"]:
+            values["curriculum"].pop("stage_teachers")  # one teacher: the hash of configs from before the field
         for method in ("taid", "skd"):  # a method's own settings change nothing else (older hashes stay)
             if values["loss"]["method"] != method:
                 for key in [k for k in values["loss"] if k.startswith(method + "_")]:

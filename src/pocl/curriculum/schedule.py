@@ -95,7 +95,8 @@ def baby_step_stages(ranked_ids: Sequence[str], curriculum, *, base_skew: float,
     stage (None: ``base_skew``). With n = 1 the single stage uses the first-stage values
     (t_start, alpha_start, base_skew). Entries of ``curriculum.stages`` override the computed
     values of their stage (keys: fraction, epochs, max_steps, temperature, alpha, skew, lr,
-    plateau_patience, on_policy_fraction, name). The on-policy fraction lambda_on of GKD rises linearly
+    plateau_patience, on_policy_fraction, name, teacher; ``stage_teachers`` names teachers too). The on-policy
+    fraction lambda_on of GKD rises linearly
     from ``on_policy_fraction_start`` to ``on_policy_fraction_end`` when a start is set; otherwise
     stages carry None (the loss config's ``on_policy_fraction`` applies).
     """
@@ -120,6 +121,7 @@ def baby_step_stages(ranked_ids: Sequence[str], curriculum, *, base_skew: float,
             alpha=_linear(curriculum.alpha_start, curriculum.alpha_end, s, n), skew=skew, lr=None,
             plateau_patience=curriculum.plateau_patience, on_policy_fraction=_on_policy(curriculum, s, n))
         values.update({k: v for k, v in overrides[s].items() if k != "fraction"})
+        values["teacher"] = curriculum.stage_teacher(s)
         stages.append(Stage(sample_ids=tuple(ids[:sizes[s]]), restart_optimizer=curriculum.restart_optimizer,
                             **values))
     check_stages(stages)

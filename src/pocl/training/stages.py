@@ -48,6 +48,8 @@ class Stage:
     # GKD: probability that an optimizer step of this stage trains on student samples (None: the
     # loss config's on_policy_fraction).
     on_policy_fraction: float | None = None
+    # Progressive distillation: the teacher of this stage (a model path; None: the run's model.teacher).
+    teacher: str | None = None
 
     def __post_init__(self) -> None:
         """Validate the fields (ConfigError naming the stage)."""
@@ -68,6 +70,8 @@ class Stage:
             raise ConfigError(f"{where}: plateau_patience must be >= 1 (got {self.plateau_patience})")
         if self.on_policy_fraction is not None and not 0.0 <= self.on_policy_fraction <= 1.0:
             raise ConfigError(f"{where}: on_policy_fraction must be in [0, 1] (got {self.on_policy_fraction})")
+        if self.teacher is not None and not (isinstance(self.teacher, str) and self.teacher.strip()):
+            raise ConfigError(f"{where}: teacher must be a model path (got {self.teacher!r})")
         if self.sample_ids is not None:
             self.sample_ids = tuple(self.sample_ids)
             if not self.sample_ids:
@@ -88,6 +92,8 @@ class Stage:
         d = dataclasses.asdict(self)
         d["num_samples"] = None if self.sample_ids is None else len(self.sample_ids)
         d.pop("sample_ids")
+        if d["teacher"] is None:
+            d.pop("teacher")  # the run's teacher: the settings (and fingerprints) of runs from before the field
         return d
 
 

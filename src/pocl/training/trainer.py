@@ -5,6 +5,7 @@ This module is the wiring, the optimizer step and the stage loop; the rest lives
 * :mod:`pocl.training.student_loss` -- the student's loss and its micro-batches (the loss of a
   window is its token sum over the window's response tokens, however it is split);
 * :mod:`pocl.training.teacher_signal` -- the teacher side: live, or an exact or approximate cache;
+* :mod:`pocl.training.stage_teachers` -- the run's teachers (a stage may name its own);
 * :mod:`pocl.training.onpolicy` -- which steps train on the student's own samples, and the replay buffer;
 * :mod:`pocl.training.stages` -- the data order (a pure function of seed, stage and epoch);
 * :mod:`pocl.training.sharding` -- how the processes hold the student (DDP or FSDP2);
@@ -34,6 +35,7 @@ from pocl.training.onpolicy import OnPolicySchedule
 from pocl.training.optim import build_optimizer, build_scheduler, reset_optimizer
 from pocl.training.run_store import RunStore, seed_everything
 from pocl.training.sharding import make_parallelism
+from pocl.training.stage_teachers import RunTeachers
 from pocl.training.stages import Stage, StagePlan, stage_record
 from pocl.training.state import NonFiniteLossError, StopRequest, TrainResult, TrainState
 from pocl.training.student_loss import SEQKD_ORIGIN, StudentLoss
@@ -52,7 +54,8 @@ class DistillTrainer:
     """Trains ``student`` towards ``teacher`` through ``stages``.
 
     ``teacher`` may be None only when every stage has alpha = 0 (plain supervised fine-tuning, used
-    for example to train the built-in teacher). ``fingerprints`` identify the models and data of the
+    for example to train the built-in teacher); ``stage_teachers``: the teachers stages name, by path
+    (:mod:`pocl.training.stage_teachers`). ``fingerprints`` identify the models and data of the
     run; a resume with different fingerprints or config is refused. ``step_callbacks`` are called
     with the trainer after every optimizer step; ``dev_records`` are the dev records dev ROUGE-L
     generates answers for.
@@ -61,7 +64,8 @@ class DistillTrainer:
     def __init__(self, *, config: DistillConfig, student: nn.Module, tokenizer, teacher: nn.Module | None,
                  train_data: TokenizedDataset, dev_data: TokenizedDataset | None, stages: Sequence[Stage],
                  vocab_size: int, fused: bool = True, fingerprints: dict[str, Any] | None = None,
-                 accelerator=None, step_callbacks: Sequence = (), dev_records: Sequence | None = None):
+                 accelerator=None, step_callbacks: Sequence = (), dev_records: Sequence | None = None,
+                 stage_teachers: dict[str, nn.Module] | None = None):
         """Check the run's setup (ConfigError), seed the random streams, wrap the student and freeze the
         teacher on the accelerator's device; nothing is read from or written to the output folder yet."""
         self.cfg = config
@@ -89,12 +93,12 @@ class DistillTrainer:
         self.module = self.parallel.wrap(student_loss)
         self.student, self.chunk_size = student_loss.student, student_loss.chunk_size
         self.divergences = sloss.Divergences(config.loss)
-        self.teacher = teacher
-        self.parallel.shard_teacher(teacher, student, tc.teacher_sharding)  # FSDP2: by size, or as configured
-        # Where the teacher side of the loss comes from: live until prepare_teacher_cache() opens a cache;
-        # on-policy steps always score the student's new samples live.
-        self.live_teacher = tsignal.live_teacher(teacher, device=self.device, vocab_size=vocab_size, fused=fused)
-        self.teacher_head = None if self.live_teacher is None else self.live_teacher.head
+        for model in [teacher, *(stage_teachers or {}).values()]:
+            self.parallel.shard_teacher(model, student, tc.teacher_sharding)  # FSDP2: by size, or as configured
+        # Every teacher with its live signal and teacher-forced signals (live until prepare_teacher_cache() opens
+        # caches; on-policy steps always score the student's new samples live); _use_teacher picks the stage's.
+        self.teachers = RunTeachers(teacher, dict(stage_teachers or {}), self.stages, device=self.device,
+                                    vocab_size=vocab_size, fused=fused)
         self.optimizer = self.accelerator.prepare_optimizer(build_optimizer(self.student, config.optim))
         self.scheduler = None
         self.state = TrainState()
@@ -109,10 +113,15 @@ class DistillTrainer:
         self.summary_extra["precision"] = {
             "model_passes": "bf16-autocast" if self.cpu_bf16 else str(self.accelerator.mixed_precision),
             "why": self.precision_note or f"model.mixed_precision {config.model.mixed_precision}"}
-        # The teacher signals of teacher-forced steps on the training and dev data (pocl.training.teacher_signal):
-        # the live teacher, or a teacher cache opened by prepare_teacher_cache() in train().
-        self.train_signal: tsignal.TeacherSignal | None = self.live_teacher
-        self.dev_signal: tsignal.TeacherSignal | None = self.live_teacher
+        self._use_teacher(self.stages[0].teacher)
+
+    def _use_teacher(self, key: str | None) -> None:
+        """Make teacher ``key`` (a stage's ``teacher``; None: model.teacher) the one the steps and dev evaluations
+        read: ``teacher``, ``live_teacher``, ``teacher_head`` and the teacher-forced ``train_signal``/``dev_signal``."""
+        self.teacher = self.teachers.models[key]
+        self.live_teacher = self.teachers.live[key]
+        self.teacher_head = None if self.live_teacher is None else self.live_teacher.head
+        self.train_signal, self.dev_signal = self.teachers.signals[key]
 
     def autocast(self):
         """The model passes' context: bf16 autocast on CPU (``pocl.launch.cpu_auto_bf16``), else accelerate's."""
@@ -130,37 +139,32 @@ class DistillTrainer:
         return tsignal.to_device(batch, self.device)
 
     def prepare_teacher_cache(self) -> None:
-        """Reuse, finish or build the teacher caches of the training and dev data (``loss.teacher_cache``
-        hidden or topk), switch the teacher-forced signals to them, and measure an approximate cache
-        against the live teacher (refused above ``loss.teacher_cache_max_error`` unless accepted)."""
+        """Reuse, finish or build each teacher's caches of the training and dev data (``loss.teacher_cache``
+        hidden or topk; a stage teacher's for its stages' temperatures), switch the teacher-forced signals to
+        them, and measure an approximate cache against the live teacher (refused above
+        ``loss.teacher_cache_max_error`` unless accepted)."""
         lc = self.cfg.loss
-        temperatures = tsignal.cache_temperatures(self.stages, live=self.live_teacher, teacher_cache=lc.teacher_cache,
-                                                  on_policy_fraction=self.on_policy.fraction)
-        if not temperatures:
-            return
-        opened = tsignal.open_teacher_caches(
-            self.live_teacher, {"train": self.train_data, "dev": self.dev_data},
+        infos = self.teachers.prepare_caches(
+            loss_config=lc, datasets={"train": self.train_data, "dev": self.dev_data}, fingerprints=self.fingerprints,
             root=Path(lc.teacher_cache_dir) if lc.teacher_cache_dir else self.output_dir / "teacher_cache",
-            loss_config=lc, temperatures=temperatures, fingerprint=self.fingerprints.get("teacher"),
+            on_policy_fraction=self.on_policy.fraction, measure=self._measure_signal_error,
             chunk_size=self.chunk_size, batch_size=self.cfg.train.micro_batch_size,
             pad_token_id=self.tokenizer.pad_token_id, accelerator=self.accelerator, device=self.device,
             progress=self.cfg.train.progress)
-        if opened is None:
-            return
-        signals, infos = opened
-        self.train_signal = signals["train"]
-        self.dev_signal = signals.get("dev", self.dev_signal)
-        tsignal.check_run_signal(self.train_signal, infos, loss_config=lc, measure=self._measure_signal_error)
-        self.summary_extra["teacher_cache"] = infos
+        self._use_teacher(self.stages[min(self.state.stage_index, len(self.stages) - 1)].teacher)
+        if infos:
+            self.summary_extra["teacher_cache"] = infos
 
-    def _measure_signal_error(self, signal: tsignal.TeacherSignal) -> list[tsignal.SignalError]:
-        """``signal`` against the live teacher on the first training samples, at every KD stage's (T, D)."""
+    def _measure_signal_error(self, signal: tsignal.TeacherSignal, live=None,
+                              stages: Sequence[Stage] | None = None) -> list[tsignal.SignalError]:
+        """``signal`` against ``live`` (default: the current teacher's) on the first training samples, at every
+        (T, D) of ``stages``' KD stages (default: all)."""
         n = min(self.cfg.loss.teacher_cache_check_samples, len(self.train_data))
         batches = [sloss.batch_on(mb, self.tokenizer.pad_token_id, self.device) for mb in sloss.length_batches(
             [self.train_data[i] for i in range(n)], self.cfg.train.micro_batch_size, sort=False)]
         with sloss.eval_mode(self.module):
             return tsignal.measure_run_signal(
-                signal, self.live_teacher, batches, self.stages, divergence=self.cfg.loss.divergence,
+                signal, live or self.live_teacher, batches, stages or self.stages, divergence=self.cfg.loss.divergence,
                 divergence_sum=sloss.divergence_sum_fn(self.module, self.autocast, self.divergences))
 
     def _on_policy_samples(self, local: list[TokenizedSample], kind: str, stage_index: int,
@@ -168,7 +172,7 @@ class DistillTrainer:
         """This process's share of an on-policy window: fresh student samples, or draws from its replay buffer."""
         return self.on_policy.samples(local, kind, stage_index, stage_step, student=self.student,
                                       tokenizer=self.tokenizer, accelerator=self.accelerator, state=self.state,
-                                      autocast=self.autocast)
+                                      autocast=self.autocast, teacher=self.teacher)
 
     # ------------------------------------------------------------------ the optimizer step
     def _micro_loss(self, batch: dict[str, Any], stage: Stage, normalizer: float, *,
@@ -260,8 +264,7 @@ class DistillTrainer:
     # ------------------------------------------------------------------ dev evaluation and best model
     @torch.no_grad()
     def evaluate(self, stage: Stage) -> dict[str, float]:
-        """Dev loss at the stage's temperature and alpha, plus the reference CE (comparable across stages)
-        and, with dev records, dev ROUGE-L (:class:`pocl.training.selection.DevEvaluator`)."""
+        """Dev loss at the stage's T and alpha, reference CE and dev ROUGE-L (:class:`selection.DevEvaluator`)."""
         assert self.dev_data is not None
         with self.parallel.gathered():  # each process evaluates its own share (FSDP2: gathered first)
             return self.dev_eval.evaluate(
@@ -344,11 +347,7 @@ class DistillTrainer:
         if status == "completed":
             final_dir = self.output_dir / "final"
             if self.state.global_step > 0 and self.state.skipped_steps >= self.state.global_step:
-                # Fewer steps than --max-nonfinite-steps, all skipped: the student was never trained.
-                raise NonFiniteLossError(
-                    f"all {self.state.global_step} optimizer steps of the run had a non-finite loss or gradient, so "
-                    f"the student was never updated; not writing {final_dir}. Lower the learning rate, check the "
-                    "data and the teacher, or check the student's weights.")
+                raise NonFiniteLossError.never_updated(self.state.global_step, final_dir)  # all steps skipped
             # on every process, before any of them writes
             self.store.check_finite_weights(self.student, final_dir, self.state.global_step)
             self._write_student("final")
@@ -362,6 +361,9 @@ class DistillTrainer:
         """A fresh optimizer (a restarting stage, or the first) and schedule of ``total`` steps for stage
         ``i``; a resumed run loads the checkpoint's optimizer and schedule here."""
         stage = self.stages[i]
+        self._use_teacher(stage.teacher)  # progressive distillation: the stage's own teacher, also on a resume
+        if self.teachers.progressive:
+            log.info("stage '%s': teacher %s", stage.name, self.teachers.describe(stage))
         lr = stage.lr or self.cfg.optim.lr
         if stage.restart_optimizer or i == 0:
             reset_optimizer(self.optimizer, lr)
@@ -401,11 +403,7 @@ class DistillTrainer:
                 for callback in self.step_callbacks:
                     callback(self)
                 if st.consecutive_nonfinite >= tc.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{st.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
-                        f"gradient (last at global step {st.global_step}); stopping without writing "
-                        f"the current weights. The last good checkpoint is in {self.output_dir / 'checkpoints'}. "
-                        "Lower the learning rate, check the data, or raise --max-nonfinite-steps.")
+                    raise NonFiniteLossError.in_a_row(st, self.output_dir / "checkpoints")
                 end_of_epoch = st.stage_step % spe == 0
                 end_of_stage = st.stage_step >= total
                 tlog.step(stats, st, stage=stage, stage_index=i, num_stages=len(self.stages), steps_per_epoch=spe,
