@@ -296,13 +296,15 @@ def resolve_selection(config: DistillConfig, inputs: RunInputs) -> int:
     return n
 
 
-def make_trainer(config: DistillConfig, inputs: RunInputs, stages: list[Stage], *, accelerator=None) -> DistillTrainer:
+def make_trainer(config: DistillConfig, inputs: RunInputs, stages: list[Stage], *, accelerator=None,
+                 stage_hooks=()) -> DistillTrainer:
     """The trainer of a run (its dev ROUGE-L samples: :func:`pocl.training.selection.dev_rouge_count`)."""
     trainer = DistillTrainer(config=config, student=inputs.student, tokenizer=inputs.tokenizer,
                              teacher=inputs.teacher, train_data=inputs.train_data, dev_data=inputs.dev_data,
                              stages=stages, vocab_size=inputs.vocab_size, fused=inputs.fused,
                              fingerprints=inputs.fingerprints, accelerator=accelerator,
-                             dev_records=inputs.dev_records, stage_teachers=inputs.stage_teachers)
+                             dev_records=inputs.dev_records, stage_teachers=inputs.stage_teachers,
+                             stage_hooks=stage_hooks)
     if inputs.dev_data is not None and len(inputs.dev_data) > 0:
         trainer.summary_extra["dev_rouge_samples"] = len(trainer.dev_records)
     return trainer
@@ -418,6 +420,12 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
             extra["curriculum_overrides"] = overrides
     stages = stages or kd_stages(config)
     inputs = load_stage_teachers(config, inputs, stages)
-    trainer = make_trainer(config, inputs, stages, accelerator=accelerator)
+    hooks = []
+    if config.curriculum.curriculum == "pocl" and config.curriculum.remeasure:
+        from pocl.curriculum.remeasure import StageRemeasure
+
+        hooks.append(StageRemeasure(config, records=inputs.train_records, tokenizer=inputs.tokenizer,
+                                    teacher=inputs.teacher))
+    trainer = make_trainer(config, inputs, stages, accelerator=accelerator, stage_hooks=hooks)
     trainer.summary_extra.update(extra)
     return trainer.train()

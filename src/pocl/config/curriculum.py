@@ -64,6 +64,10 @@ class CurriculumConfig(ConfigSection):
     stages: list[dict] = option(default_factory=list, help="Per-stage overrides (YAML only): a list aligned with "
                                 "the stages, each a mapping of fraction, epochs, max_steps, temperature, alpha, "
                                 "skew, lr, plateau_patience, on_policy_fraction, name, teacher.", cli=False)
+    remeasure: bool = option(
+        False, "Before every stage after the first, rank the samples not yet trained on again with the current "
+        "student (same measurer) and take the stage's new samples from the easiest of them; the stage sizes stay. "
+        "Costs (n - 1) / 2 extra rankings over n stages (1.5 for 4). The paper ranks once (off).")
     stage_teachers: list[str] = option(
         default_factory=list, help="Progressive distillation: the teacher of each stage in order, a model path or - "
         "for --teacher (fewer entries than stages: the later ones use --teacher), e.g. a layer-subset assistant made "

@@ -202,8 +202,10 @@ class DistillConfig:
             values["loss"].pop("teacher_cache_topk", None)  # k is a setting of the topk cache only
         if values["curriculum"]["curriculum"] == "none":
             values.pop("curriculum")  # ranking settings do not matter to plain KD
-        elif not values["curriculum"]["stage_teachers"]:
-            values["curriculum"].pop("stage_teachers")  # one teacher: the hash of configs from before the field
+        else:  # at their defaults these change nothing: the hash of configs from before the fields
+            for key, default in (("stage_teachers", []), ("remeasure", False)):
+                if values["curriculum"][key] == default:
+                    values["curriculum"].pop(key)
         for method in ("taid", "skd"):  # a method's own settings change nothing else (older hashes stay)
             if values["loss"]["method"] != method:
                 for key in [k for k in values["loss"] if k.startswith(method + "_")]:

@@ -25,7 +25,7 @@ __all__ = ["EVAL_NAMES", "RUN_NAMES", "check_output_dir", "check_ranking_file"]
 RUN_NAMES = frozenset({
     "checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md", "config.yaml",
     "ranking.jsonl", "ranking.meta.json", "ranking.partial.jsonl", "seqkd_teacher.jsonl", "seqkd_teacher.meta.json",
-    "teacher_cache", "plots"})
+    "teacher_cache", "plots", "rankings"})
 #: What a ``pocl eval`` output folder may hold.
 EVAL_NAMES = frozenset({"generations.jsonl", "results.json", "results.md"})
 _PLOT_FILE = re.compile(r"^(.+_training_curves|.+_difficulty|eval_[a-z_]+)\.png$")

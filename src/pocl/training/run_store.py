@@ -45,9 +45,10 @@ log = logging.getLogger("pocl.train")
 
 __all__ = ["Resumed", "RunStore", "check_resume_before_training", "rng_state", "seed_everything"]
 
-#: What ``--overwrite`` deletes in a run folder (the ranking and the teacher cache are kept).
+#: What ``--overwrite`` deletes in a run folder (the ranking and the teacher cache are kept; the rankings of
+#: --remeasure were made by the run's own students).
 OVERWRITTEN = ("checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md",
-               "config.yaml")
+               "config.yaml", "rankings")
 
 
 # ------------------------------------------------------------------------------------ random streams

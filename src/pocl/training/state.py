@@ -71,6 +71,8 @@ class TrainState:
     # Speculative KD (loss.method skd): the run's drafted, accepted and replaced tokens and blocks
     # (pocl.training.speculative.SpeculativeStats as a dict)
     skd: dict[str, int] | None = None
+    # curriculum.remeasure: the sample ids each stage took when it started, by stage index (str)
+    remeasured: dict[str, list[str]] | None = None
 
     def begin_stage(self) -> None:
         """Reset the per-stage fields as a stage starts (not on a resume inside it)."""

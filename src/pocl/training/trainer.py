@@ -53,21 +53,18 @@ log = logging.getLogger("pocl.train")
 class DistillTrainer:
     """Trains ``student`` towards ``teacher`` through ``stages``.
 
-    ``teacher`` may be None only when every stage has alpha = 0 (plain supervised fine-tuning, used
-    for example to train the built-in teacher); ``stage_teachers``: the teachers stages name, by path
-    (:mod:`pocl.training.stage_teachers`). ``fingerprints`` identify the models and data of the
-    run; a resume with different fingerprints or config is refused. ``step_callbacks`` are called
-    with the trainer after every optimizer step; ``dev_records`` are the dev records dev ROUGE-L
-    generates answers for.
-    """
+    ``teacher`` may be None only when every stage has alpha = 0 (SFT, e.g. of the built-in teacher);
+    ``stage_teachers``: the teachers stages name, by path (:mod:`pocl.training.stage_teachers`). ``fingerprints``
+    identify the models and data (a resume with other fingerprints or config is refused). ``step_callbacks``:
+    ``callback(trainer)`` after every optimizer step; ``stage_hooks``: ``hook(trainer, i)`` before stage i runs
+    (:class:`pocl.curriculum.remeasure.StageRemeasure`); ``dev_records``: what dev ROUGE-L answers."""
 
     def __init__(self, *, config: DistillConfig, student: nn.Module, tokenizer, teacher: nn.Module | None,
                  train_data: TokenizedDataset, dev_data: TokenizedDataset | None, stages: Sequence[Stage],
                  vocab_size: int, fused: bool = True, fingerprints: dict[str, Any] | None = None,
                  accelerator=None, step_callbacks: Sequence = (), dev_records: Sequence | None = None,
-                 stage_teachers: dict[str, nn.Module] | None = None):
-        """Check the run's setup (ConfigError), seed the random streams, wrap the student and freeze the
-        teacher on the accelerator's device; nothing is read from or written to the output folder yet."""
+                 stage_teachers: dict[str, nn.Module] | None = None, stage_hooks: Sequence = ()):
+        """Check the setup (ConfigError), seed, wrap the student, freeze the teachers; the output folder is untouched."""
         self.cfg = config
         self.stages = sloss.method_stages(config, stages, train_data=train_data, has_teacher=teacher is not None)
         self.tokenizer = tokenizer
@@ -80,12 +77,11 @@ class DistillTrainer:
         self.step_callbacks = list(step_callbacks)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
         self.device = self.accelerator.device
-        # The model passes' precision: accelerate's mixed precision, or (model.mixed_precision auto on a CPU
-        # with native bf16 and a wide enough student) bf16 autocast; the loss math stays float32.
+        # Model passes: accelerate's mixed precision or CPU bf16 autocast (cpu_auto_bf16); the loss math is float32.
         self.cpu_bf16, self.precision_note = cpu_auto_bf16(config.model.mixed_precision, self.accelerator, student)
         tc = config.train
-        self.plan = StagePlan(self.stages, train_data, batch_size=tc.batch_size, micro_batch_size=tc.micro_batch_size,
-                              world=self.accelerator.num_processes, seed=tc.seed)
+        self.stage_hooks = list(stage_hooks)
+        self.replan()
         self.on_policy = OnPolicySchedule(config, self.stages, has_teacher=teacher is not None)
         seed_everything(tc.seed)
         student_loss = sloss.build_student_loss(student, config, vocab_size, fused=fused, device=self.device)
@@ -95,8 +91,7 @@ class DistillTrainer:
         self.divergences = sloss.Divergences(config.loss)
         for model in [teacher, *(stage_teachers or {}).values()]:
             self.parallel.shard_teacher(model, student, tc.teacher_sharding)  # FSDP2: by size, or as configured
-        # Every teacher with its live signal and teacher-forced signals (live until prepare_teacher_cache() opens
-        # caches; on-policy steps always score the student's new samples live); _use_teacher picks the stage's.
+        # Every teacher, live until prepare_teacher_cache() opens caches; _use_teacher() picks the stage's.
         self.teachers = RunTeachers(teacher, dict(stage_teachers or {}), self.stages, device=self.device,
                                     vocab_size=vocab_size, fused=fused)
         self.optimizer = self.accelerator.prepare_optimizer(build_optimizer(self.student, config.optim))
@@ -116,12 +111,17 @@ class DistillTrainer:
         self._use_teacher(self.stages[0].teacher)
 
     def _use_teacher(self, key: str | None) -> None:
-        """Make teacher ``key`` (a stage's ``teacher``; None: model.teacher) the one the steps and dev evaluations
-        read: ``teacher``, ``live_teacher``, ``teacher_head`` and the teacher-forced ``train_signal``/``dev_signal``."""
+        """Make teacher ``key`` (a stage's ``teacher``; None: model.teacher) the one steps and dev evaluations read."""
         self.teacher = self.teachers.models[key]
         self.live_teacher = self.teachers.live[key]
         self.teacher_head = None if self.live_teacher is None else self.live_teacher.head
         self.train_signal, self.dev_signal = self.teachers.signals[key]
+
+    def replan(self) -> None:
+        """(Re)resolve the stages' samples on the training data (after a stage hook changed them)."""
+        tc = self.cfg.train
+        self.plan = StagePlan(self.stages, self.train_data, batch_size=tc.batch_size,
+                              micro_batch_size=tc.micro_batch_size, world=self.accelerator.num_processes, seed=tc.seed)
 
     def autocast(self):
         """The model passes' context: bf16 autocast on CPU (``pocl.launch.cpu_auto_bf16``), else accelerate's."""
@@ -381,6 +381,8 @@ class DistillTrainer:
         st = self.state
         while st.stage_index < len(self.stages):
             i = st.stage_index
+            for hook in self.stage_hooks:  # e.g. re-measuring chooses the stage's samples (same sizes)
+                hook(self, i)
             stage = self.stages[i]
             total = totals[i]
             spe = self.plan.steps_per_epoch(i)
