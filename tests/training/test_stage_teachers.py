@@ -83,8 +83,7 @@ def test_a_crashed_progressive_run_resumes_into_the_uninterrupted_one(tmp_path, 
     stages = _stages(str(assistant), None)
     ref = distill(tiny_config(tmp_path / "ref", tiny_pair, tiny_data, train=train), stages=stages)
     cfg = tiny_config(tmp_path / "b", tiny_pair, tiny_data, train=train)
-    from pocl.pipeline import make_trainer, prepare_run
-    from pocl.pipeline import load_stage_teachers
+    from pocl.pipeline import load_stage_teachers, make_trainer, prepare_run
 
     inputs = load_stage_teachers(cfg, prepare_run(cfg), stages)
     trainer = make_trainer(cfg, inputs, stages)

@@ -1,6 +1,8 @@
 """The experiment matrix (``pocl matrix``): {divergence} x {plain KD, KD + POCL} x seeds, plus the
 ablations of the spec's section 7, every run evaluated and one results table in the layout of the
-spec's section 6.
+spec's section 6. The methods may also include TAID and Speculative KD, each without and with POCL,
+and POCL whose first stages learn from an assistant teacher (``taid``, ``taid-pocl``, ``skd``,
+``skd-pocl``, ``pocl-assistant``; issue 20).
 
     pocl matrix examples/experiments/smollm2_dolly.yaml --dry-run
     pocl matrix examples/experiments/smollm2_dolly.yaml
@@ -10,7 +12,9 @@ the whole experiment (see ``examples/experiments/smollm2_dolly.yaml`` and ``docs
 The steps, each skipped when its result is already there:
 
 1. models: a ``.gguf`` teacher is saved once as a normal checkpoint (``OUTPUT/models/teacher``); a
-   student given as ``pocl init-student`` options is made from the teacher (``OUTPUT/models/student``);
+   student given as ``pocl init-student`` options is made from the teacher (``OUTPUT/models/student``),
+   and so is the assistant teacher of pocl-assistant (``OUTPUT/models/assistant``); both are healed
+   with ``models.heal`` when the spec has it;
 2. ranking: ``pocl rank`` scores the training set once with the initial student
    (``OUTPUT/ranking``); every POCL run starts from a copy of it, which pocl reuses only while its
    stamp (student, data, measurer settings) matches, and re-orders from the stored signals for the
@@ -63,8 +67,10 @@ from pocl.experiments.execute import (
 from pocl.experiments.plan import (
     HEAL_OWN_DATA_KEYS,
     Run,
+    assistant_dir,
     build_plan,
     heal_run,
+    main_run,
     model_dirs,
     read_json,
     row_order,
@@ -74,6 +80,7 @@ from pocl.experiments.plan import (
     training_status,
 )
 from pocl.experiments.results import (
+    PAIRED_METHODS,
     build_table,
     export_results,
     markdown,
@@ -93,8 +100,11 @@ from pocl.experiments.runner import (
 from pocl.experiments.spec import (
     ABLATIONS,
     BASELINES,
+    DEFAULT_METHODS,
     ESTIMATE_KEYS,
+    METHOD_LOSS,
     METHODS,
+    POCL_METHODS,
     REFERENCES,
     SCHEMA,
     SPEC_KEYS,
@@ -102,10 +112,11 @@ from pocl.experiments.spec import (
     load_spec,
 )
 
-__all__ = ["ABLATIONS", "BASELINES", "DESCRIPTION", "ESTIMATE_KEYS", "HEAL_OWN_DATA_KEYS", "METHODS", "REFERENCES",
-           "SCHEMA", "SPEC_KEYS", "Interrupted", "Run", "Spec", "add_arguments", "build_plan", "build_table",
-           "estimate_seconds", "eval_config_dict", "evaluate", "export_results", "heal_run", "load_spec", "main",
-           "markdown", "model_dirs", "model_path_of", "paired_differences", "paired_intervals", "prepare_models", "print_plan",
+__all__ = ["ABLATIONS", "BASELINES", "DEFAULT_METHODS", "DESCRIPTION", "ESTIMATE_KEYS", "HEAL_OWN_DATA_KEYS",
+           "METHODS", "METHOD_LOSS", "PAIRED_METHODS", "POCL_METHODS", "REFERENCES",
+           "SCHEMA", "SPEC_KEYS", "Interrupted", "Run", "Spec", "add_arguments", "assistant_dir", "build_plan",
+           "build_table", "estimate_seconds", "eval_config_dict", "evaluate", "export_results", "heal_run",
+           "load_spec", "main", "main_run", "markdown", "model_dirs", "model_path_of", "paired_differences", "paired_intervals", "prepare_models", "print_plan",
            "rank_config", "read_json", "row_order", "run_command", "run_dir", "run_matrix", "run_pocl",
            "run_record", "same_budget_stage_epochs", "samples_trained", "seed_ranking", "stage_fractions",
            "train_all", "training_status", "write_results"]

@@ -1,5 +1,5 @@
 """Running the matrix: pocl commands as subprocesses (or in this process), the models made once
-(GGUF conversion, init-student, healing), the shared ranking, the training runs and the cached
+(GGUF conversion, init-student of the student and the assistant teacher, healing), the shared ranking, the training runs and the cached
 evaluations."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pocl.config.eval import EvalConfig
 from pocl.errors import ConfigError, PoclError
 from pocl.experiments.plan import (
     Run,
+    assistant_dir,
     build_plan,
     heal_run,
     merge,
@@ -87,8 +88,9 @@ def _write_yaml(path: Path, data: dict) -> Path:
 
 
 def prepare_models(spec: Spec, *, pocl_main: PoclMain | None = None) -> None:
-    """Convert a .gguf teacher once; make the student with init-student once; heal it once. Returns nothing;
-    a healing run made with another config, or one that fails, raises."""
+    """Convert a .gguf teacher once; make the student (and the assistant teacher of pocl-assistant) with
+    init-student once; heal each once. Returns nothing; a healing run made with another config, or one that
+    fails, raises."""
     from pocl.student_init import init_student  # loads torch
 
     teacher, student = model_dirs(spec, healed=False)
@@ -100,23 +102,29 @@ def prepare_models(spec: Spec, *, pocl_main: PoclMain | None = None) -> None:
     if spec.teacher.endswith(".gguf") and not done(teacher, spec.teacher, {"keep_every": 1}):
         log.info("converting the GGUF teacher %s -> %s", spec.teacher, teacher)
         init_student(spec.teacher, teacher, keep_every=1, extra_info={"options": {"keep_every": 1}})
-    if isinstance(spec.student, dict) and not done(student, teacher, spec.student):
-        log.info("making the student from %s with %s -> %s", teacher, spec.student, student)
-        opts = dict(spec.student)
-        init_student(teacher, student, keep_layers=opts.get("keep_layers"), keep_every=opts.get("keep_every"),
-                     num_layers=opts.get("num_layers"), keep_last=opts.get("keep_last", True),
-                     extra_info={"options": spec.student})
-    heal = heal_run(spec)
-    if heal is not None:
-        status, diff = training_status(spec, heal)
-        if status == "changed":
-            raise ConfigError(f"{spec.path}: models.heal: the healing run in {run_dir(spec, heal)} was made with "
-                              f"another config ({'; '.join(diff[:6])}); delete that folder to heal again (every run "
-                              "starts from it)")
-        if status != "done":
-            cfg = _write_yaml(spec.output_dir / "configs" / "heal.yaml", heal.config)
-            if run_pocl(_command("distill", cfg, []), spec.output_dir / "logs" / "heal.log", pocl_main=pocl_main):
-                raise PoclError(f"the healing run failed; see {spec.output_dir / 'logs' / 'heal.log'}")
+    for role, options, folder in (("student", spec.student, student),
+                                  ("assistant", spec.assistant, assistant_dir(spec, healed=False))):
+        if isinstance(options, dict) and not done(folder, teacher, options):
+            log.info("making the %s from %s with %s -> %s", role, teacher, options, folder)
+            init_student(teacher, folder, keep_layers=options.get("keep_layers"),
+                         keep_every=options.get("keep_every"), num_layers=options.get("num_layers"),
+                         keep_last=options.get("keep_last", True), extra_info={"options": options})
+        heal = heal_run(spec, role)
+        if heal is not None:
+            _heal(spec, heal, pocl_main=pocl_main)
+
+
+def _heal(spec: Spec, heal: Run, *, pocl_main: PoclMain | None) -> None:
+    """Train the healing run ``heal`` (:func:`pocl.experiments.plan.heal_run`) unless it is done."""
+    status, diff = training_status(spec, heal)
+    if status == "changed":
+        raise ConfigError(f"{spec.path}: models.heal: the healing run in {run_dir(spec, heal)} was made with "
+                          f"another config ({'; '.join(diff[:6])}); delete that folder to heal again (every run "
+                          "starts from it)")
+    if status != "done":
+        cfg = _write_yaml(spec.output_dir / "configs" / f"{heal.name}.yaml", heal.config)
+        if run_pocl(_command("distill", cfg, []), spec.output_dir / "logs" / f"{heal.name}.log", pocl_main=pocl_main):
+            raise PoclError(f"the healing run {heal.name} failed; see {spec.output_dir / 'logs' / (heal.name + '.log')}")
 
 
 def rank_config(spec: Spec, plan: list[Run]) -> dict:

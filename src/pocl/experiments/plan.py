@@ -11,7 +11,7 @@ from typing import Any
 
 from pocl.config import DistillConfig
 from pocl.errors import ConfigError, PoclError
-from pocl.experiments.spec import Spec, spec_error
+from pocl.experiments.spec import POCL_METHODS, Spec, spec_error
 
 
 @dataclasses.dataclass
@@ -22,15 +22,15 @@ class Run:
     row: str  # the table row it belongs to
     group: str  # main | ablation | baseline | reference
     seed: int | None
-    method: str  # kd | pocl | sft | seqkd | reference
+    method: str  # one of spec.METHODS (main matrix; ablations: pocl) | sft | seqkd | reference
     divergence: str | None
     config: dict | None  # the pocl distill config (sections), None for reference models
     model_path: str | None = None  # reference models
 
     @property
     def is_pocl(self) -> bool:
-        """True for a KD + POCL run."""
-        return self.method == "pocl"
+        """True for a run with the POCL curriculum (pocl, taid-pocl, skd-pocl, pocl-assistant, the ablations)."""
+        return self.method in POCL_METHODS
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -75,34 +75,81 @@ def model_dirs(spec: Spec, *, healed: bool = True) -> tuple[str, str]:
     return teacher, student
 
 
+def assistant_dir(spec: Spec, *, healed: bool = True) -> str | None:
+    """The assistant teacher of pocl-assistant as its runs see it (None without ``models.assistant``): made by
+    init-student of the teacher (OUTPUT/models/assistant) or the given path, healed like the student
+    (OUTPUT/models/heal-assistant/final) when the spec has ``models.heal`` and ``healed``."""
+    if spec.assistant is None:
+        return None
+    if healed and spec.heal:
+        return str(spec.output_dir / "models" / "heal-assistant" / "final")
+    return str(spec.output_dir / "models" / "assistant") if isinstance(spec.assistant, dict) else spec.assistant
+
+
 HEAL_OWN_DATA_KEYS = ("train_file", "dev_file", "train_split", "dev_split", "max_train_samples", "max_dev_samples")
 
 
-def heal_run(spec: Spec) -> Run | None:
-    """The healing run: ``pocl distill`` of the new student with ``base`` overridden by ``models.heal``
-    (default ``loss.method: sft``), into OUTPUT/models/heal; its final/ is every run's initial student.
-    Which rows it trains on (``HEAL_OWN_DATA_KEYS``) comes from ``models.heal.data`` only; the other data
-    settings (template, lengths) are the matrix's. Returns None when the spec has no ``models.heal``."""
-    if not spec.heal:
+def heal_run(spec: Spec, role: str = "student") -> Run | None:
+    """The healing run of the new student (``role`` student) or of the assistant teacher (``role`` assistant):
+    ``pocl distill`` of it with ``base`` overridden by ``models.heal`` (default ``loss.method: sft``), into
+    OUTPUT/models/heal (or heal-assistant); its final/ is every run's initial student (or the assistant). Which
+    rows it trains on (``HEAL_OWN_DATA_KEYS``) comes from ``models.heal.data`` only; the other data settings
+    (template, lengths) are the matrix's. Returns None when the spec has no ``models.heal`` (or, for the
+    assistant, no ``models.assistant``). The assistant's healing takes ``models.assistant_heal`` over ``models.heal``."""
+    if not spec.heal or (role == "assistant" and spec.assistant is None):
         return None
-    teacher, student = model_dirs(spec, healed=False)
+    teacher = model_dirs(spec, healed=False)[0]
+    model = assistant_dir(spec, healed=False) if role == "assistant" else model_dirs(spec, healed=False)[1]
+    name = "heal" if role == "student" else f"heal-{role}"
     if not (spec.heal.get("data") or {}).get("train_file"):
         raise spec_error(spec.path, "models.heal.data.train_file", "is required (rows the matrix does not train or "
                                                                    "evaluate on, e.g. the dev split)")
     base = copy.deepcopy(spec.base)  # the data to heal on is the heal section's own, not the matrix's
     base["data"] = {k: v for k, v in (base.get("data") or {}).items() if k not in HEAL_OWN_DATA_KEYS}
-    config = merge(merge(base, {"model": {"teacher": teacher, "student": student}, "loss": {"method": "sft"},
-                                "curriculum": {"curriculum": "none"}}), spec.heal)
-    config = merge(config, {"train": {"output_dir": str(spec.output_dir / "models" / "heal")}})
+    heal = merge(spec.heal, spec.assistant_heal or {}) if role == "assistant" else spec.heal
+    config = merge(merge(base, {"model": {"teacher": teacher, "student": model}, "loss": {"method": "sft"},
+                                "curriculum": {"curriculum": "none"}}), heal)
+    config = merge(config, {"train": {"output_dir": str(spec.output_dir / "models" / name)}})
     try:
         DistillConfig.from_dict(config)
     except PoclError as exc:
         raise ConfigError(f"{spec.path}: models.heal: {exc}") from None
-    return Run("heal", "-", "prepare", config["train"].get("seed"), config["loss"]["method"], None, config)
+    return Run(name, "-", "prepare", config["train"].get("seed"), config["loss"]["method"], None, config)
+
+
+def main_run(method: str, divergence: str | None) -> tuple[str, str]:
+    """(run name without the seed, table row) of a main-matrix run: ``kd-fkl`` FKL, ``pocl-fkl`` FKL+POCL,
+    ``taid`` TAID, ``taid-pocl`` TAID+POCL (TAID has no divergence), ``skd-fkl`` SKD-FKL, ``skd-pocl-fkl``
+    SKD-FKL+POCL, ``pocl-assistant-fkl`` "FKL+POCL, assistant teacher"."""
+    if method in ("taid", "taid-pocl"):
+        return method, method.upper().replace("-", "+")
+    div = divergence.upper()
+    return {"kd": (f"kd-{divergence}", div), "pocl": (f"pocl-{divergence}", f"{div}+POCL"),
+            "skd": (f"skd-{divergence}", f"SKD-{div}"), "skd-pocl": (f"skd-pocl-{divergence}", f"SKD-{div}+POCL"),
+            "pocl-assistant": (f"pocl-assistant-{divergence}", f"{div}+POCL, assistant teacher")}[method]
+
+
+def method_settings(spec: Spec, method: str, divergence: str | None, base_curriculum: dict) -> dict:
+    """The config sections a main-matrix method sets (merged into base): the divergence, loss.method and the
+    spec's ``method_loss`` for TAID and SKD, the assistant as the teacher of the first stages for pocl-assistant."""
+    family = method.removesuffix("-pocl")
+    if family == "taid":
+        return {"loss": {"method": "taid", **spec.method_loss.get("taid", {})}}
+    if family == "skd":
+        return {"loss": {"method": "skd", "divergence": divergence, **spec.method_loss.get("skd", {})}}
+    extra: dict[str, Any] = {"loss": {"divergence": divergence}}
+    if method == "pocl-assistant":
+        own = [dict(st) for st in base_curriculum.get("stages") or []]
+        stages = own + [{} for _ in range(spec.assistant_stages - len(own))]
+        for st in stages[:spec.assistant_stages]:
+            st["teacher"] = assistant_dir(spec)
+        extra["curriculum"] = {"stages": stages}
+    return extra
 
 
 def build_plan(spec: Spec) -> list[Run]:
-    """Every run of the matrix, in the order they are run: main matrix by seed, baselines, ablations,
+    """Every run of the matrix, in the order they are run: main matrix by seed (per divergence the spec's
+    methods, TAID's without a divergence with the first: :func:`main_run`), baselines, ablations,
     then the reference models. Each run's config is checked by pocl's DistillConfig (errors name the
     spec and the run)."""
     teacher, student = model_dirs(spec)
@@ -114,12 +161,13 @@ def build_plan(spec: Spec) -> list[Run]:
 
     def add(name, row, group, seed, method, divergence, extra):
         extra = merge(extra, {"train": {"seed": seed, "output_dir": str(spec.output_dir / "runs" / name)}})
-        if method == "pocl":
-            extra = merge(extra, {"curriculum": {"curriculum": "pocl", "stage_epochs": stage_epochs}})
-        else:
-            extra = merge(extra, {"curriculum": {"curriculum": "none"}})
+        pocl = method in POCL_METHODS
+        extra = merge(extra, {"curriculum": {"curriculum": "pocl", "stage_epochs": stage_epochs} if pocl else
+                              {"curriculum": "none"}})
         config = merge(base, extra)
-        if method == "pocl":
+        if method.startswith("taid"):  # TAID has no temperature (pocl distill forces the stages' to 1)
+            config["loss"] = {k: v for k, v in config["loss"].items() if k != "temperature"}
+        if pocl:
             # The stages carry their own length (stage_epochs: the same budget), alpha and T; the plain-KD
             # values of the base would be refused (epochs) or override every stage (alpha, temperature).
             config["train"] = {k: v for k, v in (config.get("train") or {}).items() if k != "epochs"}
@@ -131,10 +179,13 @@ def build_plan(spec: Spec) -> list[Run]:
         runs.append(Run(name, row, group, seed, method, divergence, config))
 
     for seed in spec.seeds:
-        for div in spec.divergences:
+        for i, div in enumerate(spec.divergences):
             for method in spec.methods:
-                row = div.upper() + ("+POCL" if method == "pocl" else "")
-                add(f"{method}-{div}-s{seed}", row, "main", seed, method, div, {"loss": {"divergence": div}})
+                if method.startswith("taid") and i:
+                    continue  # no divergence: one run per seed
+                d = None if method.startswith("taid") else div
+                stem, row = main_run(method, d)
+                add(f"{stem}-s{seed}", row, "main", seed, method, d, method_settings(spec, method, d, cur))
         for b in spec.baselines:
             add(f"{b}-s{seed}", b.upper() if b == "sft" else "SeqKD", "baseline", seed, b, None,
                 {"loss": {"method": b}})

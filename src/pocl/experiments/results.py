@@ -22,6 +22,7 @@ from pocl.experiments.intervals import (
 )
 from pocl.experiments.plan import (
     Run,
+    assistant_dir,
     heal_run,
     model_dirs,
     read_json,
@@ -117,6 +118,8 @@ def build_table(records: list[dict], sets: list[str], rows: list[str], seeds: li
 def _cost_rows(records: list[dict], rows: list[str]) -> list[list[str]]:
     out = []
     kd = {(r["divergence"], r["seed"]): r for r in records if r["method"] == "kd" and "samples_trained" in r}
+    for r in list(kd.values()):  # a run without a divergence (TAID): the KD run of its seed (the first divergence)
+        kd.setdefault((None, r["seed"]), r)
     for row in rows:
         recs = [r for r in records if r["row"] == row and "samples_trained" in r]
         if not recs:
@@ -131,7 +134,7 @@ def _cost_rows(records: list[dict], rows: list[str]) -> list[list[str]]:
         same = []
         for r in recs:
             ref = kd.get((r["divergence"], r["seed"]))
-            if r["method"] == "pocl" and ref is not None:
+            if r["group"] in ("main", "ablation") and r["method"] != "kd" and ref is not None:
                 same.append(r["samples_trained"] == ref["samples_trained"])
         budget = "–" if not same else ("yes" if all(same) else f"NO ({sum(same)}/{len(same)})")
         out.append([row, str(len(recs)), f"{mean('samples_trained'):.0f}", f"{mean('sample_passes'):.3g}", budget,
@@ -163,19 +166,27 @@ def paired_differences(records: list[dict], sets: list[str], metric: str = "roug
     return out
 
 
+#: The paired comparisons of the main matrix, (A, B) = A − B per divergence and seed: each method with POCL
+#: minus the same method without, and the assistant teacher minus POCL with the teacher alone.
+PAIRED_METHODS = (("pocl", "kd"), ("taid-pocl", "taid"), ("skd-pocl", "skd"), ("pocl-assistant", "pocl"))
+
+
 def paired_intervals(records: list[dict], sets: list[str], metric: str = "rouge_l", *,
                      n_boot: int = 4000) -> list[dict]:
     """The differences with their 95 % bootstrap intervals, paired by training seed and prompt
-    (:mod:`pocl.experiments.intervals`): KD + POCL − KD per divergence, and each ablation − the full
-    POCL run of its divergence, over the seeds both sides have evaluated. One dict per comparison:
+    (:mod:`pocl.experiments.intervals`): per divergence KD + POCL − KD, TAID + POCL − TAID, SKD + POCL − SKD
+    and POCL with the assistant teacher − POCL (``PAIRED_METHODS``, when both are in the matrix), and each
+    ablation − the full POCL run of its divergence, over the seeds both sides have evaluated. One dict per comparison:
     ``label``, ``seeds``, ``cols`` (set / "Avg" -> Interval as a dict with ``half_width``)."""
     done = [r for r in records if "eval_dir" in r and r["group"] in ("main", "ablation")]
     main = {(r["method"], r["divergence"], r["seed"]): r for r in done if r["group"] == "main"}
     comparisons: list[tuple[str, list[tuple[dict, dict]]]] = []
-    for div in dict.fromkeys(r["divergence"] for r in done if r["group"] == "main"):
-        pairs = [(r, main[("kd", div, r["seed"])]) for r in done if r["group"] == "main" and r["method"] == "pocl"
-                 and r["divergence"] == div and ("kd", div, r["seed"]) in main]
-        comparisons.append((f"{div.upper()}+POCL − {div.upper()}", pairs))
+    for a, b in PAIRED_METHODS:
+        for div in dict.fromkeys(r["divergence"] for r in done if r["group"] == "main"):
+            pairs = [(r, main[(b, div, r["seed"])]) for r in done if r["group"] == "main" and r["method"] == a
+                     and r["divergence"] == div and (b, div, r["seed"]) in main]
+            if pairs:
+                comparisons.append((f"{pairs[0][0]['row']} − {pairs[0][1]['row']}", pairs))
     for row in dict.fromkeys(r["row"] for r in done if r["group"] == "ablation"):
         pairs = [(r, main[("pocl", r["divergence"], r["seed"])]) for r in done if r["row"] == row
                  and ("pocl", r["divergence"], r["seed"]) in main]
@@ -201,8 +212,9 @@ def _interval_lines(intervals: list[dict], sets: list[str]) -> list[str]:
     lines = ["## Differences with 95 % bootstrap intervals, paired by training seed and prompt (ROUGE-L)", "",
              ("Mean difference [2.5th, 97.5th percentile of 4,000 bootstrap replicates], resampling the training-seed "
               "pairs (the same draw for every set) and the prompts within each set; Avg = mean over the sets. "
-              f"Main rows: {shape[0]} seed pairs × {shape[1]} prompts (all sets) × {shape[2]} sampling seeds. "
-              "Ablations: against the full POCL run of the same seed(s)."), "",
+              f"Main rows: {shape[0]} seed pairs × {shape[1]} prompts (all sets) × {shape[2]} sampling seeds; "
+              "each method with POCL against the same method without it, the assistant teacher against POCL with "
+              "the teacher alone. Ablations: against the full POCL run of the same seed(s)."), "",
              "| comparison | seeds | " + " | ".join(sets + ["Avg"]) + " | Avg half-width |",
              "|" + "---|" * (len(sets) + 4)]
     for row in intervals:
@@ -256,7 +268,7 @@ def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str], inte
     body = _cost_rows(records, rows)
     lines += ["## Budget and cost", "",
               ("Samples trained = optimizer steps × their batches, from each run's summary.json; passes = that / "
-               "training-set size; same budget: equal to the KD run of the same divergence and seed. Ranking s = "
+               "training-set size; same budget: equal to the KD run of the same divergence (TAID: the first) and seed. Ranking s = "
                "the measurement pass of the initial student (made once, shared by every POCL run); share = ranking "
                "/ (ranking + training)."), "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -276,12 +288,16 @@ def write_results(spec: Spec, plan: list[Run], evaluations: dict[str, dict | Non
     teacher, student = model_dirs(spec)
     models: dict[str, Any] = {"teacher": teacher, "teacher_source": spec.teacher, "initial_student": student,
                               "student_init": read_json(Path(model_dirs(spec, healed=False)[1]) / "init_student.json")}
-    heal = heal_run(spec)
-    if heal is not None:
-        hs = read_json(run_dir(spec, heal) / "summary.json") or {}
-        models["heal"] = {"command": f"pocl distill --config {spec.output_dir / 'configs' / 'heal.yaml'}",
-                          "status": hs.get("status"), "steps": hs.get("global_steps"),
-                          "train_seconds": hs.get("train_seconds"), "method": heal.method}
+    if spec.assistant is not None:
+        models.update(assistant=assistant_dir(spec), assistant_stages=spec.assistant_stages,
+                      assistant_init=read_json(Path(assistant_dir(spec, healed=False)) / "init_student.json"))
+    for role in ("student", "assistant"):
+        heal = heal_run(spec, role)
+        if heal is not None:
+            hs = read_json(run_dir(spec, heal) / "summary.json") or {}
+            models[heal.name] = {"command": f"pocl distill --config {spec.output_dir / 'configs' / heal.name}.yaml",
+                                 "status": hs.get("status"), "steps": hs.get("global_steps"),
+                                 "train_seconds": hs.get("train_seconds"), "method": heal.method}
     data = {"schema": SCHEMA, "spec": str(spec.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "models": models, "table": table, "paired_intervals": intervals, "runs": records}
     atomic_write(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n", make_parents=True)

@@ -19,7 +19,9 @@ from pocl.experiments.spec import Spec, load_spec
 
 DESCRIPTION = ("Run an experiment matrix: {divergence} x {plain KD, KD + POCL} x seeds, plus the ablations of the\n"
                "spec's section 7, evaluate every run and write one results table in the layout of the spec's "
-               "section 6.")
+               "section 6.\nThe spec's methods may add TAID and Speculative KD (each without and with POCL) and "
+               "POCL with an assistant teacher\nin its first stages: kd, pocl, taid, taid-pocl, skd, skd-pocl, "
+               "pocl-assistant.")
 
 
 def run_matrix(spec: Spec, *, only: list[str] | None = None, pocl_main: PoclMain | None = None,

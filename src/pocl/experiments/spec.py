@@ -15,13 +15,22 @@ from pocl.config.schema import load_yaml
 from pocl.errors import ConfigError, suggest
 
 SCHEMA = "pocl.matrix/1"
-METHODS = ("kd", "pocl")
+#: The methods of the main matrix: plain KD, KD + POCL, TAID and Speculative KD (each without and with POCL),
+#: and KD + POCL whose first ``models.assistant_stages`` stages learn from ``models.assistant``.
+METHODS = ("kd", "pocl", "taid", "taid-pocl", "skd", "skd-pocl", "pocl-assistant")
+DEFAULT_METHODS = ("kd", "pocl")
+POCL_METHODS = ("pocl", "taid-pocl", "skd-pocl", "pocl-assistant")  # the runs with the POCL curriculum
+#: The methods with their own ``pocl distill`` loss.method, whose settings ``method_loss`` gives (for X and X-pocl).
+METHOD_LOSS = ("taid", "skd")
 BASELINES = ("sft", "seqkd")
 REFERENCES = ("teacher", "student")
 SPEC_KEYS = ("output_dir", "models", "base", "divergences", "methods", "baselines", "seeds", "ablations", "eval",
-             "checkpoint", "reference_models", "estimate")
+             "checkpoint", "reference_models", "estimate", "method_loss")
 ESTIMATE_KEYS = ("seconds_per_train_sample", "seconds_per_heal_sample", "seconds_per_rank_sample",
-                 "seconds_per_eval_prompt", "seconds_per_teacher_eval_prompt", "seconds_per_run_overhead")
+                 "seconds_per_eval_prompt", "seconds_per_teacher_eval_prompt", "seconds_per_run_overhead",
+                 "seconds_per_skd_sample")
+MODEL_KEYS = ("teacher", "student", "heal", "assistant", "assistant_stages", "assistant_heal")
+INIT_STUDENT_OPTIONS = ("keep_every", "keep_last", "keep_layers", "num_layers")
 #: Ablations of the spec's section 7: name -> (row label, curriculum overrides or a function of the base curriculum).
 ABLATIONS: dict[str, tuple[str, Any]] = {
     "random": ("random order", {"measurer": "random"}),
@@ -94,6 +103,10 @@ class Spec:
     checkpoint: str
     reference_models: list[str]
     estimate: dict
+    assistant: str | dict | None = None  # the teacher of pocl-assistant's first stages: a path or init-student options
+    assistant_stages: int = 0  # how many stages (the first ones) learn from the assistant
+    assistant_heal: dict | None = None  # overrides of models.heal for the assistant's healing
+    method_loss: dict = dataclasses.field(default_factory=dict)  # taid|skd -> loss settings of those runs
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -111,7 +124,13 @@ def load_spec(path: str | Path) -> Spec:
     base = copy.deepcopy(raw["base"])
     _check_base(base, path)
     divergences = str_list(raw["divergences"], path, "divergences")
-    methods = str_list(raw.get("methods", list(METHODS)), path, "methods", allowed=METHODS)
+    methods = str_list(raw.get("methods", list(DEFAULT_METHODS)), path, "methods", allowed=METHODS)
+    assistant, assistant_stages = _assistant(raw["models"], path, methods, base)
+    method_loss = _method_loss(raw.get("method_loss"), path, methods)
+    assistant_heal = raw["models"].get("assistant_heal")
+    if assistant_heal is not None and not (isinstance(assistant_heal, dict) and assistant is not None and heal):
+        raise spec_error(path, "models.assistant_heal", "must be a mapping of overrides of models.heal, with "
+                                                       "models.assistant and models.heal")
     baselines = str_list(raw.get("baselines", []) or [], path, "baselines", allowed=BASELINES, empty_ok=True)
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
@@ -136,14 +155,16 @@ def load_spec(path: str | Path) -> Spec:
     return Spec(path=path, output_dir=Path(str(raw["output_dir"])), teacher=teacher, student=student, heal=heal,
                 base=base,
                 divergences=divergences, methods=methods, baselines=baselines, seeds=seeds, ablations=ablations,
-                eval=ev, checkpoint=checkpoint, reference_models=refs, estimate=estimate)
+                eval=ev, checkpoint=checkpoint, reference_models=refs, estimate=estimate, assistant=assistant,
+                assistant_stages=assistant_stages, method_loss=method_loss, assistant_heal=assistant_heal)
 
 
 def _models(models: Any, path: Path) -> tuple[str, str | dict, dict | None]:
     """The ``models`` section: (teacher path, student path or init-student options, heal overrides or None)."""
-    if not isinstance(models, dict) or set(models) - {"teacher", "student", "heal"} or "teacher" not in models \
+    if not isinstance(models, dict) or set(models) - set(MODEL_KEYS) or "teacher" not in models \
             or "student" not in models:
-        raise spec_error(path, "models", "must be a mapping with 'teacher', 'student' and optionally 'heal'")
+        raise spec_error(path, "models", "must be a mapping with 'teacher', 'student' and optionally 'heal', "
+                                         "'assistant', 'assistant_stages'")
     heal = models.get("heal")
     if heal is not None:
         if not isinstance(heal, dict) or not heal:
@@ -154,16 +175,62 @@ def _models(models: Any, path: Path) -> tuple[str, str | dict, dict | None]:
                 raise spec_error(path, f"models.heal.{section}.{key}", "must not be given (set by the runner)")
     teacher = models["teacher"]
     teacher = _package_file(teacher, path, "models.teacher") if isinstance(teacher, dict) else str(teacher)
-    student = models["student"]
-    if isinstance(student, dict):
-        allowed = {"keep_layers", "keep_every", "num_layers", "keep_last"}
-        bad = set(student) - allowed
-        if bad:
-            raise spec_error(path, "models.student", f"unknown init-student option {min(bad)!r}; valid: "
-                                                     f"{', '.join(sorted(allowed))}")
-    else:
-        student = str(student)
-    return teacher, student, heal
+    return teacher, _made_model(models["student"], path, "models.student"), heal
+
+
+def _made_model(value: Any, path: Path, field: str) -> str | dict:
+    """A model of the ``models`` section: a path, or a mapping of ``pocl init-student`` options (checked)."""
+    if not isinstance(value, dict):
+        return str(value)
+    bad = set(value) - set(INIT_STUDENT_OPTIONS)
+    if bad or not value:
+        what = f"unknown init-student option {min(bad)!r}" if bad else "has no init-student option"
+        raise spec_error(path, field, f"{what}; valid: {', '.join(INIT_STUDENT_OPTIONS)}")
+    return value
+
+
+def _assistant(models: dict, path: Path, methods: list[str], base: dict) -> tuple[str | dict | None, int]:
+    """``models.assistant`` (a path or init-student options of the teacher) and ``models.assistant_stages``
+    (default: half the stages), checked against the methods: only pocl-assistant uses them, and it needs them."""
+    if models.get("assistant") in (None, "", {}):
+        if "pocl-assistant" in methods:
+            raise spec_error(path, "models.assistant", "is required by the method pocl-assistant: init-student "
+                                                       "options of the teacher ({num_layers: N}) or a model path")
+        if "assistant_stages" in models:
+            raise spec_error(path, "models.assistant_stages", "is given without models.assistant")
+        return None, 0
+    if "pocl-assistant" not in methods:
+        raise spec_error(path, "models.assistant", "is used only by the method pocl-assistant, which methods does "
+                                                   "not list")
+    n = (base.get("curriculum") or {}).get("num_stages", 4)
+    stages = models.get("assistant_stages", max(1, n // 2))
+    if not isinstance(stages, int) or isinstance(stages, bool) or not 1 <= stages <= n:
+        raise spec_error(path, "models.assistant_stages", f"must be a whole number from 1 to num_stages ({n}): how "
+                                                          f"many stages, from the first, learn from the assistant")
+    return _made_model(models["assistant"], path, "models.assistant"), stages
+
+
+def _method_loss(raw: Any, path: Path, methods: list[str]) -> dict[str, dict]:
+    """``method_loss``: {taid|skd: loss settings} for the runs of that method (with and without POCL) only."""
+    if not raw:
+        return {}
+    if not isinstance(raw, dict):
+        raise spec_error(path, "method_loss", f"must be a mapping of {' or '.join(METHOD_LOSS)} to loss settings")
+    out = {}
+    for family, settings in raw.items():
+        where = f"method_loss.{family}"
+        if family not in METHOD_LOSS:
+            raise spec_error(path, where, f"unknown method{suggest(str(family), METHOD_LOSS)}; valid: "
+                                          f"{', '.join(METHOD_LOSS)}")
+        if not isinstance(settings, dict):
+            raise spec_error(path, where, "must be a mapping of loss settings, e.g. {on_policy_max_new_tokens: 96}")
+        for key in ("method", "divergence"):
+            if key in settings:
+                raise spec_error(path, f"{where}.{key}", "must not be given (set by methods and divergences)")
+        if not {family, f"{family}-pocl"} & set(methods):
+            raise spec_error(path, where, f"is given, but methods lists neither {family} nor {family}-pocl")
+        out[family] = dict(settings)
+    return out
 
 
 def _check_base(base: Any, path: Path) -> None:
@@ -174,19 +241,22 @@ def _check_base(base: Any, path: Path) -> None:
     for section, key, why in (("model", "teacher", "set by models.teacher"), ("model", "student", "set by models.student"),
                               ("train", "output_dir", "each run gets OUTPUT/runs/RUN"),
                               ("train", "seed", "set by seeds"), ("loss", "divergence", "set by divergences"),
+                              ("loss", "method", "set by methods"),
                               ("train", "max_steps", "the budget is set by epochs (same for KD and POCL)"),
                               ("curriculum", "curriculum", "set by methods"),
                               ("curriculum", "stage_epochs", "computed from train.epochs (same sample budget)"),
                               ("curriculum", "ranking_file", "every POCL run starts from the shared ranking"),
                               ("curriculum", "plateau_patience", "an early stage advance breaks the same budget"),
-                              ("curriculum", "measurer", "set per ablation")):
+                              ("curriculum", "measurer", "set per ablation"),
+                              ("curriculum", "stage_teachers", "set by models.assistant (pocl-assistant)")):
         if key in (base.get(section) or {}):
             raise spec_error(path, f"base.{section}.{key}", f"must not be given ({why})")
     for i, st in enumerate((base.get("curriculum") or {}).get("stages") or []):
-        for key in ("epochs", "max_steps", "plateau_patience"):
+        for key in ("epochs", "max_steps", "plateau_patience", "teacher"):
             if isinstance(st, dict) and key in st:
-                raise spec_error(path, f"base.curriculum.stages[{i}].{key}", "must not be given (stage lengths follow "
-                                                                            "from train.epochs: same sample budget)")
+                why = ("set by models.assistant (pocl-assistant)" if key == "teacher" else
+                       "stage lengths follow from train.epochs: same sample budget")
+                raise spec_error(path, f"base.curriculum.stages[{i}].{key}", f"must not be given ({why})")
     if not (base.get("data") or {}).get("train_file"):
         raise spec_error(path, "base.data.train_file", "is required")
 
