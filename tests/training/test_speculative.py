@@ -7,11 +7,13 @@ replacement). The models run in float64 so that padding and caching cannot flip 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
+from pocl.errors import ConfigError
 from pocl.generation import DecodingConfig, generate
 from pocl.training.speculative import (
     SpeculativeSettings,
@@ -379,3 +381,87 @@ def test_batch_size_validation(pair, prompts, suite_tokenizer):
     student, teacher = pair
     with pytest.raises(ValueError, match="batch_size"):
         speculative_generate(student, teacher, suite_tokenizer, prompts, SpeculativeSettings(), seed=0, batch_size=0)
+
+
+# ------------------------------------------------------------------------------- KV caches with holes
+def test_cached_sampler_matches_recompute_reference_with_many_rejections_and_eos(pair, prompts, suite_tokenizer):
+    """Small K: most blocks reject a draft that both models had fed (a hole in both caches); an EOS
+    bias stops rows in the middle of the batch, which then leave the caches."""
+    student, teacher = pair
+    s = SpeculativeSettings(gamma=5, top_k=40, temperature=0.8, teacher_temperature=0.9, max_new_tokens=24)
+    prompts = prompts * 2
+    handles = [eos_bias(student, 2.5), eos_bias(teacher, 2.5)]
+    try:
+        expected, total = [], SpeculativeStats()
+        for i, p in enumerate(prompts):
+            tokens, stopped, stats = naive_skd(student, teacher, p, s, i)
+            expected.append((tokens, stopped))
+            total.add(stats)
+        for batch_size in (1, 5, 12):
+            out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED,
+                                              batch_size=batch_size)
+            assert _as_tuples(out) == expected, batch_size
+            assert stats == total
+    finally:
+        for h in handles:
+            h.remove()
+    assert total.replaced >= 2 * len(prompts) and total.replaced > total.blocks / 2  # many rejections
+    assert total.drafted - total.accepted > total.replaced  # rejected drafts that had been fed: holes
+    stops = [len(t) for t, stopped in expected if stopped]
+    assert stops and min(stops) < max(len(t) for t, _ in expected)  # rows stop while others go on
+
+
+def test_each_token_is_fed_once(pair, prompts, suite_tokenizer):
+    """No prefix is recomputed: after the prompt each teacher pass feeds at most gamma positions,
+    each student pass at most one (gamma - 1 draft steps and the pending token per block)."""
+    student, teacher = pair
+    s = SETTINGS["top_k"]
+    widths = {"student": [], "teacher": []}
+    handles = [model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out, name=name: widths[name].append(args[0].shape[1]))
+        for name, model in (("student", student), ("teacher", teacher))]
+    try:
+        _, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=6)
+    finally:
+        for h in handles:
+            h.remove()
+    longest = max(len(p) for p in prompts)
+    assert widths["teacher"][0] == longest + s.gamma - 1 and max(widths["teacher"][1:]) <= s.gamma
+    assert widths["student"][0] == longest and max(widths["student"][1:]) == 1
+    assert len(widths["teacher"]) < stats.blocks  # one teacher pass per block for the whole batch
+
+
+def test_eager_attention_honours_the_holes(pair, suite_tokenizer):
+    """The same samples with eager attention (the default is sdpa). Prompts of equal length: in
+    float64, transformers' eager mask turns a query row with no visible key (a left-padded prompt
+    position) into NaN, with or without a cache."""
+    student, teacher = (copy.deepcopy(m) for m in pair)
+    for model in (student, teacher):
+        model.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, len(suite_tokenizer), (6,), generator=gen).tolist() for _ in range(4)]
+    s = SpeculativeSettings(gamma=4, top_k=60, temperature=0.8, max_new_tokens=14)
+    expected, total = [], SpeculativeStats()
+    for i, p in enumerate(prompts):
+        tokens, stopped, stats = naive_skd(student, teacher, p, s, i)
+        expected.append((tokens, stopped))
+        total.add(stats)
+    assert total.drafted - total.accepted > total.replaced  # holes
+    out, stats = speculative_generate(student, teacher, suite_tokenizer, prompts, s, seed=SEED, batch_size=4)
+    assert _as_tuples(out) == expected and stats == total
+
+
+def test_sliding_window_models_are_refused(suite_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(suite_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64)
+    model = MistralForCausalLM(cfg).eval()
+    with pytest.raises(ConfigError, match="sliding-window"):
+        speculative_generate(model, model, suite_tokenizer, [[3, 4, 5]], SpeculativeSettings(max_new_tokens=4),
+                             seed=0, batch_size=1)
+
+
+def test_empty_prompt_is_refused(pair, suite_tokenizer):
+    with pytest.raises(ConfigError, match="empty prompt"):
+        speculative_generate(*pair, suite_tokenizer, [[3, 4], []], SpeculativeSettings(), seed=0, batch_size=2)

@@ -22,12 +22,24 @@ sampled from the teacher's (warped) distribution at the first rejected position.
   applied to the drafted token itself (the official code tests a second sample of the student's
   distribution and keeps the draft).
 
-**Cost.** Rows accept different numbers of tokens, so after every block the active rows are
-re-left-padded and both models recompute the whole prefix (no cache across blocks; a KV cache is
-used only within the student's draft). Per block and row this is one student pass over prefix +
-``gamma - 1`` cached steps and one teacher pass over prefix + ``gamma - 1`` tokens. A block adds
-``accepted + 1`` tokens (``gamma`` when all are accepted), so an ``N``-token response costs about
-``N / (accepted + 1)`` full-prefix passes of each model, against ``N`` cached one-token steps.
+**Cost: both KV caches persist across blocks.** Each model keeps one ``DynamicCache`` per batch and
+a 2D attention mask over everything it has cached. Every model call feeds all rows the same number
+of new positions: a row with fewer pending tokens is left-padded inside the chunk with masked
+positions, a row that has finished drafting feeds one masked position. After the verdict the cached
+positions of the rejected drafts are not removed but masked out (holes); position ids are always
+``cumsum(mask) - 1`` over the whole mask, so a kept token's position is the number of kept tokens
+before it (rotary or absolute keys are written with the right positions because rejected drafts only
+ever follow a row's kept tokens). A block feeds the student the pending token (the previous block's
+replacement, or its last draft when all were accepted; the prompt in the first block) and then
+``gamma - 1`` one-token steps; the teacher the pending token and the first ``gamma - 1`` drafts in
+one pass (the last draft's logits would only serve a bonus token). Finished rows leave the batch
+(their cache rows are dropped). A block adds ``accepted + 1`` tokens (``gamma`` when all are
+accepted), so an ``N``-token response costs about ``N / (accepted + 1)`` blocks of ``gamma`` cached
+student steps and one teacher pass over ``gamma`` new positions (``benchmarks/skd_sampler.py``). Memory: holes and chunk padding are never reclaimed, so a batch's
+cache grows by up to ``gamma`` positions per block while a row gains at least one token per block:
+at most ``max_new_tokens * gamma`` positions past the prompt (480 at the official ``gamma = 5`` and
+96 new tokens), attended to with the mask. Sliding-window attention would count holes inside its
+window: a model whose cache has a sliding layer is refused (``ConfigError``).
 
 **Randomness.** Each prompt owns a ``torch.Generator`` seeded with ``stream_seed("skd", seed, index)``
 (``index``: its position in ``prompts``) and draws in a fixed order per block (its draft samples,
@@ -45,12 +57,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pocl.generation import (
-    Generation,
-    left_pad,
-    length_sorted_batches,
-    special_token_ids,
-)
+from pocl.errors import ConfigError
+from pocl.generation import Generation, length_sorted_batches, special_token_ids
 from pocl.models import output_rows
 from pocl.training.stages import stream_seed
 
@@ -121,11 +129,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch: a padded row gets the positions of the unpadded one."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _forward(model: nn.Module, ids, mask, positions, *, keep: int, cache=None):
     """(logits of the last ``keep`` positions ``[B, keep, V]``, the KV cache)."""
     params = inspect.signature(model.forward).parameters
@@ -141,44 +144,82 @@ def _forward(model: nn.Module, ids, mask, positions, *, keep: int, cache=None):
     return out.logits[:, -keep:], new_cache
 
 
+class _Cached:
+    """One model's KV cache over the active rows of a batch and the 2D attention mask over every
+    cached position (0: left padding of a chunk, a row's idle step, or a rejected draft: a hole)."""
+
+    def __init__(self, model: nn.Module, rows: int, filler: int):
+        self.model, self.filler, self.device = model, filler, _device(model)
+        self.cache = None
+        self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
+
+    def feed(self, chunks: Sequence[Sequence[int]], keep: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """Feeds each row's tokens (right-aligned in one chunk; masked padding on the left, an empty
+        row is all padding). Returns the logits of the chunk's last ``keep`` positions and, per row,
+        the cache columns of its tokens. Position ids count the unmasked positions before each one."""
+        width, start = max(len(c) for c in chunks), self.mask.shape[1]
+        ids = torch.full((len(chunks), width), self.filler, dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        columns = []
+        for r, chunk in enumerate(chunks):
+            ids[r, width - len(chunk):] = torch.tensor(list(chunk), dtype=torch.long)
+            mask[r, width - len(chunk):] = 1
+            columns.append(list(range(start + width - len(chunk), start + width)))
+        self.mask = torch.cat([self.mask, mask.to(self.device)], dim=1)
+        positions = (self.mask.cumsum(-1)[:, start:] - 1).clamp(min=0)
+        logits, self.cache = _forward(self.model, ids.to(self.device), self.mask, positions, keep=keep,
+                                      cache=self.cache)
+        if start == 0 and any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", ())):
+            # its window spans cache positions, holes included (and it may drop the oldest ones)
+            raise ConfigError(f"speculative sampling does not support sliding-window attention "
+                              f"({type(self.model).__name__}): rejected drafts stay in the KV cache as masked holes")
+        return logits, columns
+
+    def hide(self, row: int, columns: Sequence[int]) -> None:
+        self.mask[row, list(columns)] = 0
+
+    def select(self, rows: list[int]) -> None:
+        """Keeps only ``rows`` (indices into the current batch) in the cache and the mask."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.mask = self.mask[index]
+        if self.cache is not None:
+            self.cache.batch_select_indices(index)
+
+
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax at ``temperature`` in at least float32, on the CPU (where the row generators live)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.softmax(logits / temperature, dim=-1).cpu()
 
 
-def _draft(student, seqs, budgets, gens, s: SpeculativeSettings, vocab: int, eos, filler: int) -> list[list[int]]:
-    """Each row's drafted tokens: ``budgets[r]`` samples, fewer when the student drafts EOS."""
-    device = _device(student)
-    ids, mask = left_pad(seqs, filler, device)
-    positions = _positions(mask)
-    drafts: list[list[int]] = [[] for _ in seqs]
-    logits, cache = _forward(student, ids, mask, positions, keep=1)
+def _draft(student: _Cached, pending, budgets, gens, s: SpeculativeSettings, vocab: int, eos):
+    """Each row's drafted tokens (``budgets[r]`` samples, fewer when the student drafts EOS) and the
+    student's cache columns of the drafts it fed (all but the last: no draft follows it)."""
+    drafts: list[list[int]] = [[] for _ in pending]
+    fed: list[list[int]] = [[] for _ in pending]
+    logits, _ = student.feed(pending, keep=1)
     for step in range(max(budgets)):
         probs = _probs(logits[:, -1, :vocab], s.temperature)
-        feed = []
         for r, gen in enumerate(gens):
             if len(drafts[r]) < budgets[r] and (not drafts[r] or drafts[r][-1] != eos):
                 drafts[r].append(int(torch.multinomial(probs[r], 1, generator=gen)))
-            feed.append(drafts[r][-1] if drafts[r] else filler)
-        if step == max(budgets) - 1 or all(len(d) == b or d[-1] == eos for d, b in zip(drafts, budgets)):
+        going = [len(d) < b and d[-1] != eos for d, b in zip(drafts, budgets)]
+        if not any(going):
             break
-        mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = _forward(student, torch.tensor(feed, device=device)[:, None], mask, positions, keep=1,
-                                 cache=cache)
-    return drafts
+        logits, columns = student.feed([[d[-1]] if g else [] for d, g in zip(drafts, going)], keep=1)
+        for r, g in enumerate(going):
+            fed[r] += columns[r] if g else []
+    return drafts, fed
 
 
-def _judge(teacher, seqs, drafts, s: SpeculativeSettings, vocab: int, starts: list[int], filler: int):
-    """Per row: the accepted flags of its drafts and the teacher's logits at its draft positions."""
-    device = _device(teacher)
+def _judge(teacher: _Cached, pending, drafts, s: SpeculativeSettings, vocab: int, starts: list[int]):
+    """Per row: the accepted flags of its drafts, the teacher's logits at its draft positions and the
+    teacher's cache columns of the drafts it fed (all but the last)."""
     width = max(len(d) for d in drafts)
     # the last draft token is not fed: its logits would only serve a bonus token (none in SKD)
-    ids, mask = left_pad([q + d[:-1] for q, d in zip(seqs, drafts)], filler, device)
-    logits, _ = _forward(teacher, ids, mask, _positions(mask), keep=width)
+    logits, columns = teacher.feed([list(p) + d[:-1] for p, d in zip(pending, drafts)], keep=width)
     logits = logits[..., :vocab]  # [B, width, V]: row r's draft j sits at width - len(d_r) + j
-    tokens = torch.full(logits.shape[:2], filler, dtype=torch.long)
+    tokens = torch.full(logits.shape[:2], teacher.filler, dtype=torch.long)
     for r, d in enumerate(drafts):
         tokens[r, width - len(d):] = torch.tensor(d, dtype=torch.long)
     tokens = tokens.to(logits.device)
@@ -194,7 +235,8 @@ def _judge(teacher, seqs, drafts, s: SpeculativeSettings, vocab: int, starts: li
         ok = (logits > logits.gather(-1, tokens[..., None])).sum(-1) < ks.to(logits.device)
     ok = ok.tolist()
     return ([ok[r][width - len(d):] for r, d in enumerate(drafts)],
-            [logits[r, width - len(d):] for r, d in enumerate(drafts)])
+            [logits[r, width - len(d):] for r, d in enumerate(drafts)],
+            [c[len(c) - len(d) + 1:] for c, d in zip(columns, drafts)])
 
 
 @dataclasses.dataclass
@@ -209,17 +251,21 @@ class _Row:
 def _run_batch(student, teacher, rows: list[_Row], s: SpeculativeSettings, vocab: int, eos, filler: int,
                stats: SpeculativeStats) -> None:
     active = [row for row in rows if not row.done]
+    # tokens of each row that neither model has seen yet: the prompt, then the replacement or the
+    # last draft of the previous block (the other kept drafts are cached already)
+    pending = [row.prompt for row in active]
+    caches = _Cached(student, len(active), filler), _Cached(teacher, len(active), filler)
     while active:
-        seqs = [row.prompt + row.tokens for row in active]
         budgets = [min(s.gamma, s.max_new_tokens - len(row.tokens)) for row in active]
-        drafts = _draft(student, seqs, budgets, [row.gen for row in active], s, vocab, eos, filler)
-        accepted, logits = _judge(teacher, seqs, drafts, s, vocab, [len(row.tokens) for row in active], filler)
-        for row, draft, ok, row_logits in zip(active, drafts, accepted, logits):
+        drafts, fed_s = _draft(caches[0], pending, budgets, [row.gen for row in active], s, vocab, eos)
+        accepted, logits, fed_t = _judge(caches[1], pending, drafts, s, vocab, [len(row.tokens) for row in active])
+        for r, (row, draft, ok, row_logits) in enumerate(zip(active, drafts, accepted, logits)):
             n = next((j for j, flag in enumerate(ok) if not flag), len(draft))
             row.tokens += draft[:n]
             stats.drafted += len(draft)
             stats.accepted += n
             stats.blocks += 1
+            pending[r] = [draft[-1]]
             if n < len(draft):  # first rejection: the teacher's token replaces the draft, the rest is dropped
                 if s.teacher_temperature == 0:
                     token = int(row_logits[n].argmax())
@@ -227,12 +273,19 @@ def _run_batch(student, teacher, rows: list[_Row], s: SpeculativeSettings, vocab
                     token = int(torch.multinomial(_probs(row_logits[n], s.teacher_temperature), 1, generator=row.gen))
                 row.tokens.append(token)
                 stats.replaced += 1
+                pending[r] = [token]
+                caches[0].hide(r, fed_s[r][n:])  # the fed drafts from the rejected one on become holes
+                caches[1].hide(r, fed_t[r][n:])
             if eos is not None and eos in row.tokens:
                 row.tokens = row.tokens[:row.tokens.index(eos)]
                 row.stopped_at_eos = row.done = True
             elif len(row.tokens) >= s.max_new_tokens:  # drafts never exceed the budget: exactly max_new_tokens
                 row.done = True
-        active = [row for row in active if not row.done]
+        keep = [r for r, row in enumerate(active) if not row.done]
+        if keep and len(keep) < len(active):
+            for cache in caches:
+                cache.select(keep)
+        active, pending = [active[r] for r in keep], [pending[r] for r in keep]
 
 
 @torch.no_grad()
@@ -249,6 +302,8 @@ def speculative_generate(student: nn.Module, teacher: nn.Module, tokenizer, prom
     """
     if not _is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"speculative batch_size must be an integer > 0 (got {batch_size!r})")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("cannot generate from an empty prompt")
     eos, pad = special_token_ids(tokenizer)
     filler = pad if pad is not None else 0
     vocab = min(output_rows(student), output_rows(teacher))
