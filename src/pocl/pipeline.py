@@ -402,6 +402,14 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     check_supported_distribution(accelerator)
     inputs = inputs or prepare_run(config, need_teacher=need_teacher)
     resolve_selection(config, inputs)  # says how best/ will be chosen, before the ranking pass
+    # From here on files are written into the run folder: one pocl process at a time (output_dirs.run_lock).
+    with output_dirs.run_lock(config.train.output_dir):
+        return _distill_locked(config, stages, inputs, accelerator, context_fit)
+
+
+def _distill_locked(config: DistillConfig, stages: list[Stage] | None, inputs: RunInputs, accelerator,
+                    context_fit: Fit | None) -> TrainResult:
+    """The part of :func:`distill` that writes into the run folder (under its lock)."""
     check_resume_before_ranking(config, inputs, accelerator)
     from pocl.baselines import apply_method
 

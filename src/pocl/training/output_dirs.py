@@ -6,26 +6,38 @@ accepted; anything else is refused with one line naming the folder and a few of 
 with ``--overwrite`` (docs/reliability.md, "Foreign folders"). Whether a single folder is pocl's own
 (its ``manifest.json`` lists every file) is :func:`pocl.training.checkpoint.replaceable_problem`,
 which :func:`pocl.training.checkpoint.atomic_folder_write` also applies before it replaces anything.
+
+While a run writes into its folder, :func:`run_lock` holds an exclusive lock on ``OUTPUT_DIR/pocl.lock``:
+a second pocl process started on the same folder (a second experiment runner, a command typed twice) is
+refused at once instead of mixing its checkpoints and logs with the first one's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pocl.errors import ConfigError
+
 from pocl.training.checkpoint import MANIFEST, listing, pocl_manifest, replaceable_problem, unlisted_files
 
-__all__ = ["EVAL_NAMES", "RUN_NAMES", "check_output_dir", "check_ranking_file"]
+__all__ = ["EVAL_NAMES", "LOCK_NAME", "RUN_NAMES", "check_output_dir", "check_ranking_file", "run_lock"]
+
+#: The lock file of a run folder (:func:`run_lock`).
+LOCK_NAME = "pocl.lock"
 
 #: What a pocl run folder (``pocl distill``/``pocl rank`` --output-dir) may hold: any other top-level
 #: entry makes it someone else's folder, which no command writes into.
 RUN_NAMES = frozenset({
     "checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md", "config.yaml",
     "ranking.jsonl", "ranking.meta.json", "ranking.partial.jsonl", "seqkd_teacher.jsonl", "seqkd_teacher.meta.json",
-    "teacher_cache", "plots", "rankings"})
+    "teacher_cache", "plots", "rankings", "pocl.lock"})
 #: What a ``pocl eval`` output folder may hold.
 EVAL_NAMES = frozenset({"generations.jsonl", "results.json", "results.md"})
 _PLOT_FILE = re.compile(r"^(.+_training_curves|.+_difficulty|eval_[a-z_]+)\.png$")
@@ -222,3 +234,39 @@ def check_ranking_file(path: str | os.PathLike, *, inputs: Any = (), data: Any =
             raise ConfigError(f"{flag} {path}: {p} exists and is not a pocl ranking file; pocl never replaces a "
                               f"file it did not create: give another {flag}")
     return path
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str | os.PathLike, *, flag: str = "--output-dir") -> Iterator[None]:
+    """Hold an exclusive lock on ``OUTPUT_DIR/pocl.lock`` (creating the folder) for the block; ConfigError at
+    once when another process holds it. Only the main process of a launch (``RANK`` 0 or unset) locks; the
+    lock goes with the process (``flock``), so a killed run leaves no stale lock. No-op where ``fcntl`` is
+    missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown process"
+        fh.close()
+        raise ConfigError(f"{flag} {out} is in use by another pocl process ({holder}); wait for it to end or give "
+                          f"another {flag}") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
