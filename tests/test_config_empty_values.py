@@ -32,7 +32,7 @@ OPTIONAL = _optional_flags()
 #: the settings whose help says what "empty" means
 EMPTY_HELP = {("model", "teacher"), ("data", "train_file"), ("data", "dev_file"), ("curriculum", "skew_last_stage"),
               ("curriculum", "plateau_patience"), ("curriculum", "on_policy_fraction_start"),
-              ("curriculum", "on_policy_fraction_end")}
+              ("curriculum", "on_policy_fraction_end"), ("loss", "skd_top_k_end")}
 
 
 def config_of(*argv: str, config: str | None = None) -> DistillConfig:
