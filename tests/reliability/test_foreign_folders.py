@@ -321,6 +321,18 @@ def test_check_output_dir_kinds(tmp_path):
     cache = tmp_path / "cache" / "train" / "shard-00000"
     cache.mkdir(parents=True)
     output_dirs.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
+    # A stage teacher's caches (teacher-HASH/train, /dev) in a shared cache root are pocl's own too.
+    (tmp_path / "cache" / "teacher-0123456789ab" / "dev" / "shard-00000").mkdir(parents=True)
+    output_dirs.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
+    (tmp_path / "cache" / "teacher-0123456789ab" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"cache is not empty and is not a pocl teacher cache \(found "
+                                          r"teacher-0123456789ab/\)"):
+        output_dirs.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
+    (tmp_path / "cache" / "teacher-0123456789ab" / "notes.txt").unlink()
+    (tmp_path / "cache" / "teacher-mine").mkdir()  # not a name pocl gives
+    with pytest.raises(ConfigError, match=r"not a pocl teacher cache \(found teacher-mine/\)"):
+        output_dirs.check_output_dir(tmp_path / "cache", kind="teacher-cache", flag="--teacher-cache-dir")
+    (tmp_path / "cache" / "teacher-mine").rmdir()
     (tmp_path / "cache" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"--teacher-cache-dir .*cache is not empty and is not a pocl teacher "
                                           r"cache \(found notes.txt\)"):

@@ -58,6 +58,19 @@ def test_a_stage_trains_against_the_teacher_it_names(tmp_path, tiny_pair, tiny_d
     assert "teacher" not in plain["stages"][0] and "stage_teachers" not in plain["fingerprints"]
 
 
+def test_runs_share_one_teacher_cache_dir_with_a_progressive_run(tmp_path, tiny_pair, tiny_data, assistant):
+    """A --teacher-cache-dir shared by a progressive run (its assistant's cache in teacher-HASH/) and a plain
+    run: the plain run accepts the folder and reuses the main teacher's cache the first run wrote. Found on
+    the GPU matrix of issue 20, where every run after the progressive one refused the shared folder."""
+    shared = {"teacher_cache_dir": str(tmp_path / "shared")}
+    distill(tiny_config(tmp_path / "progressive", tiny_pair, tiny_data, loss=shared),
+            stages=_stages(str(assistant), None))
+    assert sorted(p.name.startswith("teacher-") for p in (tmp_path / "shared").iterdir()) == [False, False, True]
+    distill(tiny_config(tmp_path / "plain", tiny_pair, tiny_data, loss=shared), stages=_stages(None, None))
+    summary = json.loads((tmp_path / "plain" / "run" / "summary.json").read_text())
+    assert summary["teacher_cache"]["train"]["action"] == "reused"
+
+
 def test_the_teacher_changes_between_stages(tmp_path, tiny_pair, tiny_data, assistant):
     """Assistant then teacher differs from teacher throughout and from assistant throughout, and its first
     stage equals the assistant-only run's first stage (same data, same seed): the switch happens at the

@@ -42,6 +42,8 @@ RUN_NAMES = frozenset({
 EVAL_NAMES = frozenset({"generations.jsonl", "results.json", "results.md"})
 _PLOT_FILE = re.compile(r"^(.+_training_curves|.+_difficulty|eval_[a-z_]+)\.png$")
 _SHARD_DIR = re.compile(r"^shard-\d+$")
+#: The cache root of a stage's own teacher (pocl.training.stage_teachers.cache_folder): its train/ and dev/.
+_STAGE_TEACHER_DIR = re.compile(r"^teacher-[0-9a-f]{12}$")
 #: pocl's own temporaries: ``.tmp-NAME-*``/``.old-NAME-*`` folders, ``.NAME.tmp*`` files, ``NAME.tmp`` files.
 _TEMPORARY = re.compile(r"^(\.tmp-.+|\.old-.+|\..+\.tmp.*|.+\.jsonl\.tmp)$")
 
@@ -59,6 +61,16 @@ def _cache_entry(folder: Path, p: Path) -> bool:
     return (bool(_SHARD_DIR.match(p.name)) and p.is_dir()) or bool(_TEMPORARY.match(p.name))
 
 
+def _plain_dir(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink()
+
+
+def _cache_root_entry(folder: Path, p: Path) -> bool:
+    """``p`` (in ``folder``) is what a teacher cache root holds: a cache entry, or a train/ or dev/ cache."""
+    return _cache_entry(folder, p) or (p.name in ("train", "dev") and _plain_dir(p)
+                                       and all(_cache_entry(p, q) for q in p.iterdir()))
+
+
 def _foreign_entries(folder: Path, kind: str) -> list[Path]:
     """Top-level entries of ``folder`` that a pocl output of ``kind`` does not have."""
     out = []
@@ -72,9 +84,9 @@ def _foreign_entries(folder: Path, kind: str) -> list[Path]:
             ok = name in EVAL_NAMES or bool(_TEMPORARY.match(name))
         elif kind == "plots":
             ok = (bool(_PLOT_FILE.match(name)) and p.is_file()) or bool(_TEMPORARY.match(name))
-        elif kind == "teacher-cache":  # the --teacher-cache-dir root (train/, dev/) or one of those caches
-            ok = _cache_entry(folder, p) or (name in ("train", "dev") and p.is_dir() and not p.is_symlink()
-                                             and all(_cache_entry(p, q) for q in p.iterdir()))
+        elif kind == "teacher-cache":  # the --teacher-cache-dir root (train/, dev/, teacher-HASH/) or a cache
+            ok = _cache_root_entry(folder, p) or (bool(_STAGE_TEACHER_DIR.match(name)) and _plain_dir(p) and all(
+                _cache_root_entry(p, q) for q in p.iterdir()))
         else:
             raise ValueError(f"unknown output kind {kind!r}")
         if not ok or p.is_symlink():
@@ -113,7 +125,8 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Any = (), kind: str = "m
       ``model`` (one model folder, replaced as a whole: pocl's ``manifest.json`` listing every file),
       ``run`` (a distill/rank run folder: only pocl's run file names, :data:`RUN_NAMES`, with ``final/``
       and ``best/`` its own), ``eval`` (:data:`EVAL_NAMES`), ``plots`` (pocl's PNG names) or
-      ``teacher-cache`` (its manifest and ``shard-*`` folders).
+      ``teacher-cache`` (its manifest and ``shard-*`` folders; at the root, ``train/``, ``dev/`` and the
+      ``teacher-HASH/`` caches of stage teachers, which a shared ``--teacher-cache-dir`` also holds).
     * ``overwrite`` (``model`` only): a previous pocl model there is replaced only with True; None
       does not ask (the command reuses or resumes its own output).
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The issue-20 methods matrix (smollm2_dolly_methods.yaml: KD, TAID, SKD with and without POCL, POCL with an
+# assistant teacher; FKL; 3 training seeds) on one CUDA GPU, as several runner processes side by side. Every
+# step is resumable: run the same command again and finished runs and evaluations are skipped.
+# docs/results.md quotes what this produced on one H200 (the script's own log, runs/gpu-logs/matrix.log,
+# says how long each phase took).
+#
+#   examples/experiments/smollm2_dolly_methods_gpu.sh          # repository root, venv active, one GPU
+#   DEADLINE=400 examples/experiments/smollm2_dolly_methods_gpu.sh   # stop the workers after 400 s
+#
+# Phases (the runner's shared steps must not run twice at once, so they run alone first):
+#   1. one process: GGUF -> checkpoint, init-student of the student and of the assistant, both healings;
+#   2. one process: the shared ranking and pocl-fkl-s10 (which builds the shared teacher cache);
+#   3. WORKERS processes, one list of runs each, seed by seed, so that a stop at DEADLINE leaves paired rows;
+#      each `--only RUN` call trains RUN and evaluates it;
+#   4. the tables (--table-only) over whatever finished.
+set -uo pipefail
+SPEC=${SPEC:-examples/experiments/smollm2_dolly_methods.yaml}
+PY=${PYTHON:-python}
+LOGS=${LOGS:-runs/gpu-logs}
+DEADLINE=${DEADLINE:-0}                  # seconds after the start at which phase 3 is stopped; 0: never
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+mkdir -p "$LOGS"; rm -f "$LOGS/STOP"
+T0=$SECONDS
+say() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$LOGS/matrix.log"; }
+run() { "$PY" -m pocl matrix "$SPEC" --no-progress "$@"; }
+
+say "phase 1: models"
+if ! run --only teacher --no-eval > "$LOGS/prep.log" 2>&1; then
+  say "phase 1 failed"; tail -40 "$LOGS/prep.log"; exit 1
+fi
+say "phase 2: ranking, pocl-fkl-s10 (and the shared teacher cache)"
+run --only pocl-fkl-s10 --no-eval > "$LOGS/first.log" 2>&1 || say "phase 2 failed (see $LOGS/first.log)"
+
+say "phase 3: workers"
+worker() {  # worker NAME RUN...: train and evaluate each RUN in turn (a failed run does not stop the rest)
+  local name=$1; shift
+  for r in "$@"; do
+    [ -e "$LOGS/STOP" ] && break
+    if run --only "$r" >> "$LOGS/$name.log" 2>&1; then say "$name: $r done"; else say "$name: $r FAILED"; fi
+  done
+}
+pids=()
+worker skd      skd-fkl-s10 skd-fkl-s20 skd-fkl-s30 & pids+=($!)
+worker skdpocl  skd-pocl-fkl-s10 skd-pocl-fkl-s20 skd-pocl-fkl-s30 & pids+=($!)
+worker kd       kd-fkl-s10 kd-fkl-s20 kd-fkl-s30 & pids+=($!)
+worker pocl     pocl-fkl-s10 pocl-fkl-s20 pocl-fkl-s30 & pids+=($!)
+worker taid     taid-s10 taid-s20 taid-s30 & pids+=($!)
+worker taidpocl taid-pocl-s10 taid-pocl-s20 taid-pocl-s30 & pids+=($!)
+worker assist   pocl-assistant-fkl-s10 pocl-assistant-fkl-s20 pocl-assistant-fkl-s30 & pids+=($!)
+worker refs     teacher student & pids+=($!)
+if [ "$DEADLINE" -gt 0 ]; then
+  ( while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do sleep 2; done
+    say "deadline: stopping the workers"; touch "$LOGS/STOP"
+    # SIGTERM reaches each runner, which passes it to its pocl run (that saves a checkpoint and exits)
+    pkill -TERM -f "pocl matrix" ; sleep 20; pkill -KILL -f "python.* -m pocl" ) &
+  watchdog=$!
+fi
+wait "${pids[@]}"
+[ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
+say "phase 4: tables"
+run --table-only > "$LOGS/tables.log" 2>&1 || say "tables failed (see $LOGS/tables.log)"
+say "done"
