@@ -168,7 +168,8 @@ def _response_losses(model: nn.Module, tokenizer, records: Sequence[Record], tem
                      chunk_size: int, fused: bool | None, progress: bool,
                      shard: tuple[int, int] = (0, 1), journal: BatchJournal | None = None) -> list[float | None]:
     data = tokenize_records(records, tokenizer, template, max_length=max_length,
-                            max_prompt_length=max_prompt_length, truncation_side=truncation_side)
+                            max_prompt_length=max_prompt_length, truncation_side=truncation_side,
+                            context_targets=False)  # a conversation: its final assistant turn
     device = next(model.parameters()).device
     vocab = output_rows(model)
     head = _resolve_fused(model, vocab, fused)
@@ -227,7 +228,8 @@ def _teacher_signals(student: nn.Module, teacher: nn.Module, tokenizer, records:
     """The joint student + teacher pass (:mod:`pocl.curriculum.teacher_signals`) with the loss pass's
     tokenisation and batch plan: ``(teacher_kl, teacher_entropy)`` in record order."""
     data = tokenize_records(records, tokenizer, template, max_length=max_length,
-                            max_prompt_length=max_prompt_length, truncation_side=truncation_side)
+                            max_prompt_length=max_prompt_length, truncation_side=truncation_side,
+                            context_targets=False)  # a conversation: its final assistant turn
     vocab = shared_rows(student, teacher, tokenizer)
     heads = {"student_head": _resolve_fused(student, vocab, fused),
              "teacher_head": _resolve_fused(teacher, vocab, fused)}

@@ -241,6 +241,18 @@ def build_suite_tokenizer(seed: int = 0, vocab_size: int = 512, **kwargs: Any):
     return build_tokenizer(suite_texts(rows), vocab_size=vocab_size, **kwargs)
 
 
-__all__ = ["SPLITS", "LEVELS", "TASKS", "WORDS", "INSTRUCTIONS", "EOS_TOKEN", "PAD_TOKEN",
-           "generate_suite", "write_suite", "suite_texts", "build_tokenizer",
-           "build_suite_tokenizer", "TEMPLATE_PHRASES"]
+__all__ = [
+    "EOS_TOKEN",
+    "INSTRUCTIONS",
+    "LEVELS",
+    "PAD_TOKEN",
+    "SPLITS",
+    "TASKS",
+    "TEMPLATE_PHRASES",
+    "WORDS",
+    "build_suite_tokenizer",
+    "build_tokenizer",
+    "generate_suite",
+    "suite_texts",
+    "write_suite",
+]

@@ -130,8 +130,7 @@ def read_json(path: Path, split: str | None) -> Iterator[RawRow]:
     if not isinstance(value, list):
         raise DataError(f"expected a JSON array of objects, got {type_name(value)}",
                         path=str(path))
-    for number, row in enumerate(value, start=1):
-        yield number, row
+    yield from enumerate(value, start=1)
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -140,8 +139,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _iter_hf(dataset: Any) -> Iterator[RawRow]:
-    for number, row in enumerate(dataset, start=1):
-        yield number, row
+    yield from enumerate(dataset, start=1)
 
 
 def _saved_dataset_has_no_shards(path: Path, split: str | None) -> bool:

@@ -11,7 +11,8 @@ Accepted sources (see ``docs/data.md``):
 
 Field spellings (keys are case-sensitive): ``instruction``; ``input`` or ``context``; ``output`` or
 ``response``; ``prompt`` (a ready-made prompt); ``id`` (or ``id_field``). Every other key goes to
-``Record.meta``. A JSON ``null`` counts as an absent field.
+``Record.meta``. A JSON ``null`` counts as an absent field. Conversation rows (``messages``, or TRL's
+``prompt``/``completion``) are parsed by :mod:`pocl.data.chat` into ``Record.conversation``.
 
 Every bad row raises :class:`pocl.errors.DataError` naming the file, the 1-based line and the
 field, unless ``skip_invalid=True``; then it is reported in ``LoadResult.skipped`` and logged.
@@ -31,6 +32,7 @@ from typing import Any
 
 from pocl.errors import DataError
 
+from .chat import Conversation, completion_as_output, parse_conversation, row_kind
 from .readers import BadRaw, RowError, resolve_source, type_name
 
 logger = logging.getLogger("pocl.data")
@@ -50,6 +52,9 @@ class Record:
     ``require_output=False``); a present output is never empty. It is a tuple of references for
     evaluation sets whose output is a list (S-NI, UnNI). ``line`` is the 1-based line in a JSONL
     file, the 1-based element index in a JSON array, or the 1-based row of a ``datasets`` dataset.
+
+    ``conversation`` is set for a conversation row (:mod:`pocl.data.chat`): its turns before the
+    final assistant turn, whose content is ``output``; ``instruction`` is then ``""``.
     """
 
     id: str
@@ -60,6 +65,17 @@ class Record:
     source: str = ""
     line: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    conversation: Conversation | None = field(default=None, hash=False)
+
+    @property
+    def messages(self) -> list[dict[str, Any]] | None:
+        """A conversation's turns, the final assistant turn (the output) included; None otherwise."""
+        if self.conversation is None:
+            return None
+        turns = [dict(m) for m in self.conversation.messages]
+        if self.has_output:
+            turns.append({"role": "assistant", "content": self.target})
+        return turns
 
     @property
     def references(self) -> list[str]:
@@ -182,6 +198,13 @@ def parse_row(row: Any, *, index: int, line: int, source: str, id_key: str,
         if not isinstance(key, str):  # not possible from JSON; guards datasets rows
             raise RowError(None, f"row has a non-string key {key!r}")
     rid = _row_id(row, id_key, explicit_id, index)
+    kind = row_kind(row)
+    if kind == "conversation":
+        conversation, output_text, meta = parse_conversation(row, id_key=id_key, require_output=require_output)
+        return Record(id=rid, instruction="", output=output_text, source=source, line=line, meta=meta,
+                      conversation=conversation)
+    if kind == "completion":  # TRL's standard prompt/completion: the completion is the output
+        row = completion_as_output(row)
 
     prompt = row.get(PROMPT_KEY)
     if prompt is not None:

@@ -13,6 +13,11 @@ applied to every record (otherwise the data's Alpaca prompts would silently over
 Special tokens: ``template.add_special_tokens(record)`` tells the tokenizer step whether to let
 the tokenizer add its special tokens (BOS ...) to the rendered prompt. Chat templates already
 contain them (``template_adds_special_tokens = True``), so they must not be added twice.
+
+Conversation records (``record.conversation``, :mod:`pocl.data.chat`) are always rendered with the
+tokenizer's chat template, whatever the template: their turns before the final assistant turn,
+with the generation prompt. The template then needs the tokenizer (``get_template(...,
+tokenizer=...)`` gives it to every template).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 from pocl.errors import ConfigError, DataError
 from pocl.registry import Registry
 
+from .chat import render_prompt
 from .records import Record
 
 ALPACA_NO_INPUT = (
@@ -64,6 +70,8 @@ class PromptTemplate:
 
     name = "template"
     template_adds_special_tokens = False
+    #: the tokenizer whose chat template renders conversation records (None: none given)
+    tokenizer: Any = None
 
     def __init__(self, *, use_prompt_field: bool = False):
         self.use_prompt_field = use_prompt_field
@@ -72,6 +80,8 @@ class PromptTemplate:
         return self.use_prompt_field and record.prompt is not None
 
     def render(self, record: Record) -> str:
+        if record.conversation is not None:
+            return render_prompt(record, self.tokenizer)
         if self.uses_prompt_field(record):
             return record.prompt  # type: ignore[return-value]
         if not record.instruction.strip():
@@ -82,6 +92,8 @@ class PromptTemplate:
 
     def add_special_tokens(self, record: Record) -> bool:
         """Whether the tokenizer should add its special tokens to this record's prompt."""
+        if record.conversation is not None:
+            return False  # rendered by the chat template, which has them
         if self.uses_prompt_field(record):
             return True  # a data prompt is plain text
         return not self.template_adds_special_tokens
@@ -241,9 +253,18 @@ def get_template(spec: str | os.PathLike | PromptTemplate | None = "alpaca", tok
     """Make a prompt template from a name, a template string or a template file.
 
     ``use_prompt_field=None`` means: True for ``"alpaca"``, False otherwise (see the module doc).
+    ``tokenizer`` is also the one that renders conversation records, with any template (a given
+    :class:`PromptTemplate` is returned as is).
     """
     if isinstance(spec, PromptTemplate):
         return spec
+    template = _make_template(spec, tokenizer, use_prompt_field)
+    template.tokenizer = tokenizer
+    return template
+
+
+def _make_template(spec: str | os.PathLike | None, tokenizer: Any,
+                   use_prompt_field: bool | None) -> PromptTemplate:
     if spec is None:
         spec = "alpaca"
     if isinstance(spec, os.PathLike):

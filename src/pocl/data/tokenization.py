@@ -9,6 +9,12 @@ Truncation: the prompt is cut to ``max_prompt_length`` tokens first (``truncatio
 drops tokens at the start so that the ``### Response:`` cue stays next to the response; a BOS the
 tokenizer added is kept), then the response is cut so that the whole fits ``max_length``. A
 sample whose response (or EOS) was cut gets no EOS: the reference did not end there.
+
+Conversation records (:mod:`pocl.data.chat`): the prompt is the chat template's rendering of the
+turns before the final assistant turn, with the generation prompt; the response is the final
+assistant turn. With ``context_targets`` the earlier trained assistant turns inside the prompt are
+targets too (their content, and the EOS when the template ends the turn with it); their labels are
+truncated with the prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, overload
 
 from pocl.errors import ConfigError, DataError, ModelError
 
+from .chat import context_labels, render_prompt
 from .records import Record
 from .templates import PromptTemplate, get_template
 
@@ -50,7 +57,7 @@ class TokenizationStats:
     prompts_truncated: int = 0
     responses_truncated: int = 0
     prompt_tokens: int = 0
-    response_tokens: int = 0  # target tokens, the EOS included
+    response_tokens: int = 0  # target tokens, the EOS (and earlier assistant turns) included
     total_tokens: int = 0
     max_sample_length: int = 0
 
@@ -123,10 +130,22 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     return [list(map(int, ids)) for ids in out]
 
 
-def _encode_prompts(records: Sequence[Record], tokenizer: Any,
-                    template: PromptTemplate) -> list[list[int]]:
+def _single_bos(ids: list[int], bos: int | None) -> list[int]:
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        del ids[0]  # a prompt that already began with BOS text: keep a single BOS
+    return ids
+
+
+def _render(template: PromptTemplate, record: Record, tokenizer: Any) -> str:
+    if record.conversation is not None:
+        return render_prompt(record, tokenizer)
+    return template.render(record)
+
+
+def _encode_prompts(records: Sequence[Record], tokenizer: Any, template: PromptTemplate,
+                    texts: list[str] | None = None) -> list[list[int]]:
     """Render and tokenise the prompts (batched per special-token flag)."""
-    texts = [template.render(r) for r in records]
+    texts = [_render(template, r, tokenizer) for r in records] if texts is None else texts
     flags = [template.add_special_tokens(r) for r in records]
     result: list[list[int]] = [[] for _ in records]
     for flag in (True, False):
@@ -134,27 +153,56 @@ def _encode_prompts(records: Sequence[Record], tokenizer: Any,
         for i, ids in zip(idx, _encode(tokenizer, [texts[i] for i in idx], flag)):
             result[i] = ids
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None:
-        for ids in result:  # a prompt that already began with BOS text: keep a single BOS
-            if len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-                del ids[0]
+    for ids in result:
+        _single_bos(ids, bos)
     return result
 
 
-def _truncate_prompt(ids: list[int], record: Record, max_prompt_length: int, side: str,
-                     bos_token_id: int | None) -> tuple[list[int], bool]:
+def _prompt_labels(records: Sequence[Record], tokenizer: Any, texts: list[str],
+                   prompts: list[list[int]]) -> list[list[int]]:
+    """The prompt labels: -100, but for the earlier assistant turns of conversations."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+
+    def encode(text: str) -> list[int]:
+        return _single_bos(_encode(tokenizer, [text], False)[0], bos)
+
+    out = []
+    for record, text, ids in zip(records, texts, prompts):
+        if record.conversation is not None and record.conversation.trained:
+            out.append(context_labels(record, tokenizer, text, ids, encode))
+        else:
+            out.append([IGNORE_INDEX] * len(ids))
+    return out
+
+
+def _cut(ids: list[int], record: Record, max_prompt_length: int, side: str,
+         bos_token_id: int | None) -> tuple[int, int, int] | None:
+    """What truncation keeps of a prompt: ``ids[:head] + ids[start:end]``; None: all of it."""
     if len(ids) <= max_prompt_length:
-        return ids, False
+        return None
     if side == "error":
         raise DataError(f"prompt of sample '{record.id}' has {len(ids)} tokens, more than "
                         f"max_prompt_length={max_prompt_length} (truncation_side='error')",
                         path=record.source, line=record.line, field="prompt")
     if side == "right":
-        return ids[:max_prompt_length], True
+        return 0, 0, max_prompt_length
     # left: keep the end (the response cue); keep a leading BOS when there is one
     if bos_token_id is not None and ids[0] == bos_token_id and max_prompt_length >= 2:
-        return [ids[0]] + ids[len(ids) - (max_prompt_length - 1):], True
-    return ids[len(ids) - max_prompt_length:], True
+        return 1, len(ids) - (max_prompt_length - 1), len(ids)
+    return 0, len(ids) - max_prompt_length, len(ids)
+
+
+def _apply_cut(seq: list[int], cut: tuple[int, int, int] | None) -> list[int]:
+    if cut is None:
+        return seq
+    head, start, end = cut
+    return seq[:head] + seq[start:end]
+
+
+def _truncate_prompt(ids: list[int], record: Record, max_prompt_length: int, side: str,
+                     bos_token_id: int | None) -> tuple[list[int], bool]:
+    cut = _cut(ids, record, max_prompt_length, side, bos_token_id)
+    return _apply_cut(ids, cut), cut is not None
 
 
 def _resolve_template(template: PromptTemplate | str | None, tokenizer: Any) -> PromptTemplate:
@@ -164,8 +212,11 @@ def _resolve_template(template: PromptTemplate | str | None, tokenizer: Any) -> 
 def tokenize_records(records: Iterable[Record], tokenizer: Any,
                      template: PromptTemplate | str | None = "alpaca", *, max_length: int,
                      max_prompt_length: int, truncation_side: str = "left",
-                     add_eos: bool = True) -> TokenizedDataset:
+                     add_eos: bool = True, context_targets: bool = True) -> TokenizedDataset:
     """Tokenise training records: prompt (masked) + response + EOS (targets).
+
+    ``context_targets``: the earlier assistant turns of conversation records are targets too
+    (False: only the final turn, as the difficulty measurer scores it).
 
     Raises :class:`DataError` for a record without an output (prompt-only evaluation rows
     cannot be training data), for duplicate ids, and for an over-long prompt with
@@ -193,20 +244,26 @@ def tokenize_records(records: Iterable[Record], tokenizer: Any,
         seen[r.id] = r
     template = _resolve_template(template, tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
-    prompts = _encode_prompts(records, tokenizer, template)
+    texts = [_render(template, r, tokenizer) for r in records]
+    prompts = _encode_prompts(records, tokenizer, template, texts)
+    if context_targets:
+        prompt_labels = _prompt_labels(records, tokenizer, texts, prompts)
+    else:
+        prompt_labels = [[IGNORE_INDEX] * len(p) for p in prompts]
     responses = _encode(tokenizer, [r.target for r in records], False)
 
     stats = TokenizationStats()
     samples: list[TokenizedSample] = []
-    for record, prompt, response in zip(records, prompts, responses):
-        prompt, p_cut = _truncate_prompt(prompt, record, max_prompt_length, truncation_side, bos)
+    for record, prompt, plabels, response in zip(records, prompts, prompt_labels, responses):
+        cut = _cut(prompt, record, max_prompt_length, truncation_side, bos)
+        prompt, plabels, p_cut = _apply_cut(prompt, cut), _apply_cut(plabels, cut), cut is not None
         room = max_length - len(prompt)  # >= 1 since max_prompt_length < max_length
         target = response + [eos] if add_eos else list(response)
         r_cut = len(target) > room
         if r_cut:
             target = response[:room]  # cut: no EOS, the reference did not end here
         input_ids = prompt + target
-        labels = [IGNORE_INDEX] * len(prompt) + target
+        labels = plabels + target
         samples.append(TokenizedSample(id=record.id, input_ids=input_ids, labels=labels,
                                        prompt_length=len(prompt), prompt_truncated=p_cut,
                                        response_truncated=r_cut))
@@ -214,7 +271,7 @@ def tokenize_records(records: Iterable[Record], tokenizer: Any,
         stats.prompts_truncated += p_cut
         stats.responses_truncated += r_cut
         stats.prompt_tokens += len(prompt)
-        stats.response_tokens += len(target)
+        stats.response_tokens += len(target) + sum(1 for x in plabels if x != IGNORE_INDEX)
         stats.total_tokens += len(input_ids)
         stats.max_sample_length = max(stats.max_sample_length, len(input_ids))
     return TokenizedDataset(samples, stats)
@@ -299,6 +356,15 @@ def group_by_length(lengths: Sequence[int] | Mapping[int, int], batch_size: int)
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-__all__ = ["IGNORE_INDEX", "TRUNCATION_SIDES", "TokenizedSample", "TokenizationStats",
-           "TokenizedDataset", "tokenize_records", "tokenize_prompts", "collate",
-           "count_target_tokens", "group_by_length"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TRUNCATION_SIDES",
+    "TokenizationStats",
+    "TokenizedDataset",
+    "TokenizedSample",
+    "collate",
+    "count_target_tokens",
+    "group_by_length",
+    "tokenize_prompts",
+    "tokenize_records",
+]

@@ -103,14 +103,12 @@ def _ranking_template(path: str, config, models: Sequence[tuple[str, str]], toke
     else:
         name, use_prompt_field = config.template, config.use_prompt_field
         note = f" '{name}' (the evaluation's; the ranking has no metadata file)"
-    try:
-        return get_template(name, use_prompt_field=use_prompt_field), note
-    except ConfigError:  # needs a tokenizer
-        spec = config.tokenizer or models[0][1]
-        if spec not in tokenizers:
-            tokenizers[spec] = load_tokenizer(spec, local_files_only=config.local_files_only,
-                                              trust_remote_code=config.trust_remote_code)
-        return get_template(name, tokenizer=tokenizers[spec], use_prompt_field=use_prompt_field), note
+    # Always with the tokenizer: a chat template needs it, and so does a conversation row under any template.
+    spec = config.tokenizer or models[0][1]
+    if spec not in tokenizers:
+        tokenizers[spec] = load_tokenizer(spec, local_files_only=config.local_files_only,
+                                          trust_remote_code=config.trust_remote_code)
+    return get_template(name, tokenizer=tokenizers[spec], use_prompt_field=use_prompt_field), note
 
 
 def _model_phrase(name: str, spec: str) -> str:
