@@ -64,8 +64,13 @@ def test_resume_free_keys_come_from_the_metadata():
     from pocl.training.checkpoint import RESUME_FREE_KEYS
 
     # loss.kernels (compiled or eager divergence kernels: the same formulas) and train.teacher_sharding (the
-    # teacher's layers sharded or whole under FSDP2: the same teacher outputs) were added after the split.
-    assert set(RESUME_FREE_KEYS) == RESUME_FREE_BEFORE | {"kernels", "teacher_sharding"} == set(weight_free_keys())
+    # teacher's layers sharded or whole under FSDP2: the same teacher outputs) were added after the split;
+    # then the trackers (train.report_to), the model card's upload (train.push_to_hub, hub_private) and the
+    # imported teacher signal's file and tokenizer override (loss.teacher_signal_*: its content is a run
+    # fingerprint, so a resume with another file is refused there).
+    later = {"kernels", "teacher_sharding", "report_to", "push_to_hub", "hub_private", "teacher_signal_file",
+             "teacher_signal_ignore_tokenizer"}
+    assert set(RESUME_FREE_KEYS) == RESUME_FREE_BEFORE | later == set(weight_free_keys())
     assert len(RESUME_FREE_KEYS) == len(set(RESUME_FREE_KEYS))
     # Bare field names: none may also name a setting that changes the weights in another section.
     weight_fields = {f for name, section in SECTIONS.items() for f in section.__dataclass_fields__

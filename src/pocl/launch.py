@@ -110,9 +110,15 @@ def make_accelerator(config):
     """The run's :class:`accelerate.Accelerator`. On a machine without CUDA it must be told
     ``cpu=True``: otherwise accelerate does not set up the gloo process group under torchrun and
     every process would silently train alone. An accelerate FSDP or DeepSpeed config is refused
-    (:func:`refuse_accelerate_sharding`)."""
+    (:func:`refuse_accelerate_sharding`), and so is a ``train.report_to`` tracker whose package is missing
+    (ConfigError naming the pip extra, before any model is trained). The trackers themselves are accelerate's
+    tracker classes, started by :mod:`pocl.training.trackers` when training starts (not ``log_with``: see there)."""
     refuse_accelerate_sharding()
     from accelerate import Accelerator
+
+    from pocl.training.trackers import check_available, effective_trackers
+
+    check_available(effective_trackers(config.train))
 
     cpu = config.model.cpu or not torch.cuda.is_available()
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision_for(config.model.mixed_precision, cpu))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pocl import hub
 from pocl.config import DistillConfig
 from pocl.context_length import Context, Fit, context_of, fit_distill_config, read_context, smallest
 from pocl.data import TokenizedDataset, get_template, load_records, tokenize_records
@@ -401,6 +402,9 @@ def distill(config: DistillConfig, *, stages: list[Stage] | None = None, inputs:
     accelerator = accelerator or make_accelerator(config)
     check_supported_distribution(accelerator)
     inputs = inputs or prepare_run(config, need_teacher=need_teacher)
+    if config.loss.teacher_signal_file:  # an imported teacher signal: checked before any work, fingerprinted
+        from pocl.training.teacher_signal_io import preflight
+        inputs = preflight(config, inputs)
     resolve_selection(config, inputs)  # says how best/ will be chosen, before the ranking pass
     # From here on files are written into the run folder: one pocl process at a time (output_dirs.run_lock).
     with output_dirs.run_lock(config.train.output_dir):
@@ -435,5 +439,5 @@ def _distill_locked(config: DistillConfig, stages: list[Stage] | None, inputs: R
         hooks.append(StageRemeasure(config, records=inputs.train_records, tokenizer=inputs.tokenizer,
                                     teacher=inputs.teacher))
     trainer = make_trainer(config, inputs, stages, accelerator=accelerator, stage_hooks=hooks)
-    trainer.summary_extra.update(extra)
-    return trainer.train()
+    trainer.summary_extra.update(extra, command=hub.command_line())
+    return hub.push_after_run(config, trainer.train(), main=accelerator.is_main_process)

@@ -223,6 +223,16 @@ class LossConfig(ConfigSection):
         "none", "Accept a teacher signal that changes the objective by more than --teacher-cache-max-error: "
         "topk-cache (--teacher-cache topk) or half-precision-cache (--teacher-cache-dtype float16/bfloat16). The "
         "measured error is still logged and recorded.", affects_weights=False)
+    teacher_signal_file: str | None = option(
+        None, "An imported teacher signal (an APPROXIMATION, like --teacher-cache topk): a Parquet file (or folder of "
+        "shards) of the teacher's top-k logprobs per response token, keyed by sample id (`pocl teacher-signal "
+        "export`, or vLLM prompt_logprobs; docs/losses.md). It replaces the teacher cache: measured against the live "
+        "teacher at every stage temperature and refused above --teacher-cache-max-error unless "
+        "--accept-approximation topk-cache. Every training sample must be in it.", metavar="PATH",
+        affects_weights=False)
+    teacher_signal_ignore_tokenizer: bool = option(
+        False, "Use --teacher-signal-file although its tokenizer fingerprint differs from the student's (or is "
+        "missing): only when its token ids are known to mean the student's tokens.", affects_weights=False)
 
     def __post_init__(self) -> None:
         from pocl.losses import DIVERGENCES  # late import: the registry imports torch
@@ -239,6 +249,8 @@ class LossConfig(ConfigSection):
         self._check(self.teacher_cache_topk >= 1, "teacher_cache_topk", "must be >= 1")
         self._check(self.teacher_cache_max_error >= 0, "teacher_cache_max_error", "must be >= 0")
         self._check(self.teacher_cache_check_samples >= 1, "teacher_cache_check_samples", "must be >= 1")
+        self._check(not self.teacher_signal_file or self.teacher_cache != "off", "teacher_signal_file",
+                    "replaces the teacher cache: give it without --teacher-cache off")
         if self.divergence not in DIVERGENCES:
             DIVERGENCES.canonical(self.divergence)  # raises UnknownNameError with a suggestion
         self._check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
@@ -358,7 +370,16 @@ class TrainConfig(ConfigSection):
                                        "checkpoint's (the differences are printed).", affects_weights=False)
     log_every: int = option(10, "Log training metrics every N optimizer steps.", affects_weights=False)
     tensorboard: bool = option(True, "Write TensorBoard logs to output_dir/tensorboard.", affects_weights=False)
+    report_to: list[str] = option(default_factory=lambda: ["tensorboard"], help="Trackers of every logged metric: "  # noqa: RUF009
+                                  "tensorboard, wandb, trackio (pip install 'pocl[wandb]', 'pocl[trackio]') or none; "
+                                  "comma- or space-separated. docs/training.md.", metavar="TRACKER", affects_weights=False)
     progress: bool = option(True, "Show a progress bar.", affects_weights=False)
+    push_to_hub: str | None = option(
+        None, "After a completed run, upload final/ (with its model card) to this Hugging Face Hub model repository "
+        "(created if missing; the token of `hf auth login` or HF_TOKEN). A failed upload leaves final/ as it is.",
+        metavar="REPO_ID", affects_weights=False)
+    hub_private: bool = option(False, "With --push-to-hub: create the Hub repository as private.",
+                               affects_weights=False)
     max_nonfinite_steps: int = option(5, "Skip optimizer steps whose loss or gradient is NaN/inf; stop the run "
                                       "after this many in a row.")
     sort_micro_batches: bool = option(True, "Within a step, group samples of similar length into micro-batches "
@@ -412,6 +433,8 @@ class TrainConfig(ConfigSection):
         self._check_literal("selection_metric")
         self._check(self.dev_rouge_samples >= 0, "dev_rouge_samples", "must be >= 0")
         self._check(self.dev_rouge_max_new_tokens > 0, "dev_rouge_max_new_tokens", "must be > 0")
+        from pocl.training.trackers import check_report_to
+        self.report_to = check_report_to(self.report_to, tensorboard=self.tensorboard)
 
 
 __all__ = [

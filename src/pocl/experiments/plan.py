@@ -251,6 +251,6 @@ def training_status(spec: Spec, run: Run) -> tuple[str, list[str]]:
     if old.training_hash() == new.training_hash():
         return "done", []
     a, b = _flat(old.to_dict()), _flat(new.to_dict())
-    skip = ("train.output_dir", "train.progress", "train.tensorboard", "train.log_every")
+    skip = ("train.output_dir", "train.progress", "train.tensorboard", "train.report_to", "train.log_every")
     return "changed", [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
                        if a.get(k) != b.get(k) and k not in skip]

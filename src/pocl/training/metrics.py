@@ -1,7 +1,8 @@
-"""Metrics: a JSONL file (one JSON object per record), TensorBoard scalars and the console.
+"""Metrics: a JSONL file (one JSON object per record), the run's trackers and the console.
 
-On resume, records written after the checkpoint's step are dropped from the JSONL file and
-TensorBoard is told to purge them, so a resumed run's logs equal an uninterrupted run's.
+The trackers (``train.report_to``: TensorBoard, W&B, trackio) are :mod:`pocl.training.trackers`. On resume,
+records written after the checkpoint's step are dropped from the JSONL file and TensorBoard is told to purge
+them, so a resumed run's logs equal an uninterrupted run's (W&B and trackio skip the replayed steps instead).
 
 :class:`TrainLog` is the training loop's side: a train record (the mean over the steps since the
 last one) every ``log_every`` steps and at the end of each stage, the dev records, and the progress
@@ -22,6 +23,7 @@ from torch import nn
 from pocl.artifacts import atomic_write
 from pocl.errors import CheckpointError
 from pocl.progress import make_progress
+from pocl.training import trackers
 
 log = logging.getLogger("pocl.train")
 
@@ -34,30 +36,35 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """``metrics.jsonl`` and TensorBoard scalars of a run (written on the main process only)."""
+    """``metrics.jsonl`` and the trackers of a run (written on the main process only).
+
+    ``report_to``: the trackers (:func:`pocl.training.trackers.effective_trackers`); None: TensorBoard when
+    ``tensorboard``, else none."""
 
     def __init__(self, output_dir: Path, *, tensorboard: bool = True, enabled: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, report_to: list[str] | None = None):
         """Start the logs in ``output_dir``: a new file, or (``resume_step``) the old one cut after that step."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._writer = None
+        self.run_trackers = None
         if not enabled:
             return
+        names = (["tensorboard"] if tensorboard else []) if report_to is None else list(report_to)
+        if names:  # before anything is written: a missing tracker package stops here
+            trackers.check_available(names)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
         self._fh = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
+        if names:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                log.warning("tensorboard is not installed; no TensorBoard logs")
-            else:
-                kwargs = {"purge_step": resume_step + 1} if resume_step is not None else {}
-                self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), **kwargs)
+                self.run_trackers = trackers.RunTrackers(Path(output_dir), names, resume_step=resume_step,
+                                                         config=trackers.run_config(Path(output_dir)))
+            except BaseException:
+                self._fh.close()
+                raise
 
     def _truncate_after(self, step: int) -> None:
         """Drop the records after ``step`` from the JSONL file (lines cut by a crash too)."""
@@ -75,7 +82,7 @@ class MetricsLogger:
         atomic_write(self.path, "".join(keep))
 
     def log(self, record: dict[str, Any], *, tb_prefix: str | None = None) -> None:
-        """Append ``record`` (with a ``step``); its numbers also as TensorBoard scalars under ``tb_prefix``.
+        """Append ``record`` (with a ``step``); its numbers also to the trackers as ``tb_prefix/KEY``.
         A failed write (a full disk) raises CheckpointError."""
         if not self.enabled:
             return
@@ -87,23 +94,16 @@ class MetricsLogger:
             raise CheckpointError(f"cannot write {self.path}: {exc.strerror or exc} (errno {exc.errno}); the run "
                                   "stops here, the last checkpoint is intact: free some space and run the same "
                                   "command again to resume") from exc
-        if self._writer is not None and tb_prefix is not None:
-            step = int(record["step"])
-            for key, value in record.items():
-                if key in ("step", "stage", "split", "time") or not isinstance(value, (int, float)):
-                    continue
-                if isinstance(value, bool):
-                    continue
-                self._writer.add_scalar(f"{tb_prefix}/{key}", value, step)
-            self._writer.flush()
+        if self.run_trackers is not None and tb_prefix is not None:
+            self.run_trackers.log(record, tb_prefix)
 
     def close(self) -> None:
-        """Close the file and the TensorBoard writer."""
+        """Close the file and finish the trackers."""
         if not self.enabled:
             return
         self._fh.close()
-        if self._writer is not None:
-            self._writer.close()
+        if self.run_trackers is not None:
+            self.run_trackers.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -166,8 +166,8 @@ class TrainLog:
                  initial: int):
         """Open the metrics files and the progress display (main process)."""
         self.every = train_config.log_every
-        self.metrics = MetricsLogger(output_dir, tensorboard=train_config.tensorboard, enabled=main,
-                                     resume_step=resume_step)
+        self.metrics = MetricsLogger(output_dir, enabled=main, resume_step=resume_step,
+                                     report_to=trackers.effective_trackers(train_config))
         self.progress = None
         if main:
             # A bar on a terminal (unless --no-progress), else a plain line every log_every steps.

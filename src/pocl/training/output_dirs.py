@@ -37,7 +37,8 @@ LOCK_NAME = "pocl.lock"
 RUN_NAMES = frozenset({
     "checkpoints", "final", "best", "tensorboard", "metrics.jsonl", "summary.json", "summary.md", "config.yaml",
     "ranking.jsonl", "ranking.meta.json", "ranking.partial.jsonl", "seqkd_teacher.jsonl", "seqkd_teacher.meta.json",
-    "teacher_cache", "plots", "rankings", "pocl.lock"})
+    "teacher_cache", "plots", "rankings", "pocl.lock",
+    "wandb", "trackio"})  # the trackers' own folders (--report-to); kept by --overwrite: unsynced offline runs
 #: What a ``pocl eval`` output folder may hold.
 EVAL_NAMES = frozenset({"generations.jsonl", "results.json", "results.md"})
 _PLOT_FILE = re.compile(r"^(.+_training_curves|.+_difficulty|eval_[a-z_]+)\.png$")

@@ -35,6 +35,7 @@ from pocl.errors import CheckpointError
 from pocl.fingerprints import run_fingerprints
 from pocl.model_checks import first_nonfinite_in
 from pocl.models import load_training_weights, save_model_folder, save_training_weights
+from pocl.reporting.model_card import write_card
 from pocl.training import checkpoint as ckpt
 from pocl.training import sharded_checkpoint
 from pocl.training.onpolicy import REPLAY_FILE
@@ -352,11 +353,13 @@ class RunStore:
                 "state to resume from. Lower the learning rate or check the data.")
 
     def save_model_folder(self, tmp: Path, student: nn.Module, tokenizer, step: int,
-                          state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                          state_dict: dict[str, torch.Tensor] | None = None,
+                          summary: Callable[[str], dict[str, Any]] | None = None) -> None:
         """Write the student as a plain Hugging Face folder (LoRA adapters merged) into ``tmp``, the
         temporary folder of final/ or best/ (``.tmp-NAME-xxxxxxxx``): refused before any file is written
         there when its weights are not finite, and atomic_folder_write removes it, so the folder on disk
-        stays as it was. ``state_dict``: the gathered weights of a sharded student (main process)."""
+        stays as it was. ``state_dict``: the gathered weights of a sharded student (main process); ``summary(status)``:
+        the run's summary, for the folder's model card (README.md, :mod:`pocl.reporting.model_card`)."""
         name = tmp.name[len(".tmp-"):].rsplit("-", 1)[0] if tmp.name.startswith(".tmp-") else tmp.name
         if state_dict is None:
             self.check_finite_weights(student, tmp.parent / name, step)
@@ -366,6 +369,9 @@ class RunStore:
                 raise NonFiniteLossError(f"the student's weights are not finite at global step {step}: "
                                          f"{bad.describe()}; not writing {tmp.parent / name}")
         save_model_folder(student, tokenizer, tmp, state_dict=state_dict)
+        if summary is not None:  # written before the manifest: one of the files it lists
+            write_card(tmp, summary=summary("completed" if name == "final" else "running"), config=self.cfg.to_dict(),
+                       name=name, output_dir=self.output_dir)
 
     def write_model(self, name: str, write: Callable[[Path], None], manifest_extra: dict[str, Any] | None = None
                     ) -> Path:

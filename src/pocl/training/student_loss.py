@@ -122,8 +122,8 @@ def build_student_loss(student: nn.Module, config, vocab_size: int, *, fused: bo
     # The compiled kernel path (fewer temporaries per chunk, so larger chunks) needs full teacher logits.
     if device is None:
         device = next(student.parameters()).device
-    kernel = (loss.teacher_cache != "topk" and uses_compiled_kernels(device, torch.float32)
-              and has_kernel(make_divergence(loss.divergence, **loss.divergence_params())))
+    kernel = (loss.teacher_cache != "topk" and not loss.teacher_signal_file
+              and uses_compiled_kernels(device, torch.float32) and has_kernel(make_divergence(loss.divergence, **loss.divergence_params())))
     chunk_size = auto_chunk_size(loss.chunk_size, vocab_size, kernel=kernel)
     return StudentLoss(student, vocab_size, fused=fused, chunk_size=chunk_size,
                        temperature_scaling=config.loss.temperature_scaling)

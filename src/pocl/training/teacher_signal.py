@@ -171,10 +171,12 @@ class CachedTopKTeacher:
     name = "topk-cache"
     exact = False
 
-    def __init__(self, cache: TeacherCache, device: torch.device | str):
-        """A ``topk`` ``cache`` read onto ``device``."""
+    def __init__(self, cache: TeacherCache, device: torch.device | str, *, name: str = "topk-cache"):
+        """A ``topk`` ``cache`` (or a :class:`pocl.training.teacher_signal_io.SignalFile`: ``name`` topk-file) read
+        onto ``device``."""
         if cache.kind != "topk":
             raise ValueError(f"{cache.root} is a {cache.kind} cache, not a topk cache")
+        self.name = name
         self.cache = cache
         self.device = device
 
@@ -268,7 +270,7 @@ def check_signal_error(signal: TeacherSignal, errors: Sequence[SignalError], *, 
                  signal.name, e.temperature, e.divergence, 100 * e.relative_error, e.cached, e.live, e.tokens, mass)
     if signal.exact or not errors:
         return
-    name = "topk-cache" if signal.name == "topk-cache" else "half-precision-cache"
+    name = "topk-cache" if signal.name in ("topk-cache", "topk-file") else "half-precision-cache"
     worst = max(errors, key=lambda e: abs(e.relative_error))
     if abs(worst.relative_error) <= max_error:
         log.info("teacher signal %s: an approximation; its largest measured divergence error is %.3g %% "
@@ -281,8 +283,10 @@ def check_signal_error(signal: TeacherSignal, errors: Sequence[SignalError], *, 
                     100 * worst.relative_error, worst.temperature)
         return
     table = "; ".join(f"T = {e.temperature:g}: {100 * e.relative_error:+.1f} %" for e in errors)
+    what = ("loss.teacher_signal_file" if signal.name == "topk-file" else
+            f"loss.teacher_cache {signal.name.removesuffix('-cache')}")
     raise ConfigError(
-        f"loss.teacher_cache {signal.name.removesuffix('-cache')}: the cached teacher changes the objective by more "
+        f"{what}: the cached teacher changes the objective by more "
         f"than loss.teacher_cache_max_error ({100 * max_error:.3g} %): measured on {worst.tokens} response tokens, "
         f"the divergence differs from the live teacher's by {table}. Use the exact cache (--teacher-cache hidden "
         f"--teacher-cache-dtype float32, the default) or the live teacher (--teacher-cache off), or accept the "
@@ -322,6 +326,12 @@ def open_teacher_caches(live: LiveTeacher, datasets: dict[str, Any], *, root: Pa
     Returns ``({name: signal}, {name: the cache's build info})``; None when the live teacher stays (the
     unfused path cannot recompute logits from a hidden cache). Check the signal with
     :func:`check_run_signal` before training on it."""
+    if getattr(loss_config, "teacher_signal_file", None):  # an imported top-k signal replaces the cache
+        from pocl.training.teacher_signal_io import open_signal_file
+
+        readers, info = open_signal_file(loss_config, datasets, temperatures=temperatures, vocab_size=live.vocab_size,
+                                         teacher_fingerprint=teacher_fingerprint(live.teacher, fingerprint))
+        return {name: CachedTopKTeacher(r, device, name="topk-file") for name, r in readers.items()}, {"train": info}
     kind = loss_config.teacher_cache
     if kind == "hidden" and live.head is None:
         log.info("teacher cache hidden: the unfused loss path has no teacher LM head to recompute the logits "

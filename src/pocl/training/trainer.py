@@ -298,7 +298,7 @@ class DistillTrainer:
     def _save_model_folder(self, tmp: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the student (or the gathered ``state_dict`` of a sharded one) into ``tmp``, the temporary
         folder of final/ or best/ (refused, with nothing written, when its weights are not finite)."""
-        self.store.save_model_folder(tmp, self.student, self.tokenizer, self.state.global_step, state_dict)
+        self.store.save_model_folder(tmp, self.student, self.tokenizer, self.state.global_step, state_dict, self.summary)
 
     def summary(self, status: str) -> dict[str, Any]:
         """``summary.json`` of the run as it stands (:func:`pocl.training.summary.run_summary`)."""
