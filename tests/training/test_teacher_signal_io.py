@@ -108,8 +108,10 @@ def test_imported_signal_trains_like_the_topk_cache(exported, caplog):
     for x, y in zip(a, b):
         assert (y["loss"], y["kd"], y["ce"]) == pytest.approx((x["loss"], x["kd"], x["ce"]), rel=1e-5, abs=1e-7)
     wa, wb = _weights(exported.result.output_dir), _weights(result.output_dir)
+    # Weights to 1e-5: a thousandth of one AdamW update at lr 1e-2. Adam divides by sqrt(v), so an element
+    # whose gradient is near zero can move by ~1e-6 on float32 rounding alone (seen with 2 threads).
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_refused_approximation_names_the_file(exported):
