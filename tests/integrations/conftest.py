@@ -11,6 +11,22 @@ from pocl.config import CurriculumConfig
 N_TRAIN = 16
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a Trainer's (e.g. GKDConfig's bf16) would refuse the next test's
+    Accelerator with another precision, here or in the pocl tests that run after these (and a pocl run's state
+    would refuse a Trainer's). Reset before and after each test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
 @pytest.fixture(scope="session")
 def suite_rows():
     from pocl.data import generate_suite
