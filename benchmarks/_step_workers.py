@@ -173,9 +173,10 @@ def _chunk(args) -> int:
     return auto_chunk_size(args.chunk_size, args.vocab, kernel=True)  # JSD with full teacher logits: the kernel path
 
 
-def _pocl_trainer_run(args, samples, *, teacher_cache: str) -> dict:
+def _pocl_trainer_run(args, samples, *, teacher_cache: str, method: str = "kd") -> dict:
     """pocl's real DistillTrainer; ``teacher_cache`` off (the live teacher at every step) or hidden (the exact
-    cache, built by the trainer's ``prepare_teacher_cache()`` inside ``train()``, before the first step)."""
+    cache, built by the trainer's ``prepare_teacher_cache()`` inside ``train()``, before the first step);
+    ``method`` kd (JSD) or taid (TAID's own objective: no divergence, no temperature)."""
     from pocl.config import DistillConfig
     from pocl.data import TokenizationStats, TokenizedDataset, TokenizedSample
     from pocl.training.stages import Stage
@@ -188,8 +189,8 @@ def _pocl_trainer_run(args, samples, *, teacher_cache: str) -> dict:
     out_dir = tempfile.mkdtemp(prefix="pocl-step-bench-")
     config = DistillConfig.from_dict({
         "model": {"cpu": True, "mixed_precision": "bf16" if args.precision == "bf16" else "no"},
-        "loss": {"divergence": "jsd", "jsd_lambda": LAMBDA, "alpha": 1.0, "temperature": 1.0,
-                 "chunk_size": args.chunk_size, "teacher_cache": teacher_cache, "teacher_cache_dtype": "float32",
+        "loss": {**({"divergence": "jsd", "jsd_lambda": LAMBDA, "temperature": 1.0} if method == "kd"
+                    else {"method": method}), "alpha": 1.0, "chunk_size": args.chunk_size, "teacher_cache": teacher_cache, "teacher_cache_dtype": "float32",
                  "teacher_cache_dir": str(Path(out_dir) / "teacher_cache")},
         "optim": {"lr": LR, "min_lr": LR, "weight_decay": 0.0, "lr_schedule": "constant", "max_grad_norm": 1.0},
         "train": {"output_dir": out_dir, "batch_size": args.batch, "micro_batch_size": args.batch,
@@ -253,6 +254,10 @@ def _pocl_trainer_run(args, samples, *, teacher_cache: str) -> dict:
 
 def worker_pocl_trainer(args, samples) -> dict:
     return _pocl_trainer_run(args, samples, teacher_cache="off")
+
+
+def worker_pocl_taid(args, samples) -> dict:
+    return _pocl_trainer_run(args, samples, teacher_cache="off", method="taid")
 
 
 def worker_pocl_cache(args, samples) -> dict:
@@ -576,6 +581,7 @@ def worker_verify(args, samples) -> dict:
 
 
 WORKERS = {"floor": worker_floor, "pocl_trainer": worker_pocl_trainer, "pocl_cache": worker_pocl_cache,
+           "pocl_taid": worker_pocl_taid,
            "pocl_manual": worker_pocl_manual, "trl_gkd": worker_trl_gkd, "trl_chunked": worker_trl_chunked,
            "dense": worker_dense, "verify": worker_verify}
 

@@ -73,7 +73,7 @@ import _step_workers as W  # noqa: E402
 
 DEFAULT_OUT = C.RESULTS / "step_vs_trl.json"
 DEFAULT_TRL_PYTHON = "/work/bench-trl/bin/python"
-VARIANTS = ("floor", "pocl_trainer", "pocl_cache", "pocl_manual", "dense", "trl_gkd", "trl_chunked")
+VARIANTS = ("floor", "pocl_trainer", "pocl_cache", "pocl_taid", "pocl_manual", "dense", "trl_gkd", "trl_chunked")
 DEFAULT_VARIANTS = ("floor", "pocl_trainer", "pocl_cache", "pocl_manual", "dense", "trl_gkd")
 TRL_VARIANTS = ("trl_gkd", "trl_chunked")
 POCL_VARIANTS = ("pocl_trainer", "pocl_cache")
