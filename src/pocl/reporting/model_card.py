@@ -27,6 +27,9 @@ from typing import Any
 
 from pocl._version import __version__
 from pocl.artifacts import atomic_write
+from pocl.training.summary import (
+    _fmt,  # the table cell of summary.md: the card's tables read the same
+)
 
 log = logging.getLogger("pocl.card")
 
@@ -98,14 +101,6 @@ def eval_scores(results: dict[str, Any], folder: Path, source: str = "") -> list
                 row[key + "_std"] = value.get("std") if isinstance(value, dict) else None
             out.append(row)
     return out
-
-
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
 
 
 def _finite(value: Any) -> bool:
