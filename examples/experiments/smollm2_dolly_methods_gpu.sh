@@ -7,18 +7,24 @@
 #
 #   examples/experiments/smollm2_dolly_methods_gpu.sh          # repository root, venv active, one GPU
 #   DEADLINE=400 examples/experiments/smollm2_dolly_methods_gpu.sh   # stop the workers after 400 s
+#   PART=main ...; then PART=skd ...      # the same in two calls (each under a device call's 10 minutes)
 #
 # Phases (the runner's shared steps must not run twice at once, so they run alone first):
 #   1. one process: GGUF -> checkpoint, init-student of the student and of the assistant, both healings;
 #   2. one process: the shared ranking and pocl-fkl-s10 (which builds the shared teacher cache);
-#   3. WORKERS processes, one list of runs each, seed by seed, so that a stop at DEADLINE leaves paired rows;
-#      each `--only RUN` call trains RUN and evaluates it;
+#   3. runner processes side by side, one list of runs each, seed by seed, so that a stop at DEADLINE leaves
+#      paired rows; each `--only RUN` call trains RUN and evaluates it. PART=main: the 15 non-SKD runs and the
+#      two reference models (6 processes); PART=skd: the 6 SKD runs (3 processes, one per seed); PART=all
+#      (default): both sets at once (8 processes; on 2026-12-04 an SKD step then took 17-25 s on one H200,
+#      see docs/results.md: the small models' steps are launch-bound, so fewer processes may well be faster);
 #   4. the tables (--table-only) over whatever finished.
 set -uo pipefail
 SPEC=${SPEC:-examples/experiments/smollm2_dolly_methods.yaml}
 PY=${PYTHON:-python}
 LOGS=${LOGS:-runs/gpu-logs}
 DEADLINE=${DEADLINE:-0}                  # seconds after the start at which phase 3 is stopped; 0: never
+PART=${PART:-all}                        # all, main (no SKD runs) or skd (the SKD runs only)
+case "$PART" in all|main|skd) ;; *) echo "PART must be all, main or skd (got $PART)" >&2; exit 2;; esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 mkdir -p "$LOGS"; rm -f "$LOGS/STOP"
 T0=$SECONDS
@@ -32,7 +38,7 @@ fi
 say "phase 2: ranking, pocl-fkl-s10 (and the shared teacher cache)"
 run --only pocl-fkl-s10 --no-eval > "$LOGS/first.log" 2>&1 || say "phase 2 failed (see $LOGS/first.log)"
 
-say "phase 3: workers"
+say "phase 3: workers ($PART)"
 worker() {  # worker NAME RUN...: train and evaluate each RUN in turn (a failed run does not stop the rest)
   local name=$1; shift
   for r in "$@"; do
@@ -41,14 +47,20 @@ worker() {  # worker NAME RUN...: train and evaluate each RUN in turn (a failed 
   done
 }
 pids=()
-worker skd      skd-fkl-s10 skd-fkl-s20 skd-fkl-s30 & pids+=($!)
-worker skdpocl  skd-pocl-fkl-s10 skd-pocl-fkl-s20 skd-pocl-fkl-s30 & pids+=($!)
-worker kd       kd-fkl-s10 kd-fkl-s20 kd-fkl-s30 & pids+=($!)
-worker pocl     pocl-fkl-s10 pocl-fkl-s20 pocl-fkl-s30 & pids+=($!)
-worker taid     taid-s10 taid-s20 taid-s30 & pids+=($!)
-worker taidpocl taid-pocl-s10 taid-pocl-s20 taid-pocl-s30 & pids+=($!)
-worker assist   pocl-assistant-fkl-s10 pocl-assistant-fkl-s20 pocl-assistant-fkl-s30 & pids+=($!)
-worker refs     teacher student & pids+=($!)
+if [ "$PART" = all ]; then
+  worker skd      skd-fkl-s10 skd-fkl-s20 skd-fkl-s30 & pids+=($!)
+  worker skdpocl  skd-pocl-fkl-s10 skd-pocl-fkl-s20 skd-pocl-fkl-s30 & pids+=($!)
+elif [ "$PART" = skd ]; then
+  for s in 10 20 30; do worker "skd-s$s" "skd-fkl-s$s" "skd-pocl-fkl-s$s" & pids+=($!); done
+fi
+if [ "$PART" != skd ]; then
+  worker kd       kd-fkl-s10 kd-fkl-s20 kd-fkl-s30 & pids+=($!)
+  worker pocl     pocl-fkl-s10 pocl-fkl-s20 pocl-fkl-s30 & pids+=($!)
+  worker taid     taid-s10 taid-s20 taid-s30 & pids+=($!)
+  worker taidpocl taid-pocl-s10 taid-pocl-s20 taid-pocl-s30 & pids+=($!)
+  worker assist   pocl-assistant-fkl-s10 pocl-assistant-fkl-s20 pocl-assistant-fkl-s30 & pids+=($!)
+  worker refs     teacher student & pids+=($!)
+fi
 if [ "$DEADLINE" -gt 0 ]; then
   ( while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do sleep 2; done
     say "deadline: stopping the workers"; touch "$LOGS/STOP"
