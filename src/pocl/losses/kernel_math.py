@@ -31,6 +31,8 @@ references clamp them. For any D(log q, log p), with g = ∂D/∂log q (elementw
 * srkl(α) m = (1−α) p + α q, D = KL(q‖m);  g = q ⊙ (a − L + 1 − r),  r = α q / m
                                            ->  ∂D/∂z = q ⊙ (a − L − D + Σ q r) − q r
   (using Σ q = 1).
+* taid(t)  log P = log_softmax((1−t) a + t b) (a detached: the target is a constant of the gradient; −inf
+           where log p is), D = KL(P‖q);   g = −P ⊙ [log q ≥ floor]   ->  ∂D/∂z = q Σ P' − P'  (as fkl)
 
 Parameters at the ends of their range reduce as the references do (jsd λ ∈ {0, 1}, skl/srkl skew 1:
 exactly 0; skew 0: fkl / rkl).
@@ -53,6 +55,7 @@ from pocl.losses.divergences import (
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
+    taid_interpolated_kl,
     total_variation,
 )
 
@@ -141,11 +144,25 @@ def _skew_rkl(lq: Tensor, lp: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
     return value, q * (a_m - value.unsqueeze(-1) + qr.sum(-1, keepdim=True)) - qr
 
 
+def _taid(lq: Tensor, lp: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    # params: t. The target P interpolates the (detached) student and the teacher in log space; D = KL(P‖q).
+    t = params[0]
+    a, b = lq.clamp(min=LOG_PROB_FLOOR), lp.clamp(min=LOG_PROB_FLOOR)
+    target = torch.log_softmax((1.0 - t) * a + t * b, dim=-1)
+    target = torch.where(torch.isneginf(lp), torch.full_like(target, float("-inf")), target)
+    log_target = target.clamp(min=LOG_PROB_FLOOR)
+    p_t = log_target.exp()
+    value = (p_t * (log_target - a)).sum(-1)
+    pm = torch.where(lq >= LOG_PROB_FLOOR, p_t, torch.zeros_like(p_t))
+    return value, lq.exp() * pm.sum(-1, keepdim=True) - pm
+
+
 Core = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 #: The divergence cores by kernel name.
 CORES: dict[str, Core] = {
     "fkl": _fkl, "rkl": _rkl, "tvd": _tvd, "jsd": _mixture_jsd, "skl": _skew_fkl, "srkl": _skew_rkl,
+    "taid": _taid,
 }
 
 
@@ -258,6 +275,8 @@ def bind(divergence: Divergence) -> tuple[str, tuple[float, ...]] | None:
         if skew <= 0.0:
             return "rkl", ()
         return "srkl", (math.log(skew), math.log1p(-skew))
+    if fn is taid_interpolated_kl:
+        return "taid", (float(prm["t"]),)
     return None
 
 
