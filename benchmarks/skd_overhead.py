@@ -6,9 +6,11 @@ Random tiny Llama models (teacher 6 x 128, student 2 x 64) with SmolLM2's vocabu
 prompts of 20-60 tokens, 96 new tokens, the official SKD settings (gamma 5, top-K 25, T = 1), float32, one
 thread. Random models accept almost no draft, so every block costs 5 student steps and 1 teacher pass for one
 kept token: the regime of a GPU, where a small model's forward pass is bound by kernel launches and Python,
-not by arithmetic. Reported: seconds per ``speculative_generate`` call, and the seconds of the same number of
-per-row ``torch.multinomial`` draws over a full-vocabulary probability row (what the sampler runs once per row
-per drafted token and per replacement), as a share of the call. Minimum over ``--repeats`` calls.
+not by arithmetic. Reported: seconds per ``speculative_generate`` call; the seconds of the same number of draws
+done as the sampler does them now (``sample_rows``: one batched inverse-CDF draw of 8 rows per step, one float64
+uniform per row) and as it did them before 2026-12-05 (one ``torch.multinomial`` per row over the full
+vocabulary, one exponential per entry), each as a share of the call. Minimum over ``--repeats`` calls.
+``results/skd_overhead_multinomial.json`` is the run of the old sampler (its call still drew by multinomial).
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ class _Tokenizer:  # what speculative_generate reads: the special ids and decode
 def main(argv=None) -> int:
     import torch
 
-    from pocl.training.speculative import SpeculativeSettings, speculative_generate
+    from pocl.training.speculative import (
+        SpeculativeSettings,
+        sample_rows,
+        speculative_generate,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -69,23 +75,29 @@ def main(argv=None) -> int:
     draws = best["drafted"] + best["replaced"]  # one multinomial per drafted token and per replacement
     probs = torch.softmax(torch.randn(8, VOCAB, generator=g), -1)
     gens = [torch.Generator().manual_seed(s) for s in range(8)]
-    times = []
+    times, batched = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         for k in range(draws):
             torch.multinomial(probs[k % 8], 1, generator=gens[k % 8])
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(-(-draws // 8)):
+            sample_rows(probs, gens)
+        batched.append(time.perf_counter() - t0)
     result = {"date": C.now(), "machine": C.machine(), "versions": C.versions(), "git": C.git_state(),
               "load_average": C.load(), "settings": {"vocab": VOCAB, "teacher": "6 x 128", "student": "2 x 64",
                                                     "prompts": 8, "max_new_tokens": 96, "gamma": 5, "top_k": 25,
                                                     "threads": args.threads, "repeats": args.repeats},
               "calls": calls, "call_seconds_min": best["seconds"], "multinomial_draws": draws,
               "multinomial_seconds_min": min(times), "multinomial_share_of_call": min(times) / best["seconds"],
-              "doc": __doc__}
+              "sample_rows_calls": -(-draws // 8), "sample_rows_seconds_min": min(batched),
+              "sample_rows_share_of_call": min(batched) / best["seconds"], "doc": __doc__}
     C.write_json(Path(args.output), result)
     print(f"SKD call {best['seconds']:.2f} s ({best['new_tokens']} new tokens, {best['blocks']} blocks, "
           f"{best['accepted']}/{best['drafted']} drafts kept); {draws} per-row multinomial draws alone "
-          f"{min(times):.2f} s = {min(times) / best['seconds']:.0%} of the call -> {args.output}")
+          f"{min(times):.2f} s = {min(times) / best['seconds']:.0%} of the call; the same draws by sample_rows "
+          f"(8 rows a call) {min(batched):.2f} s = {min(batched) / best['seconds']:.0%} -> {args.output}")
     return 0
 
 

@@ -15,8 +15,9 @@
 #   3. runner processes side by side, one list of runs each, seed by seed, so that a stop at DEADLINE leaves
 #      paired rows; each `--only RUN` call trains RUN and evaluates it. PART=main: the 15 non-SKD runs and the
 #      two reference models (6 processes); PART=skd: the 6 SKD runs (3 processes, one per seed); PART=all
-#      (default): both sets at once (8 processes; on 2026-12-04 an SKD step then took 17-25 s on one H200,
-#      see docs/results.md: the small models' steps are launch-bound, so fewer processes may well be faster);
+#      (default): both sets at once, the SKD runs (the longest) one process each, so 12 processes (on
+#      2026-12-04, with 8 processes and the sampler's old per-row CPU multinomial, an SKD step took 17-25 s on
+#      one H200; docs/results.md has what the next try measured);
 #   4. the tables (--table-only) over whatever finished.
 set -uo pipefail
 SPEC=${SPEC:-examples/experiments/smollm2_dolly_methods.yaml}
@@ -48,8 +49,10 @@ worker() {  # worker NAME RUN...: train and evaluate each RUN in turn (a failed 
 }
 pids=()
 if [ "$PART" = all ]; then
-  worker skd      skd-fkl-s10 skd-fkl-s20 skd-fkl-s30 & pids+=($!)
-  worker skdpocl  skd-pocl-fkl-s10 skd-pocl-fkl-s20 skd-pocl-fkl-s30 & pids+=($!)
+  for s in 10 20 30; do
+    worker "skd-s$s" "skd-fkl-s$s" & pids+=($!)
+    worker "skdpocl-s$s" "skd-pocl-fkl-s$s" & pids+=($!)
+  done
 elif [ "$PART" = skd ]; then
   for s in 10 20 30; do worker "skd-s$s" "skd-fkl-s$s" "skd-pocl-fkl-s$s" & pids+=($!); done
 fi

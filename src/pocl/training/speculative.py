@@ -41,10 +41,17 @@ at most ``max_new_tokens * gamma`` positions past the prompt (480 at the officia
 96 new tokens), attended to with the mask. Sliding-window attention would count holes inside its
 window: a model whose cache has a sliding layer is refused (``ConfigError``).
 
-**Randomness.** Each prompt owns a ``torch.Generator`` seeded with ``stream_seed("skd", seed, index)``
-(``index``: its position in ``prompts``) and draws in a fixed order per block (its draft samples,
-then the replacement), so its output depends neither on ``batch_size`` nor on its batch neighbours.
-The global torch RNG is never used.
+**Randomness.** Each prompt owns a CPU ``torch.Generator`` seeded with ``stream_seed("skd", seed,
+index)`` (``index``: its position in ``prompts``) and draws one float64 uniform per sample in a fixed
+order per block (its draft samples, then the replacement), so its output depends neither on
+``batch_size`` nor on its batch neighbours. The global torch RNG is never used. A sample is drawn by
+inverse transform (:func:`sample_rows`): the first token whose cumulative probability (float64, on the
+models' device) exceeds ``u`` times the row's total. That is an exact draw from the distribution, as
+``torch.multinomial`` is, but it costs one random number per row instead of one exponential per
+vocabulary entry (``multinomial(p, 1)`` is ``argmax(p / Exp(1))``), and all rows of a step are drawn in
+one batched call on the models' device, with no copy of ``[B, V]`` probabilities to the CPU
+(``benchmarks/skd_overhead.py``). The uniforms come from CPU generators, so a seed gives the same
+samples on a GPU as on the CPU, up to the rounding of the cumulative sums.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from pocl.generation import Generation, length_sorted_batches, special_token_ids
 from pocl.models import output_rows
 from pocl.training.stages import stream_seed
 
-__all__ = ["SpeculativeSettings", "SpeculativeStats", "speculative_generate"]
+__all__ = ["SpeculativeSettings", "SpeculativeStats", "inverse_cdf", "sample_rows", "speculative_generate"]
 
 
 def _is_int(value) -> bool:
@@ -129,9 +136,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(model: nn.Module, ids, mask, positions, *, keep: int, cache=None):
-    """(logits of the last ``keep`` positions ``[B, keep, V]``, the KV cache)."""
-    params = inspect.signature(model.forward).parameters
+def _forward(model: nn.Module, ids, mask, positions, *, keep: int, cache=None, params=None):
+    """(logits of the last ``keep`` positions ``[B, keep, V]``, the KV cache). ``params``: the names of
+    ``model.forward``'s parameters (looked up here when not given)."""
+    if params is None:
+        params = inspect.signature(model.forward).parameters
     kwargs = {}
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = keep
@@ -150,6 +159,7 @@ class _Cached:
 
     def __init__(self, model: nn.Module, rows: int, filler: int):
         self.model, self.filler, self.device = model, filler, _device(model)
+        self.params = frozenset(inspect.signature(model.forward).parameters)  # once, not per forward pass
         self.cache = None
         self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
 
@@ -168,7 +178,7 @@ class _Cached:
         self.mask = torch.cat([self.mask, mask.to(self.device)], dim=1)
         positions = (self.mask.cumsum(-1)[:, start:] - 1).clamp(min=0)
         logits, self.cache = _forward(self.model, ids.to(self.device), self.mask, positions, keep=keep,
-                                      cache=self.cache)
+                                      cache=self.cache, params=self.params)
         if start == 0 and any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", ())):
             # its window spans cache positions, holes included (and it may drop the oldest ones)
             raise ConfigError(f"speculative sampling does not support sliding-window attention "
@@ -187,9 +197,32 @@ class _Cached:
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax at ``temperature`` in at least float32, on the CPU (where the row generators live)."""
+    """Softmax at ``temperature`` in at least float32, on the logits' device."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.softmax(logits / temperature, dim=-1).cpu()
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def sample_rows(probs: torch.Tensor, gens: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of ``probs`` ``[N, V]`` (non-negative, each row with a positive sum; any
+    device), row ``i`` drawn with one float64 uniform ``u`` of the CPU generator ``gens[i]``: the
+    first token whose cumulative probability exceeds ``u * total``. Cumulative sums are float64. The
+    threshold is kept below the total, so a token of probability 0 is never drawn."""
+    if len(gens) != probs.shape[0]:
+        raise ValueError(f"sample_rows: {probs.shape[0]} rows but {len(gens)} generators")
+    if not gens:
+        return []
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+    return inverse_cdf(probs, u.to(probs.device)).tolist()
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` ``[N, V]``, the first token whose float64 cumulative probability exceeds
+    ``u * total`` (``u`` ``[N]`` in [0, 1)): ``[N]`` token ids. The threshold is clamped below the total
+    (``u * total`` can round up to it), so the drawn token always has a positive probability."""
+    cdf = probs.to(torch.float64).cumsum(-1)  # [N, V]
+    total = cdf[:, -1:]
+    threshold = torch.minimum(u.to(torch.float64)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, threshold, right=True)[:, 0]
 
 
 def _draft(student: _Cached, pending, budgets, gens, s: SpeculativeSettings, vocab: int, eos):
@@ -199,10 +232,11 @@ def _draft(student: _Cached, pending, budgets, gens, s: SpeculativeSettings, voc
     fed: list[list[int]] = [[] for _ in pending]
     logits, _ = student.feed(pending, keep=1)
     for step in range(max(budgets)):
-        probs = _probs(logits[:, -1, :vocab], s.temperature)
-        for r, gen in enumerate(gens):
-            if len(drafts[r]) < budgets[r] and (not drafts[r] or drafts[r][-1] != eos):
-                drafts[r].append(int(torch.multinomial(probs[r], 1, generator=gen)))
+        rows = [r for r in range(len(gens)) if len(drafts[r]) < budgets[r] and (not drafts[r] or drafts[r][-1] != eos)]
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        tokens = sample_rows(_probs(logits[index, -1, :vocab], s.temperature), [gens[r] for r in rows])
+        for r, token in zip(rows, tokens):
+            drafts[r].append(token)
         going = [len(d) < b and d[-1] != eos for d, b in zip(drafts, budgets)]
         if not any(going):
             break
@@ -239,6 +273,18 @@ def _judge(teacher: _Cached, pending, drafts, s: SpeculativeSettings, vocab: int
             [c[len(c) - len(d) + 1:] for c, d in zip(columns, drafts)])
 
 
+def _replacements(logits, drafts, kept, gens, s: SpeculativeSettings) -> dict[int, int]:
+    """The teacher's token for each row ``r`` whose draft ``kept[r]`` was rejected, from its logits
+    there (``logits[r][kept[r]]``): argmax at ``teacher_temperature`` 0, else one batched draw."""
+    rows = [r for r, (d, n) in enumerate(zip(drafts, kept)) if n < len(d)]
+    if not rows:
+        return {}
+    at = torch.stack([logits[r][kept[r]] for r in rows])  # [R, V]
+    if s.teacher_temperature == 0:
+        return dict(zip(rows, at.argmax(-1).tolist()))
+    return dict(zip(rows, sample_rows(_probs(at, s.teacher_temperature), [gens[r] for r in rows])))
+
+
 @dataclasses.dataclass
 class _Row:
     prompt: list[int]
@@ -259,18 +305,16 @@ def _run_batch(student, teacher, rows: list[_Row], s: SpeculativeSettings, vocab
         budgets = [min(s.gamma, s.max_new_tokens - len(row.tokens)) for row in active]
         drafts, fed_s = _draft(caches[0], pending, budgets, [row.gen for row in active], s, vocab, eos)
         accepted, logits, fed_t = _judge(caches[1], pending, drafts, s, vocab, [len(row.tokens) for row in active])
-        for r, (row, draft, ok, row_logits) in enumerate(zip(active, drafts, accepted, logits)):
-            n = next((j for j, flag in enumerate(ok) if not flag), len(draft))
+        kept = [next((j for j, flag in enumerate(ok) if not flag), len(d)) for ok, d in zip(accepted, drafts)]
+        replacements = _replacements(logits, drafts, kept, [row.gen for row in active], s)
+        for r, (row, draft, n) in enumerate(zip(active, drafts, kept)):
             row.tokens += draft[:n]
             stats.drafted += len(draft)
             stats.accepted += n
             stats.blocks += 1
             pending[r] = [draft[-1]]
             if n < len(draft):  # first rejection: the teacher's token replaces the draft, the rest is dropped
-                if s.teacher_temperature == 0:
-                    token = int(row_logits[n].argmax())
-                else:
-                    token = int(torch.multinomial(_probs(row_logits[n], s.teacher_temperature), 1, generator=row.gen))
+                token = replacements[r]
                 row.tokens.append(token)
                 stats.replaced += 1
                 pending[r] = [token]
