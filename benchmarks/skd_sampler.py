@@ -16,6 +16,10 @@ this order within each repeat (minimum over repeats reported):
   kept below, ``old_speculative_generate``; the rest of the module is shared);
 * ``skd_new``: ``pocl.training.speculative.speculative_generate`` (both KV caches kept, holes masked).
 
+The old sampler's copy draws as the sampler does now (``sample_rows``, one uniform per row; it drew by
+per-row ``torch.multinomial`` then), so the two differ only in the cache. ``results/skd_sampler.json`` was
+produced before that change (commit ab9bb98, multinomial in both variants); its times and acceptance rates are
+those of that sampler. ``--device cuda`` times the sampler on a GPU (bf16 autocast there too).
 Same seed for both SKD variants: they draw the same random numbers, but under bf16 the cached and the
 recomputed forward passes round differently, so their samples may part after a near tie; the share of
 identical outputs is recorded. Skips (exit 0, a message) when the models or the data are absent.
@@ -66,7 +70,7 @@ def old_speculative_generate(student, teacher, tokenizer, prompts, settings, *, 
             feed = []
             for r, gen in enumerate(gens):
                 if len(drafts[r]) < budgets[r] and (not drafts[r] or drafts[r][-1] != eos):
-                    drafts[r].append(int(torch.multinomial(probs[r], 1, generator=gen)))
+                    drafts[r].append(sp.sample_rows(probs[r:r + 1], [gen])[0])
                 feed.append(drafts[r][-1] if drafts[r] else filler)
             if step == max(budgets) - 1 or all(len(d) == b or d[-1] == eos for d, b in zip(drafts, budgets)):
                 break
@@ -114,8 +118,7 @@ def old_speculative_generate(student, teacher, tokenizer, prompts, settings, *, 
                     if s.teacher_temperature == 0:
                         token = int(row_logits[n].argmax())
                     else:
-                        token = int(torch.multinomial(sp._probs(row_logits[n], s.teacher_temperature), 1,
-                                                      generator=row.gen))
+                        token = sp.sample_rows(sp._probs(row_logits[n][None], s.teacher_temperature), [row.gen])[0]
                     row.tokens.append(token)
                     stats.replaced += 1
                 if eos is not None and eos in row.tokens:
@@ -157,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the models and the autocast)")
     p.add_argument("--skip-old", action="store_true", help="do not time the old recompute sampler")
     p.add_argument("--check-tokens", type=int, default=48,
                    help="then old vs new in float32 (no autocast) with this many new tokens: identical outputs? (0: skip)")
@@ -179,6 +183,12 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).eval()
+    teacher, student = teacher.to(args.device), student.to(args.device)
+    device_type = torch.device(args.device).type
+
+    def synchronize():  # time the device's work, not only its launches
+        if device_type == "cuda":
+            torch.cuda.synchronize()
     with open(args.data, encoding="utf-8") as fh:
         records = [json.loads(line) for _, line in zip(range(args.prompts), fh)]
     prompts = [tokenizer(PROMPT.format(instruction=r["instruction"]))["input_ids"] for r in records]
@@ -200,7 +210,8 @@ def main(argv=None) -> int:
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "cpu_model": _cpu_model(), "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "load_before": list(os.getloadavg())},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if device_type == "cuda" else None, "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "teacher": args.teacher, "student": args.student, "data": args.data, "prompts": len(prompts),
         "prompt_tokens": [len(q) for q in prompts], "max_new_tokens": args.max_new_tokens, "seed": args.seed,
@@ -209,9 +220,11 @@ def main(argv=None) -> int:
     generations = {}
     for repeat in range(args.repeats):
         for name, call in variants.items():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                synchronize()
                 start = time.perf_counter()
                 gens, stats = call()
+                synchronize()
                 seconds = time.perf_counter() - start
             out["seconds"][name].append(round(seconds, 3))
             generations[name] = gens

@@ -8,10 +8,14 @@
 #   examples/experiments/smollm2_dolly_methods_gpu.sh          # repository root, venv active, one GPU
 #   DEADLINE=400 examples/experiments/smollm2_dolly_methods_gpu.sh   # stop the workers after 400 s
 #   PART=main ...; then PART=skd ...      # the same in two calls (each under a device call's 10 minutes)
+#   RECORDS=docs/results/methods-h200/run-records.tar.xz FIRST=taid-pocl-s30 ...
+#       # continue the H200 matrix of 2026-12-04: its evaluated runs' records (no weights) are unpacked first, so
+#       # only the runs it did not finish are trained (the models are made again: on the H200 they came out
+#       # identical in two tries, docs/results.md); FIRST is the run that builds the shared teacher cache
 #
 # Phases (the runner's shared steps must not run twice at once, so they run alone first):
 #   1. one process: GGUF -> checkpoint, init-student of the student and of the assistant, both healings;
-#   2. one process: the shared ranking and pocl-fkl-s10 (which builds the shared teacher cache);
+#   2. one process: the shared ranking and $FIRST (default pocl-fkl-s10), which builds the shared teacher cache;
 #   3. runner processes side by side, one list of runs each, seed by seed, so that a stop at DEADLINE leaves
 #      paired rows; each `--only RUN` call trains RUN and evaluates it. PART=main: the 15 non-SKD runs and the
 #      two reference models (6 processes); PART=skd: the 6 SKD runs (3 processes, one per seed); PART=all
@@ -25,6 +29,8 @@ PY=${PYTHON:-python}
 LOGS=${LOGS:-runs/gpu-logs}
 DEADLINE=${DEADLINE:-0}                  # seconds after the start at which phase 3 is stopped; 0: never
 PART=${PART:-all}                        # all, main (no SKD runs) or skd (the SKD runs only)
+FIRST=${FIRST:-pocl-fkl-s10}             # phase 2's run (it builds the shared teacher cache before the workers)
+RECORDS=${RECORDS:-}                     # a run-records archive to unpack first (never over an existing matrix)
 case "$PART" in all|main|skd) ;; *) echo "PART must be all, main or skd (got $PART)" >&2; exit 2;; esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 mkdir -p "$LOGS"; rm -f "$LOGS/STOP"
@@ -32,12 +38,20 @@ T0=$SECONDS
 say() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$LOGS/matrix.log"; }
 run() { "$PY" -m pocl matrix "$SPEC" --no-progress "$@"; }
 
+if [ -n "$RECORDS" ]; then
+  if [ -e runs/matrix/smollm2-dolly-powered ]; then
+    say "records: runs/matrix/smollm2-dolly-powered exists, $RECORDS not unpacked"
+  else
+    tar -xJf "$RECORDS" || { say "records: cannot unpack $RECORDS"; exit 1; }
+    say "records: unpacked $RECORDS"
+  fi
+fi
 say "phase 1: models"
 if ! run --only teacher --no-eval > "$LOGS/prep.log" 2>&1; then
   say "phase 1 failed"; tail -40 "$LOGS/prep.log"; exit 1
 fi
-say "phase 2: ranking, pocl-fkl-s10 (and the shared teacher cache)"
-run --only pocl-fkl-s10 --no-eval > "$LOGS/first.log" 2>&1 || say "phase 2 failed (see $LOGS/first.log)"
+say "phase 2: ranking, $FIRST (and the shared teacher cache)"
+run --only "$FIRST" --no-eval > "$LOGS/first.log" 2>&1 || say "phase 2 failed (see $LOGS/first.log)"
 
 say "phase 3: workers ($PART)"
 worker() {  # worker NAME RUN...: train and evaluate each RUN in turn (a failed run does not stop the rest)
