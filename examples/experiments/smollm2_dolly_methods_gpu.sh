@@ -18,7 +18,7 @@
 #   2. one process: the shared ranking and $FIRST (default pocl-fkl-s10), which builds the shared teacher cache;
 #   3. runner processes side by side, one list of runs each, seed by seed, so that a stop at DEADLINE leaves
 #      paired rows; each `--only RUN` call trains RUN and evaluates it. PART=main: the 15 non-SKD runs and the
-#      two reference models (6 processes); PART=skd: the 6 SKD runs (3 processes, one per seed); PART=all
+#      two reference models (6 processes); PART=skd: the 6 SKD runs (SKD_WORKERS processes); PART=all
 #      (default): both sets at once, the SKD runs (the longest) one process each, so 12 processes (on
 #      2026-12-04, with 8 processes and the sampler's old per-row CPU multinomial, an SKD step took 17-25 s on
 #      one H200; docs/results.md has what the next try measured);
@@ -31,7 +31,10 @@ DEADLINE=${DEADLINE:-0}                  # seconds after the start at which phas
 PART=${PART:-all}                        # all, main (no SKD runs) or skd (the SKD runs only)
 FIRST=${FIRST:-pocl-fkl-s10}             # phase 2's run (it builds the shared teacher cache before the workers)
 RECORDS=${RECORDS:-}                     # a run-records archive to unpack first (never over an existing matrix)
+SKD_WORKERS=${SKD_WORKERS:-3}            # PART=skd: processes for the 6 SKD runs (1, 2, 3 or 6), seed by seed
+TIME_SKD=${TIME_SKD:-0}                  # 1: after phase 1, time one SKD call alone (benchmarks/skd_sampler.py)
 case "$PART" in all|main|skd) ;; *) echo "PART must be all, main or skd (got $PART)" >&2; exit 2;; esac
+case "$SKD_WORKERS" in 1|2|3|6) ;; *) echo "SKD_WORKERS must be 1, 2, 3 or 6 (got $SKD_WORKERS)" >&2; exit 2;; esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 mkdir -p "$LOGS"; rm -f "$LOGS/STOP"
 T0=$SECONDS
@@ -49,6 +52,13 @@ fi
 say "phase 1: models"
 if ! run --only teacher --no-eval > "$LOGS/prep.log" 2>&1; then
   say "phase 1 failed"; tail -40 "$LOGS/prep.log"; exit 1
+fi
+if [ "$TIME_SKD" = 1 ]; then
+  M=runs/matrix/smollm2-dolly-powered/models
+  "$PY" benchmarks/skd_sampler.py --device cuda --skip-old --repeats 2 --check-tokens 0 \
+    --teacher "$M/teacher" --student "$M/heal/final" --data "${POCL_SHARED_DATA:-../shared/data}/dolly/train.jsonl" \
+    --output "$LOGS/skd_sampler_cuda.json" > "$LOGS/skd_timing.log" 2>&1
+  say "SKD call alone (8 prompts, 96 tokens): $(grep -h 'skd_new:' "$LOGS/skd_timing.log" | tr '\n' ' ')"
 fi
 say "phase 2: ranking, $FIRST (and the shared teacher cache)"
 run --only "$FIRST" --no-eval > "$LOGS/first.log" 2>&1 || say "phase 2 failed (see $LOGS/first.log)"
@@ -68,7 +78,11 @@ if [ "$PART" = all ]; then
     worker "skdpocl-s$s" "skd-pocl-fkl-s$s" & pids+=($!)
   done
 elif [ "$PART" = skd ]; then
-  for s in 10 20 30; do worker "skd-s$s" "skd-fkl-s$s" "skd-pocl-fkl-s$s" & pids+=($!); done
+  skd_runs=(); for s in 10 20 30; do skd_runs+=("skd-fkl-s$s" "skd-pocl-fkl-s$s"); done
+  per=$((6 / SKD_WORKERS))   # worker w takes runs w*per .. (w+1)*per - 1 of the list: a seed's pair stays together
+  for ((w = 0; w < SKD_WORKERS; w++)); do
+    worker "skd-w$w" "${skd_runs[@]:$((w * per)):$per}" & pids+=($!)
+  done
 fi
 if [ "$PART" != skd ]; then
   worker kd       kd-fkl-s10 kd-fkl-s20 kd-fkl-s30 & pids+=($!)
