@@ -71,6 +71,7 @@ worker() {  # worker NAME RUN...: train and evaluate each RUN in turn (a failed 
     if run --only "$r" >> "$LOGS/$name.log" 2>&1; then say "$name: $r done"; else say "$name: $r FAILED"; fi
   done
 }
+descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
 pids=()
 if [ "$PART" = all ]; then
   for s in 10 20 30; do
@@ -95,12 +96,15 @@ fi
 if [ "$DEADLINE" -gt 0 ]; then
   ( while [ $((SECONDS - T0)) -lt "$DEADLINE" ]; do sleep 2; done
     say "deadline: stopping the workers"; touch "$LOGS/STOP"
-    # SIGTERM reaches each runner, which passes it to its pocl run (that saves a checkpoint and exits)
-    pkill -TERM -f "pocl matrix" ; sleep 20; pkill -KILL -f "python.* -m pocl" ) &
+    # SIGTERM reaches each worker's runner (a child of the worker), which passes it to its pocl run (that
+    # saves a checkpoint and exits); whatever of this script's process tree is left 20 s later is killed.
+    # Only this script's processes: other pocl jobs on the machine are not touched.
+    for p in "${pids[@]}"; do pkill -TERM -P "$p"; done; sleep 20
+    for p in "${pids[@]}"; do kill -KILL $(descendants "$p") 2>/dev/null; done ) &
   watchdog=$!
 fi
 wait "${pids[@]}"
-[ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
+[ -n "${watchdog:-}" ] && { pkill -P "$watchdog"; kill "$watchdog"; } 2>/dev/null  # and its sleep
 say "phase 4: tables"
 run --table-only > "$LOGS/tables.log" 2>&1 || say "tables failed (see $LOGS/tables.log)"
 say "done"
