@@ -17,9 +17,8 @@ this order within each repeat (minimum over repeats reported):
 * ``skd_new``: ``pocl.training.speculative.speculative_generate`` (both KV caches kept, holes masked).
 
 The old sampler's copy draws as the sampler does now (``sample_rows``, one uniform per row; it drew by
-per-row ``torch.multinomial`` then), so the two differ only in the cache. ``results/skd_sampler.json`` was
-produced before that change (commit ab9bb98, multinomial in both variants); its times and acceptance rates are
-those of that sampler. ``--device cuda`` times the sampler on a GPU (bf16 autocast there too).
+per-row ``torch.multinomial`` then), so the two differ only in the cache. ``--device cuda`` times the sampler
+on a GPU (bf16 autocast there too).
 Same seed for both SKD variants: they draw the same random numbers, but under bf16 the cached and the
 recomputed forward passes round differently, so their samples may part after a near tie; the share of
 identical outputs is recorded. Skips (exit 0, a message) when the models or the data are absent.
