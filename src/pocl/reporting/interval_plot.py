@@ -25,7 +25,9 @@ def plot_paired_intervals(intervals: Sequence[dict[str, Any]], out_path: str | P
         raise DataError("no intervals to plot")
     cols = list(intervals[0]["cols"])
     labels = [row["label"] for row in intervals]
-    fig, axes = new_figure(2.6 * len(cols) + 2.2, 0.9 + 0.42 * len(labels), ncols=len(cols), sharey=True)
+    legend = reference is not None and bool(reference_label)
+    fig, axes = new_figure(2.6 * len(cols) + 2.2, 0.9 + 0.42 * len(labels) + 0.3 * legend, ncols=len(cols),
+                           sharey=True)
     lows = [row["cols"][c]["low"] for row in intervals for c in cols]
     highs = [row["cols"][c]["high"] for row in intervals for c in cols]
     span = [min(lows + [0.0] + ([reference] if reference is not None else [])),
@@ -48,8 +50,8 @@ def plot_paired_intervals(intervals: Sequence[dict[str, Any]], out_path: str | P
         ax.tick_params(labelsize=8)
         if k == 0:
             ax.set_yticks(ys, labels, fontsize=8)
-    if reference is not None and reference_label:
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+    if legend:  # below the panels: inside one it can hide a row's interval
+        fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="outside lower center", fontsize=7, frameon=False)
     fig.suptitle(title or "difference in ROUGE-L with 95 % bootstrap interval (green / red: excludes 0)",
                  fontsize=10)
     return save_figure(fig, Path(out_path))
