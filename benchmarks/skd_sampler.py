@@ -149,13 +149,40 @@ def _cpu_model() -> str | None:
         return None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(description: str, *, prompts: int, max_new_tokens: int) -> argparse.ArgumentParser:
+    """The arguments every SKD benchmark on the SmolLM2 models takes: the models, the data and its size."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--teacher", default=str(MODELS / "teacher"))
     p.add_argument("--student", default=str(MODELS / "heal" / "final"))
     p.add_argument("--data", default="/work/shared/data/dolly/train.jsonl")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--prompts", type=int, default=prompts)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    return p
+
+
+def load_models_and_prompts(args, name: str):
+    """(tokenizer, teacher, student, prompt token ids) in float32 on the CPU, or None (after a message) when a
+    model or the data is absent: the first ``--prompts`` Dolly instructions in the Alpaca-style prompt."""
+    missing = [x for x in (args.teacher, args.student, args.data) if not Path(x).exists()]
+    if missing:
+        print(f"{name}: skipped, not found: {', '.join(missing)} (the SmolLM2 matrix models and Dolly data; "
+              f"pass --teacher / --student / --data)")
+        return None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).eval()
+    with open(args.data, encoding="utf-8") as fh:
+        records = [json.loads(line) for _, line in zip(range(args.prompts), fh)]
+    prompts = [tokenizer(PROMPT.format(instruction=r["instruction"]))["input_ids"] for r in records]
+    return tokenizer, teacher, student, prompts
+
+
+def main(argv=None) -> int:
+    p = model_arguments(__doc__.split("\n\n")[0], prompts=8, max_new_tokens=96)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
@@ -165,32 +192,23 @@ def main(argv=None) -> int:
                    help="then old vs new in float32 (no autocast) with this many new tokens: identical outputs? (0: skip)")
     p.add_argument("--output", default=str(ROOT / "benchmarks/results/skd_sampler.json"))
     args = p.parse_args(argv)
-    missing = [x for x in (args.teacher, args.student, args.data) if not Path(x).exists()]
-    if missing:
-        print(f"skd_sampler: skipped, not found: {', '.join(missing)} (the SmolLM2 matrix models and Dolly data; "
-              f"pass --teacher / --student / --data)")
-        return 0
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pocl.generation import DecodingConfig, generate
     from pocl.training.speculative import SpeculativeSettings, speculative_generate
 
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).eval()
+    loaded = load_models_and_prompts(args, "skd_sampler")
+    if loaded is None:
+        return 0
+    tokenizer, teacher, student, prompts = loaded
     teacher, student = teacher.to(args.device), student.to(args.device)
     device_type = torch.device(args.device).type
 
     def synchronize():  # time the device's work, not only its launches
         if device_type == "cuda":
             torch.cuda.synchronize()
-    with open(args.data, encoding="utf-8") as fh:
-        records = [json.loads(line) for _, line in zip(range(args.prompts), fh)]
-    prompts = [tokenizer(PROMPT.format(instruction=r["instruction"]))["input_ids"] for r in records]
     settings = SpeculativeSettings(max_new_tokens=args.max_new_tokens)
     decoding = DecodingConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, no_repeat_ngram_size=0,
                               max_new_tokens=args.max_new_tokens)

@@ -16,9 +16,7 @@ draws by ``torch.multinomial``). Skips (exit 0, a message) when the models or th
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -26,10 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
+from skd_sampler import ROOT, load_models_and_prompts, model_arguments
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "runs/matrix/smollm2-dolly-powered/models"
-PROMPT = "Below is an instruction.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 OLD_COMMIT = "01377ed"
 
 
@@ -47,31 +43,19 @@ def load_old_sampler(folder: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=str(MODELS / "teacher"))
-    p.add_argument("--student", default=str(MODELS / "heal" / "final"))
-    p.add_argument("--data", default="/work/shared/data/dolly/train.jsonl")
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p = model_arguments(__doc__.split("\n\n")[0], prompts=16, max_new_tokens=48)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--output", default=str(C.RESULTS / "skd_sampler_equivalence.json"))
     args = p.parse_args(argv)
-    missing = [x for x in (args.teacher, args.student, args.data) if not Path(x).exists()]
-    if missing:
-        print(f"skd_sampler_equivalence: skipped, not found: {', '.join(missing)}")
-        return 0
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pocl.training import speculative as new
 
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).eval()
-    with open(args.data, encoding="utf-8") as fh:
-        records = [json.loads(line) for _, line in zip(range(args.prompts), fh)]
-    prompts = [tokenizer(PROMPT.format(instruction=r["instruction"]))["input_ids"] for r in records]
+    loaded = load_models_and_prompts(args, "skd_sampler_equivalence")
+    if loaded is None:
+        return 0
+    tokenizer, teacher, student, prompts = loaded
     samplers = {}
     with tempfile.TemporaryDirectory() as tmp:
         modules = {f"multinomial ({OLD_COMMIT})": load_old_sampler(Path(tmp)), "sample_rows": new}
