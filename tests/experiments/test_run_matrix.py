@@ -161,6 +161,23 @@ def test_matrix_end_to_end(tmp_path, tiny_pair, tiny_data, capsys):
     assert (f"| FKL+POCL − FKL | 2 | {fkl['cols']['suite']['mean']:+.2f} [{fkl['cols']['suite']['low']:+.2f}, "
             f"{fkl['cols']['suite']['high']:+.2f}] |") in md
 
+    # the answer lengths: per row and set, generated tokens and the EOS share over every answer its runs wrote
+    # (read back from generations.jsonl); Avg weighs the sets equally
+    def answers(prefix, seeds, col):
+        rows = [json.loads(line) for s in seeds for line in
+                (out / "eval" / f"{prefix}-s{s}" / "generations.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if r["set"] == col]
+        return (sum(r["generated_tokens"] for r in rows) / len(rows),
+                100 * sum(r["stopped_at_eos"] for r in rows) / len(rows))
+
+    assert "## Answer length" in md
+    for row, prefix in (("FKL", "kd-fkl"), ("RKL+POCL", "pocl-rkl")):
+        cols = [answers(prefix, (1, 2), col) for col in ("suite", "other")]
+        avg = (sum(c[0] for c in cols) / 2, sum(c[1] for c in cols) / 2)
+        cells = [f"{t:.1f} ({e:.0f} %)" for t, e in cols + [avg]]
+        assert f"| {row} | " + " | ".join(cells) + " |" in md
+    assert runs["kd-fkl-s1"]["answers"]["suite"]["generated_tokens"] == pytest.approx(answers("kd-fkl", (1,), "suite")[0])
+
     # --export copies the tables and plots (e.g. into the documentation)
     dest = tmp_path / "exported"
     written = matrix.export_results(matrix.load_spec(spec_path), dest)

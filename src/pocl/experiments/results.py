@@ -89,6 +89,11 @@ def run_record(spec: Spec, run: Run, evaluation: dict | None) -> dict:
         rec["scores_eval_seed_std"] = {metric: {s: m["sets"][s][metric]["std"] for s in evaluation["sets"]}
                                        | {"Avg": m["avg"][metric]["std"]} for metric in ("rouge_l", "exact_match")}
         rec["eval_seconds"] = sum(m["sets"][s]["seconds"]["total"] for s in evaluation["sets"])
+        # How long the answers are and how often they end: ROUGE-L F against long references rewards length,
+        # so a change in either can move a score without any change in what the answers say.
+        rec["answers"] = {s: {"generated_tokens": m["sets"][s]["generated_tokens_mean"],
+                              "stopped_at_eos": m["sets"][s]["stopped_at_eos_fraction"]}
+                          for s in evaluation["sets"] if "generated_tokens_mean" in m["sets"][s]}
     return rec
 
 
@@ -246,10 +251,34 @@ def _paired_lines(records: list[dict], sets: list[str]) -> list[str]:
     return lines
 
 
+def _answer_lines(records: list[dict], rows: list[str], sets: list[str]) -> list[str]:
+    """The answer-length table: per method row and set, the mean over its runs of the mean number of generated
+    tokens and of the share of answers that ended with EOS (the rest ran to ``max_new_tokens``)."""
+    body = []
+    for row in rows:
+        recs = [r for r in records if r["row"] == row and r.get("answers")]
+        if not recs or any(set(r["answers"]) != set(sets) for r in recs):
+            continue
+        cells = []
+        for col in sets + ["Avg"]:
+            cols = sets if col == "Avg" else [col]
+            tokens = [r["answers"][c]["generated_tokens"] for r in recs for c in cols]
+            eos = [r["answers"][c]["stopped_at_eos"] for r in recs for c in cols]
+            cells.append(f"{sum(tokens) / len(tokens):.1f} ({100 * sum(eos) / len(eos):.0f} %)")
+        body.append(f"| {row} | " + " | ".join(cells) + " |")
+    if not body:
+        return []
+    return ["## Answer length", "",
+            ("Per method and set: generated tokens per answer (mean over prompts, evaluation seeds and training "
+             "seeds) and, in brackets, the share of answers that ended with EOS; the others were cut at the "
+             "evaluation's max_new_tokens. Avg: over the sets."), "",
+            "| method | " + " | ".join(sets + ["Avg"]) + " |", "|" + "---|" * (len(sets) + 2)] + body + [""]
+
+
 def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str], intervals: list[dict] = ()) -> str:
     """The text of results.md: the ROUGE-L and exact-match tables, the paired POCL − KD differences (by
-    seed, and with their bootstrap ``intervals`` by seed and prompt: :func:`paired_intervals`) and the
-    budget and cost table."""
+    seed, and with their bootstrap ``intervals`` by seed and prompt: :func:`paired_intervals`), the answer
+    lengths and the budget and cost table."""
     train = [r for r in records if r["group"] != "reference"]
     done = sum(1 for r in train if "scores" in r)
     ev = next((r for r in records if "eval_seeds" in r), {})
@@ -263,6 +292,7 @@ def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str], inte
         lines += [f"## {title}", "", text.replace("| model |", "| method |", 1), ""]
     lines += _paired_lines(records, list(table["sets"]))
     lines += _interval_lines(intervals, list(table["sets"]))
+    lines += _answer_lines(records, rows, list(table["sets"]))
     header = ["method", "runs", "samples trained", "passes", "same budget as KD", "train s", "ranking s",
               "ranking share"]
     body = _cost_rows(records, rows)
