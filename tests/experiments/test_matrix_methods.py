@@ -81,8 +81,8 @@ def test_run_names_rows_and_configs(tmp_path, tiny_pair, tiny_data):
     ({}, {"method_loss": {"skdd": {}}}, "field 'method_loss.skdd': unknown method (did you mean 'skd'?)"),
     ({}, {"methods": ["kd", "pocl-assistant"]}, "field 'method_loss.skd': is given, but methods lists neither skd"),
     ({}, {"methods": ["kd", "gkd"]}, "field 'methods': unknown entry 'gkd'"),
-    ({"assistant_heal": {"train": {"epochs": 1}}}, {}, "field 'models.assistant_heal': must be a mapping of "
-                                                      "overrides of models.heal, with models.assistant and models.heal"),
+    ({"assistant_heal": {"train": {"epochs": 1}}}, {}, ("field 'models.assistant_heal': must be a mapping of "
+                                                       "overrides of models.heal, with models.assistant and models.heal")),
 ])
 def test_spec_errors_of_the_new_methods(tmp_path, tiny_pair, tiny_data, models, changes, message):
     spec_path = methods_spec(tmp_path, tiny_pair, tiny_data, **changes)
@@ -227,7 +227,7 @@ def test_smollm2_methods_spec_reuses_the_powered_runs(capsys):
     plan = matrix.build_plan(spec)
     assert [r.name for r in plan] == [f"{m}-s{s}" for s in (10, 20, 30) for m in (
         "kd-fkl", "pocl-fkl", "taid", "taid-pocl", "skd-fkl", "skd-pocl-fkl", "pocl-assistant-fkl")] \
-        + ["teacher", "student"]
+        + [f"pocl-fkl-const_t-s{s}" for s in (10, 20, 30)] + ["teacher", "student"]
     theirs = {r.name: r for r in matrix.build_plan(powered)}
     shared = [r for r in plan if r.name in theirs]
     assert [r.name for r in shared] == [f"{m}-s{s}" for s in (10, 20, 30) for m in ("kd-fkl", "pocl-fkl")] \
@@ -238,7 +238,10 @@ def test_smollm2_methods_spec_reuses_the_powered_runs(capsys):
     assert matrix.rank_config(spec, plan) == matrix.rank_config(powered, list(theirs.values()))
     assert (spec.output_dir, spec.eval, spec.seeds, spec.base, spec.teacher, spec.student, spec.heal) == \
         (powered.output_dir, powered.eval, powered.seeds, powered.base, powered.teacher, powered.student, powered.heal)
-    assert spec.assistant == {"num_layers": 20} and spec.assistant_stages == 2 and not spec.ablations
+    assert spec.assistant == {"num_layers": 20} and spec.assistant_stages == 2
+    # one ablation, POCL with T held at 1, on every seed: is POCL's temperature schedule what helps FKL here?
+    const_t = {r.name: r for r in plan}["pocl-fkl-const_t-s20"].config["curriculum"]
+    assert const_t["t_max"] == const_t["t_start"] == 1.0 and const_t["alpha_start"] == 0.7
     assert matrix.heal_run(spec, "assistant").config["model"]["student"] == str(spec.output_dir / "models" / "assistant")
     skd = {r.name: r for r in plan}["skd-pocl-fkl-s10"].config["loss"]
     assert skd["on_policy_max_new_tokens"] == 96 and not any(k.startswith("skd_") for k in skd)
