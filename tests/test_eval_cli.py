@@ -67,6 +67,15 @@ def test_eval_smoke(tmp_path, tiny_pair, sets, capsys):
     # the per-seed score in results.json is the mean of the rows of that seed
     seed3 = [r["rouge_l"] for r in rows if r["model"] == "student" and r["set"] == "multi" and r["seed"] == 3]
     assert entry["rouge_l"]["per_seed"][0] == pytest.approx(sum(seed3) / len(seed3))
+    # the answer lengths in results.md: generated tokens and the share ending with EOS, from every answer
+    cells = []
+    for col in ("suite", "multi"):
+        mine = [r for r in rows if r["model"] == "student" and r["set"] == col]
+        cells.append((sum(r["generated_tokens"] for r in mine) / len(mine),
+                      100 * sum(r["stopped_at_eos"] for r in mine) / len(mine)))
+    cells.append((sum(c[0] for c in cells) / 2, sum(c[1] for c in cells) / 2))
+    assert "## Answer length" in md
+    assert "| student | " + " | ".join(f"{t:.1f} ({e:.0f} %)" for t, e in cells) + " |" in md
     assert not list(out.glob(".*"))  # temporary files replaced
 
     # the bar chart reads this results.json

@@ -88,8 +88,26 @@ def breakdown_tables(data: Mapping[str, Any], metric: str = "rouge_l", *, digits
     return "\n\n".join(parts)
 
 
+def answer_length_table(data: Mapping[str, Any]) -> str:
+    """Per model and set: generated tokens per answer and, in brackets, the share of answers that ended with
+    EOS (the rest ran to max_new_tokens); Avg weighs the sets equally. Empty for results.json files written
+    before these figures were recorded."""
+    sets = list(data.get("sets", {}))
+    rows = []
+    for model, entry in data.get("models", {}).items():
+        cells = [entry["sets"].get(s, {}) for s in sets]
+        if not sets or any("generated_tokens_mean" not in c for c in cells):
+            continue
+        tokens = [c["generated_tokens_mean"] for c in cells]
+        eos = [c["stopped_at_eos_fraction"] for c in cells]
+        rows.append([model_label(model, entry)]
+                    + [f"{t:.1f} ({100 * e:.0f} %)" for t, e in zip(tokens, eos)]
+                    + [f"{sum(tokens) / len(tokens):.1f} ({100 * sum(eos) / len(eos):.0f} %)"])
+    return "\n".join(_table(["model", *sets, "Avg"], rows)) if rows else ""
+
+
 def markdown_report(data: Mapping[str, Any]) -> str:
-    """The whole results.md: settings line, ROUGE-L table, exact-match table, breakdown tables."""
+    """The whole results.md: settings line, ROUGE-L table, exact-match table, answer lengths, breakdown tables."""
     dec = data.get("decoding", {})
     seeds = data.get("seeds", [])
     if dec.get("do_sample", True):
@@ -105,13 +123,17 @@ def markdown_report(data: Mapping[str, Any]) -> str:
     # results.json files written before the option existed compared whitespace-normalised text
     em_norm = data.get("em_normalization", "whitespace")
     lines = ["# Evaluation results", "",
-             f"{decoding}; {spread}. Samples per set: {n}. Scores × 100; Avg = mean over sets; exact match after "
-             f"{em_norm} normalisation.", ""]
+             (f"{decoding}; {spread}. Samples per set: {n}. Scores × 100; Avg = mean over sets; exact match after "
+             f"{em_norm} normalisation."), ""]
     warnings = nonfinite_warnings(data)
     if warnings:
         lines += [*warnings, ""]
     lines += [f"## {METRIC_TITLES['rouge_l']}", "", results_table(data, "rouge_l"), "",
               f"## {METRIC_TITLES['exact_match']}", "", results_table(data, "exact_match"), ""]
+    answers = answer_length_table(data)
+    if answers:  # ROUGE-L F rewards long answers against long references: read a score next to its lengths
+        lines += ["## Answer length", "", ("Generated tokens per answer (in brackets: the share that ended with EOS; "
+                  "the others ran to the token cap)."), "", answers, ""]
     bd = breakdown_tables(data, "rouge_l")
     if bd:
         lines += ["## By difficulty", "", bd, ""]

@@ -14,7 +14,7 @@ from typing import Any
 
 from pocl.artifacts import atomic_write
 from pocl.evaluation.metrics import mean_std
-from pocl.evaluation.report import results_table
+from pocl.evaluation.report import answer_length_table, results_table
 from pocl.experiments.intervals import (
     bootstrap_paired,
     load_prompt_scores,
@@ -116,6 +116,11 @@ def build_table(records: list[dict], sets: list[str], rows: list[str], seeds: li
                 else:
                     cell = _entry([r["scores"][metric][col] for r in recs], [r["seed"] for r in recs])
                 (entry["avg"] if col == "Avg" else entry["sets"][col])[metric] = cell
+        for col in sets:  # the answers' length, averaged over the row's runs (pocl eval's keys)
+            per_run = [r["answers"][col] for r in recs if col in r.get("answers", {})]
+            if len(per_run) == len(recs):
+                entry["sets"][col]["generated_tokens_mean"] = sum(a["generated_tokens"] for a in per_run) / len(recs)
+                entry["sets"][col]["stopped_at_eos_fraction"] = sum(a["stopped_at_eos"] for a in per_run) / len(recs)
         table["models"][row] = entry
     return table
 
@@ -251,30 +256,6 @@ def _paired_lines(records: list[dict], sets: list[str]) -> list[str]:
     return lines
 
 
-def _answer_lines(records: list[dict], rows: list[str], sets: list[str]) -> list[str]:
-    """The answer-length table: per method row and set, the mean over its runs of the mean number of generated
-    tokens and of the share of answers that ended with EOS (the rest ran to ``max_new_tokens``)."""
-    body = []
-    for row in rows:
-        recs = [r for r in records if r["row"] == row and r.get("answers")]
-        if not recs or any(set(r["answers"]) != set(sets) for r in recs):
-            continue
-        cells = []
-        for col in sets + ["Avg"]:
-            cols = sets if col == "Avg" else [col]
-            tokens = [r["answers"][c]["generated_tokens"] for r in recs for c in cols]
-            eos = [r["answers"][c]["stopped_at_eos"] for r in recs for c in cols]
-            cells.append(f"{sum(tokens) / len(tokens):.1f} ({100 * sum(eos) / len(eos):.0f} %)")
-        body.append(f"| {row} | " + " | ".join(cells) + " |")
-    if not body:
-        return []
-    return ["## Answer length", "",
-            ("Per method and set: generated tokens per answer (mean over prompts, evaluation seeds and training "
-             "seeds) and, in brackets, the share of answers that ended with EOS; the others were cut at the "
-             "evaluation's max_new_tokens. Avg: over the sets."), "",
-            "| method | " + " | ".join(sets + ["Avg"]) + " |", "|" + "---|" * (len(sets) + 2)] + body + [""]
-
-
 def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str], intervals: list[dict] = ()) -> str:
     """The text of results.md: the ROUGE-L and exact-match tables, the paired POCL − KD differences (by
     seed, and with their bootstrap ``intervals`` by seed and prompt: :func:`paired_intervals`), the answer
@@ -292,7 +273,13 @@ def markdown(spec: Spec, table: dict, records: list[dict], rows: list[str], inte
         lines += [f"## {title}", "", text.replace("| model |", "| method |", 1), ""]
     lines += _paired_lines(records, list(table["sets"]))
     lines += _interval_lines(intervals, list(table["sets"]))
-    lines += _answer_lines(records, rows, list(table["sets"]))
+    answers = answer_length_table(table)
+    if answers:
+        lines += ["## Answer length", "",
+                  ("Per method and set: generated tokens per answer (mean over prompts, evaluation seeds and training "
+                   "seeds) and, in brackets, the share of answers that ended with EOS; the others were cut at the "
+                   "evaluation's max_new_tokens. Avg: over the sets."), "",
+                  answers.replace("| model |", "| method |", 1), ""]
     header = ["method", "runs", "samples trained", "passes", "same budget as KD", "train s", "ranking s",
               "ranking share"]
     body = _cost_rows(records, rows)
