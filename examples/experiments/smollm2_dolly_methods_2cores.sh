@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The methods matrix of issue 20 (smollm2_dolly_methods.yaml: KD, TAID, Speculative KD and an assistant
 # teacher, each with and without POCL, and POCL at constant T; 3 seeds) on a 2-core CPU: two runner processes
-# of one torch thread each, about 1 h 30 min here. Every step is resumable: run the same command again and
+# of one torch thread each, about 1 h 40 min here. Every step is resumable: run the same command again and
 # finished runs and evaluations are skipped. docs/results.md ("... on this CPU, 3 seeds") quotes what this produced.
 #
 #   examples/experiments/smollm2_dolly_methods_2cores.sh      # from the repository root, venv active
