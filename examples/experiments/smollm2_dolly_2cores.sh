@@ -7,11 +7,8 @@
 #   examples/experiments/smollm2_dolly_2cores.sh            # from the repository root, with the venv active
 #
 # Logs: runs/matrix-smollm2-dolly-{prep,a,b}.log and runs/matrix/smollm2-dolly/logs/RUN.log.
-set -euo pipefail
 SPEC=examples/experiments/smollm2_dolly.yaml
-PY=${PYTHON:-python}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-run() { "$PY" -m pocl matrix "$SPEC" --no-progress "$@"; }
+source "$(dirname "$0")/matrix_2cores_env.sh"   # strict mode, 1 thread per process, run()
 
 # 1. One process: the teacher's GGUF -> HF checkpoint, pocl init-student, the healing SFT, the shared
 #    ranking, and the first POCL run (the two runners below must not prepare or rank at the same time).

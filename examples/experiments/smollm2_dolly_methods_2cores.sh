@@ -7,12 +7,8 @@
 #   examples/experiments/smollm2_dolly_methods_2cores.sh      # from the repository root, venv active
 #
 # Logs: runs/methods-{prep,skd-a,skd-b,cache,a,b}.log and runs/matrix/smollm2-dolly-powered/logs/RUN.log.
-set -euo pipefail
 SPEC=examples/experiments/smollm2_dolly_methods.yaml
-PY=${PYTHON:-python}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-run() { "$PY" -m pocl matrix "$SPEC" --no-progress "$@"; }
-mkdir -p runs
+source "$(dirname "$0")/matrix_2cores_env.sh"   # strict mode, 1 thread per process, run()
 
 # 1. One process: GGUF -> checkpoint, the 10-layer student and the 20-layer assistant (pocl init-student),
 #    both healed by SFT on the Dolly dev rows.
